@@ -1,0 +1,154 @@
+"""Generated adapter tensors: the machinery every hypernetwork method shares.
+
+A method declares *roles* (HyperAdaLoRA: ``P``, ``lambda``, ``Q``). Each role has one `RoleGenerator`
+that owns one `Hypernetwork` shared by all adapted layers and the state the tensors are generated from.
+A role's tensor of layer ``i`` is stored token-major as a matrix ``(L_i, w)``: a row per token in
+``tokens='row'`` (P: its rows, width r; Q: its columns, width r; lambda: one value per rank, width 1).
+Layers whose matrices have the same length ``L`` are stacked into one group and go through the
+hypernetwork in one batched pass, so a step costs one pass per role and distinct shape, whatever the
+number of layers.
+
+Generation (``X`` the state, ``H`` the increment of the hypernetwork):
+- ``static``: ``G = X_0 + s * H(X_0)``, a reparameterisation around a fixed seed state.
+- ``recurrent``: ``G_t = X_t + s * H(X_t)``; after the optimizer step, `commit` stores ``X_{t+1} = G_t``.
+  The increment's output projection is anchored (see `hypernet.Hypernetwork`): after each commit the
+  anchor moves to ``momentum * anchor + (1 - momentum) * W_t``. ``momentum=1`` keeps the anchor at zero
+  (the paper's ``X_{t+1} = H(X_t)``, whose learned increment is applied again at every step and can run
+  away, METHOD.md section 2); ``momentum < 1`` makes the carried-over increment decay geometrically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .hypernet import Hypernetwork, chunk_tokens
+
+
+def init_state(kind: str, n: int, length: int, width: int, rank_axis: int, std: float,
+               generator: torch.Generator) -> torch.Tensor:
+    """Seed state (n, length, width). rank_axis=1: columns are ranks (P, Q^T); 0: rows are ranks (lambda)."""
+    if kind == "zeros":
+        return torch.zeros(n, length, width)
+    if kind == "normal":
+        return torch.randn(n, length, width, generator=generator) * std
+    if kind == "orthonormal":  # orthonormal columns (length >= width) or rows
+        g = torch.randn(n, max(length, width), min(length, width), generator=generator)
+        q, r = torch.linalg.qr(g)
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+        return q if length >= width else q.transpose(1, 2)
+    raise ValueError(f"unknown initialisation {kind!r}")
+
+
+class RoleGenerator(nn.Module):
+    """Generates one role's tensors for all layers from a shared hypernetwork.
+
+    Args:
+        lengths: ``L_i`` for every adapted layer (tokens per matrix in row layout).
+        width: ``w``, the token width in row layout (same for all layers).
+        rank_axis: 1 if the columns of the ``(L, w)`` matrix are the ranks (P, Q), 0 if the rows are (lambda).
+        init: ``orthonormal``, ``normal`` or ``zeros`` for the seed state.
+    """
+
+    def __init__(self, role: str, lengths: list[int], width: int, rank_axis: int, init: str, cfg,
+                 generator: torch.Generator):
+        super().__init__()
+        self.role, self.width, self.rank_axis = role, width, rank_axis
+        self.element = cfg.tokens == "element"
+        self.generation = cfg.generation
+        self.output_scale = cfg.output_scale
+        self.chunk = cfg.element_chunk
+        n_layers = len(lengths)
+        groups: "OrderedDict[int, list[int]]" = OrderedDict()
+        for i, length in enumerate(lengths):
+            groups.setdefault(length, []).append(i)
+        self.group_lengths = list(groups)
+        self.layer_slot: list[tuple[int, int]] = [None] * n_layers  # layer -> (group, position in group)
+        for g, (length, members) in enumerate(groups.items()):
+            if self.element and length * width > cfg.max_element_tokens:
+                raise ValueError(
+                    f"tokens='element' would make {length * width:,} tokens for one {role} matrix (limit "
+                    f"max_element_tokens={cfg.max_element_tokens:,}). Use tokens='row' or raise the limit.")
+            for pos, i in enumerate(members):
+                self.layer_slot[i] = (g, pos)
+            self.register_buffer(f"ids_{g}", torch.tensor(members, dtype=torch.long), persistent=False)
+            state = init_state(init, len(members), length, width, rank_axis, cfg.init_std, generator)
+            self.register_buffer(f"state_{g}", state)
+        ranks = width if rank_axis == 1 else max(lengths)
+        uses_positions = self.element or rank_axis == 0
+        self.hypernet = Hypernetwork(
+            token_width=1 if self.element else width, dim=cfg.hypernet_dim, arch=cfg.hypernet,
+            heads=cfg.hypernet_heads, ffn_mult=cfg.hypernet_ffn_mult,
+            n_modules=n_layers if cfg.context == "module" else 0,
+            n_positions=ranks if (uses_positions and cfg.context == "module") else 0)
+        self._used_weight: Optional[torch.Tensor] = None  # output projection used by the last training pass
+        self._used_bias: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ generation
+    def states(self) -> list[torch.Tensor]:
+        return [getattr(self, f"state_{g}") for g in range(len(self.group_lengths))]
+
+    def _positions(self, length: int, device) -> Optional[torch.Tensor]:
+        if self.hypernet.position_embedding is None:
+            return None
+        if self.element:  # element k of a (length, width) matrix sits at rank k % width (cols) or k // width (rows)
+            k = torch.arange(length * self.width, device=device)
+            return k % self.width if self.rank_axis == 1 else k // self.width
+        return torch.arange(length, device=device)
+
+    def generate(self, track: bool = False) -> list[torch.Tensor]:
+        """One batched pass per group: returns [(n_g, L_g, w)] generated tensors.
+
+        ``track=True`` (a training pass) remembers the output projection used, for `commit`.
+        """
+        if track:
+            self._used_weight = self.hypernet.out_proj.weight.detach().clone()
+            self._used_bias = self.hypernet.out_proj.bias.detach().clone()
+        outs = []
+        for g, length in enumerate(self.group_lengths):
+            state = getattr(self, f"state_{g}")
+            ids = getattr(self, f"ids_{g}")
+            n = state.shape[0]
+            in_scale = math.sqrt(length) if self.rank_axis == 1 else 1.0  # unit-scale entries for the network
+            dtype = self.hypernet.in_proj.weight.dtype
+            x = state.to(dtype) * in_scale
+            pos = self._positions(length, state.device)
+            if not self.element:
+                inc = self.hypernet(x, ids, pos)
+            else:
+                tokens = x.reshape(n, length * self.width, 1)
+                n_tok = tokens.shape[1]
+                if n_tok > self.chunk:
+                    chunks, padding, _ = chunk_tokens(tokens, self.chunk)
+                    per = chunks.shape[0] // n
+                    pos_c = None
+                    if pos is not None:
+                        pos_c = torch.nn.functional.pad(pos, (0, per * self.chunk - n_tok)).view(per, self.chunk)
+                        pos_c = pos_c.repeat(n, 1)
+                    inc = self.hypernet(chunks, ids.repeat_interleave(per), pos_c, padding)
+                    inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
+                else:
+                    inc = self.hypernet(tokens, ids, pos)
+                inc = inc.reshape(n, length, self.width)
+            outs.append(state + inc.to(state.dtype) * (self.output_scale / in_scale))
+        return outs
+
+    @torch.no_grad()
+    def commit(self, generated: list[torch.Tensor], momentum: float) -> None:
+        """Recurrent mode, after an optimizer step: the generated tensors become the new state."""
+        if self.generation != "recurrent":
+            return
+        for g, out in enumerate(generated):
+            getattr(self, f"state_{g}").copy_(out.detach())
+        if momentum < 1.0 and self._used_weight is not None:
+            hn = self.hypernet
+            hn.anchor_weight.mul_(momentum).add_(self._used_weight.to(hn.anchor_weight), alpha=1.0 - momentum)
+            hn.anchor_bias.mul_(momentum).add_(self._used_bias.to(hn.anchor_bias), alpha=1.0 - momentum)
+
+    def per_layer(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the generated group tensors, one (L_i, w) per layer, in layer order."""
+        return [outs[g][pos] for g, pos in self.layer_slot]

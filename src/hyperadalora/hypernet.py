@@ -1,0 +1,155 @@
+"""The hypernetworks: token in, increment out.
+
+A hypernetwork reads a batch of token sequences ``(B, L, w)``: one sequence per adapted matrix, one token
+per row (``tokens='row'``) or per scalar (``tokens='element'``). Each token is projected to width ``d_h``, a
+context is added (a learned embedding of the adapted module, and of the rank position where a token
+stands for one rank), a body mixes the tokens of the same matrix, and an output projection gives back
+an increment of the token's width. The increment is added to the input state by the caller
+(`generator.RoleGenerator`), so a zero-initialised output projection makes the first generation exact.
+
+Bodies (METHOD.md section 2), of comparable parameter count:
+- ``attention``: one BERT layer (multi-head self-attention + feed-forward, post-LayerNorm). Every output
+  token depends on every token of the same matrix (paper eq. 8).
+- ``mlp``: two residual feed-forward blocks, token-wise (no mixing across tokens).
+- ``cnn``: a residual 1-D convolution over the token sequence (kernel 3) + a feed-forward block.
+
+The output projection carries an *anchor* (`anchor_weight`, `anchor_bias`, buffers): the increment uses
+``W - W_anchor``. With the anchor at zero this is the plain projection (the paper's recurrence); the
+generator moves the anchor towards the weights used at each step to damp the recurrence (`momentum`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class AttentionBody(nn.Module):
+    """One BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, hidden)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_padding is None else key_padding[:, None, None, :]  # True = attend
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = self.norm1(x + self.attn_out(a.transpose(1, 2).reshape(b, n, d)))
+        return self.norm2(x + self.ffn(x))
+
+
+class MLPBody(nn.Module):
+    """Two residual token-wise feed-forward blocks (the paper's MLP ablation)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.ffn1, self.norm1 = FeedForward(dim, hidden), nn.LayerNorm(dim)
+        self.ffn2, self.norm2 = FeedForward(dim, hidden), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.norm1(x + self.ffn1(x))
+        return self.norm2(x + self.ffn2(x))
+
+
+class CNNBody(nn.Module):
+    """A residual 1-D convolution over the token sequence, then a feed-forward block (the CNN ablation)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn, self.norm2 = FeedForward(dim, hidden), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if key_padding is not None:
+            x = x * key_padding[..., None]
+        x = self.norm1(x + F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2))
+        return self.norm2(x + self.ffn(x))
+
+
+BODIES = {"attention": AttentionBody, "mlp": MLPBody, "cnn": CNNBody}
+
+
+class Hypernetwork(nn.Module):
+    """Shared hypernetwork of one role: ``increment = out(body(in(tokens) + context))``.
+
+    Args:
+        token_width: width ``w`` of a token (``r`` for row tokens of P and Q, 1 for lambda and elements).
+        dim: hidden width ``d_h``.
+        arch: ``attention``, ``mlp`` or ``cnn``.
+        n_modules: number of adapted modules (size of the module embedding); 0 disables it.
+        n_positions: number of rank positions (size of the rank-position embedding); 0 disables it.
+    """
+
+    def __init__(self, token_width: int, dim: int, arch: str = "attention", heads: int = 4, ffn_mult: int = 2,
+                 n_modules: int = 0, n_positions: int = 0):
+        super().__init__()
+        self.token_width = token_width
+        self.in_proj = nn.Linear(token_width, dim)
+        self.module_embedding = nn.Embedding(n_modules, dim) if n_modules else None
+        self.position_embedding = nn.Embedding(n_positions, dim) if n_positions else None
+        for emb in (self.module_embedding, self.position_embedding):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=1.0)
+        self.body = BODIES[arch](dim, heads, ffn_mult * dim)
+        self.out_proj = nn.Linear(dim, token_width)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+        self.register_buffer("anchor_weight", torch.zeros_like(self.out_proj.weight))
+        self.register_buffer("anchor_bias", torch.zeros_like(self.out_proj.bias))
+
+    def features(self, tokens: torch.Tensor, module_ids: Optional[torch.Tensor] = None,
+                 position_ids: Optional[torch.Tensor] = None,
+                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, L, w); module_ids (B,) long; position_ids (L,) or (B, L) long -> (B, L, d_h)."""
+        h = self.in_proj(tokens)
+        if self.module_embedding is not None and module_ids is not None:
+            h = h + self.module_embedding(module_ids)[:, None, :]
+        if self.position_embedding is not None and position_ids is not None:
+            pos = self.position_embedding(position_ids)
+            h = h + (pos if pos.dim() == 3 else pos[None])
+        return self.body(h, key_padding)
+
+    def forward(self, tokens: torch.Tensor, module_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The increment (B, L, w), through the anchored output projection."""
+        h = self.features(tokens, module_ids, position_ids, key_padding)
+        return F.linear(h, self.out_proj.weight - self.anchor_weight, self.out_proj.bias - self.anchor_bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def chunk_tokens(tokens: torch.Tensor, chunk: int):
+    """Split (B, L, w) into (B * ceil(L / chunk), chunk, w), zero-padded; returns (chunks, key_padding, L)."""
+    b, n, w = tokens.shape
+    n_chunks = math.ceil(n / chunk)
+    pad = n_chunks * chunk - n
+    if pad:
+        tokens = F.pad(tokens, (0, 0, 0, pad))
+    valid = torch.ones(b, n_chunks * chunk, dtype=torch.bool, device=tokens.device)
+    if pad:
+        valid[:, n:] = False
+    return tokens.reshape(b * n_chunks, chunk, w), (valid.reshape(b * n_chunks, chunk) if pad else None), n

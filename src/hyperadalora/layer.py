@@ -1,0 +1,73 @@
+"""`SVDLinear`: a linear layer with an SVD-form adapter ``(alpha / r) * P diag(lambda * mask) Q``.
+
+The layer holds no trainable adapter parameter. Before each forward the model hands it the tensors of the
+step (`set_tensors`): views of the hypernetworks' batched outputs while training, or fixed tensors once
+the hypernetworks are dropped (`set_fixed`, after `load_adapter` or `drop_hypernetworks`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class SVDLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, index: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SVDLinear wraps nn.Linear layers, got {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.index = index
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.P: Optional[torch.Tensor] = None        # (out_features, r)
+        self.lam: Optional[torch.Tensor] = None      # (r,), already masked
+        self.Q: Optional[torch.Tensor] = None        # (r, in_features)
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects `.weight` of a linear layer keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def set_tensors(self, P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor) -> None:
+        self.P, self.lam, self.Q = P, lam, Q
+
+    def set_fixed(self, P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor) -> None:
+        """Freeze the adapter to these tensors (stored as buffers, so `.to()` moves them)."""
+        for name in ("P", "lam", "Q"):
+            if name in self._buffers:
+                del self._buffers[name]
+            if hasattr(self, name):
+                delattr(self, name)
+        self.register_buffer("P", P.detach().clone())
+        self.register_buffer("lam", lam.detach().clone())
+        self.register_buffer("Q", Q.detach().clone())
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lam is None else int((self.lam != 0).sum())
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * P diag(lam) Q``, the update to add to the base weight (out x in)."""
+        return (self.P * (self.lam * self.scaling)) @ self.Q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled or self.P is None or self.P.shape[1] == 0:
+            return out
+        P, lam, Q = self.P, self.lam, self.Q
+        dtype = x.dtype if torch.is_floating_point(x) else P.dtype
+        if P.dtype != dtype:
+            P, lam, Q = P.to(dtype), lam.to(dtype), Q.to(dtype)
+        h = self.dropout(x) @ Q.t()
+        return out + (h * (lam * self.scaling)) @ P.t()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, index={self.index}, scaling={self.scaling:g}"

@@ -1,0 +1,498 @@
+"""`HyperAdaLoraModel`: injection into a transformers model, generation, rank allocation, save/load/export/merge.
+
+Training step, as with peft's AdaLoRA::
+
+    out = model(**batch)                 # generates P, lambda, Q; out.loss includes gamma * orthogonal penalty
+    out.loss.backward()
+    optimizer.step()
+    model.update_and_allocate(step)      # step = optimizer steps done (1-based); re-masks on schedule
+    optimizer.zero_grad()
+
+`update_and_allocate` also commits the recurrent state. If nobody calls it, the model notices that the
+hypernetworks were updated (parameter versions) at the next forward, commits the state itself and warns
+once that rank allocation is not running (peft #1327): use `RankAllocationCallback` with a `Trainer`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .allocator import RankAllocator
+from .config import CONFIG_NAME, HyperAdaLoraConfig
+from .generator import RoleGenerator
+from .layer import SVDLinear
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+HYPERNET_WEIGHTS_NAME = "hypernetworks.safetensors"
+OUTPUT_LAYER_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out", "output_layer")
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def _default_targets(model: nn.Module) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in MAPPING:
+        return list(MAPPING[model_type])
+    raise ValueError(f"No default target_modules for model_type={model_type!r}: set target_modules (module name "
+                     f"suffixes, a regex, or 'all-linear').")
+
+
+def find_target_modules(model: nn.Module, config: HyperAdaLoraConfig) -> list[str]:
+    """Names of the nn.Linear modules to adapt, as peft matches them (suffix for a list, full regex for a str)."""
+    targets = config.target_modules if config.target_modules is not None else _default_targets(model)
+    saved = tuple(config.modules_to_save or ())
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+    def excluded(name):
+        parts = name.split(".")
+        return any(p in OUTPUT_LAYER_NAMES or p in saved for p in parts)
+
+    if targets == "all-linear":
+        names = [n for n, _ in linear if not excluded(n)]
+    elif isinstance(targets, str):
+        names = [n for n, _ in linear if re.fullmatch(targets, n)]
+    else:
+        names = [n for n, _ in linear if any(n == t or n.endswith("." + t) for t in targets)]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in linear)]
+        if unmatched:
+            others = [n for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in unmatched)]
+            hint = f" ({others[0]} is a {type(model.get_submodule(others[0])).__name__}, not nn.Linear)" if others else ""
+            raise ValueError(f"target_modules {unmatched} match no nn.Linear module of the model{hint}. "
+                             f"Linear modules look like: {[n for n, _ in linear[:8]]}.")
+    names = [n for n in names if not excluded(n) or targets != "all-linear"]
+    if not names:
+        raise ValueError(f"target_modules={targets!r} matches no nn.Linear module of the model. "
+                         f"Linear modules look like: {[n for n, _ in linear[:8]]}.")
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class HyperAdaLoraModel(nn.Module):
+    """A transformers model with HyperAdaLoRA adapters.
+
+    Attributes:
+        base_model: the wrapped transformers model (its target nn.Linear replaced by `SVDLinear`).
+        generators: ``{"P", "lambda", "Q"}`` -> `RoleGenerator` (absent once the hypernetworks are dropped).
+        allocator: the `RankAllocator` holding the rank masks.
+    """
+
+    ROLES = ("P", "lambda", "Q")
+
+    def __init__(self, model: nn.Module, config: HyperAdaLoraConfig, *, _fixed: bool = False):
+        super().__init__()
+        if not isinstance(config, HyperAdaLoraConfig):
+            raise TypeError(f"config must be a HyperAdaLoraConfig, got {type(config).__name__}.")
+        if not _fixed and config.total_step is None:
+            raise ValueError("HyperAdaLoraConfig.total_step is required for training: set it to the number of "
+                             "optimizer steps of the run (as for peft's AdaLoraConfig).")
+        self.peft_config = config
+        self.base_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.target_names = find_target_modules(model, config)
+        scaling = config.lora_alpha / config.init_r
+        self.adapters: list[SVDLinear] = []
+        for i, name in enumerate(self.target_names):
+            layer = SVDLinear(model.get_submodule(name), i, scaling, config.lora_dropout)
+            _replace(model, name, layer)
+            self.adapters.append(layer)
+        self.saved_module_names = self._mark_modules_to_save()
+        n, r = len(self.adapters), config.init_r
+        device = next(model.parameters()).device
+        self.allocator = RankAllocator(n, r, config.target_r, config.total_step or 1, config.tinit if not _fixed else 0,
+                                       config.tfinal if not _fixed else 0, config.deltaT, config.importance,
+                                       config.beta1, config.beta2, device=device)
+        self.fixed = _fixed
+        if not _fixed:
+            gen = torch.Generator().manual_seed(config.seed)
+            torch_state = torch.random.get_rng_state()
+            torch.manual_seed(config.seed)  # hypernetwork initialisation independent of the caller's RNG
+            try:
+                seed_pq = "normal" if config.init == "normal" else "orthonormal"
+                self.generators = nn.ModuleDict({
+                    "P": RoleGenerator("P", [a.out_features for a in self.adapters], r, 1, seed_pq, config, gen),
+                    "lambda": RoleGenerator("lambda", [r] * n, 1, 0, "normal" if config.init == "normal" else "zeros",
+                                            config, gen),
+                    "Q": RoleGenerator("Q", [a.in_features for a in self.adapters], r, 1, seed_pq, config, gen),
+                })
+            finally:
+                torch.random.set_rng_state(torch_state)
+            self.generators.to(device)
+        self._pending: Optional[dict] = None        # last training generation: role -> [group tensors]
+        self._pending_version: Optional[int] = None
+        self._cache_key = None
+        self._mask_version = 0
+        self._warned_no_allocate = False
+        self._allocate_called = False
+        self.last_task_loss: Optional[torch.Tensor] = None
+        self.last_orth_penalty: Optional[torch.Tensor] = None
+        # Trainer drops dataset columns that the forward's signature does not name: show the base model's.
+        try:
+            self.__dict__["_signature"] = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _mark_modules_to_save(self) -> list[str]:
+        names = []
+        for target in self.peft_config.modules_to_save or ():
+            for name, module in self.base_model.named_modules():
+                if (name == target or name.endswith("." + target)) and not isinstance(module, SVDLinear):
+                    module.requires_grad_(True)
+                    names.append(name)
+        return names
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "generators"):
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.adapters)
+
+    # ------------------------------------------------------------------ parameters
+    def hypernetwork_parameters(self) -> list[nn.Parameter]:
+        return [] if self.fixed else list(self.generators.parameters())
+
+    def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Parameter groups for an optimizer: the hypernetworks at ``lr * hypernet_lr_ratio``, the heads at ``lr``."""
+        groups = [{"params": self.hypernetwork_parameters(), "lr": lr * self.peft_config.hypernet_lr_ratio,
+                   "weight_decay": weight_decay, "name": "hypernetworks"}]
+        heads = [p for p in self.base_model.parameters() if p.requires_grad]
+        if heads:
+            groups.append({"params": heads, "lr": lr, "weight_decay": weight_decay, "name": "modules_to_save"})
+        return [g for g in groups if g["params"]]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}")
+
+    def _phi_version(self) -> int:
+        return sum(p._version for p in self.generators.parameters())
+
+    # ------------------------------------------------------------------ generation
+    def _generate(self, track: bool) -> dict:
+        return {role: self.generators[role].generate(track=track) for role in self.ROLES}
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache of generated tensors
+        self._cache_key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _install(self, outs: dict) -> None:
+        """Hand each layer its views: P (out, r), lambda*mask (r,), Q (r, in)."""
+        lam = outs["lambda"][0][..., 0] * self.allocator.mask.to(outs["lambda"][0].dtype)  # (n, r): one group
+        Ps = self.generators["P"].per_layer(outs["P"])
+        Qs = self.generators["Q"].per_layer(outs["Q"])
+        for layer, P, l, Qt in zip(self.adapters, Ps, lam, Qs):
+            layer.set_tensors(P, l, Qt.t())
+
+    def _maybe_commit(self, auto: bool) -> None:
+        """Recurrent state: once the hypernetworks have been updated, the last generation becomes the state."""
+        if self._pending is None or self._phi_version() == self._pending_version:
+            return
+        if auto and not self._allocate_called and not self._warned_no_allocate:
+            warnings.warn("HyperAdaLoRA: the hypernetworks were updated but update_and_allocate() was not called: "
+                          "the rank budget is not being allocated. Call model.update_and_allocate(step) after "
+                          "optimizer.step(), or add hyperadalora.RankAllocationCallback() to your Trainer.",
+                          stacklevel=3)
+            self._warned_no_allocate = True
+        for role in self.ROLES:
+            self.generators[role].commit(self._pending[role], self.peft_config.momentum)
+        self._pending = {role: [t.detach() for t in outs] for role, outs in self._pending.items()}
+        self._pending_version = None
+        self._cache_key = None
+
+    def materialize(self, training_pass: Optional[bool] = None) -> Optional[dict]:
+        """Generate this step's tensors and install them in the layers.
+
+        A training pass (module in training mode and autograd on) generates with a graph into the
+        hypernetworks; otherwise the tensors are generated once under no_grad and cached until the
+        hypernetworks, the state or the masks change.
+        """
+        if self.fixed:
+            return None
+        if training_pass is None:
+            training_pass = self.training and torch.is_grad_enabled()
+        if training_pass:
+            self._maybe_commit(auto=True)
+            outs = self._generate(track=True)
+            if self.peft_config.importance == "sensitivity":
+                for tensors in outs.values():
+                    for t in tensors:
+                        if t.requires_grad:
+                            t.retain_grad()
+            self._pending, self._pending_version = outs, self._phi_version()
+            self._cache_key = None
+        else:
+            key = (self._phi_version(), self._mask_version, self.allocator.last_step,
+                   tuple(s.data_ptr() for g in self.generators.values() for s in g.states()),
+                   tuple(s._version for g in self.generators.values() for s in g.states()))
+            if key == self._cache_key:
+                return None
+            with torch.no_grad():
+                outs = self._generate(track=False)
+            self._cache_key = key
+        self._install(outs)
+        return outs
+
+    # ------------------------------------------------------------------ loss
+    @staticmethod
+    def _gram_penalty(groups: list[torch.Tensor]) -> torch.Tensor:
+        """sum over layers of ||M^T M - I||_F^2 for token matrices M (n, L, r) (P, and Q^T)."""
+        total = 0.0
+        for m in groups:
+            gram = m.transpose(1, 2) @ m
+            eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+            total = total + ((gram - eye) ** 2).sum()
+        return total
+
+    def orthogonal_penalty(self, outs: Optional[dict] = None) -> torch.Tensor:
+        """mean over layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 on the generated (or fixed) tensors."""
+        if outs is None and not self.fixed:
+            outs = self._pending if self._pending is not None else self._generate(track=False)
+        if outs is None:  # fixed adapters
+            total = sum(((a.P.t() @ a.P - torch.eye(a.P.shape[1], device=a.P.device)) ** 2).sum()
+                        + ((a.Q @ a.Q.t() - torch.eye(a.Q.shape[0], device=a.Q.device)) ** 2).sum()
+                        for a in self.adapters)
+            return torch.as_tensor(total) / self.n_layers
+        return (self._gram_penalty(outs["P"]) + self._gram_penalty(outs["Q"])) / self.n_layers
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args, **kwargs):
+        outs = self.materialize()
+        output = self.base_model(*args, **kwargs)
+        loss = getattr(output, "loss", None)
+        if outs is not None and self._pending is outs and isinstance(loss, torch.Tensor):
+            self.last_task_loss = loss.detach()
+            if self.peft_config.orth_reg_weight > 0:
+                penalty = self.orthogonal_penalty(outs)
+                self.last_orth_penalty = penalty.detach()
+                output.loss = loss + self.peft_config.orth_reg_weight * penalty.to(loss.dtype)
+        elif isinstance(loss, torch.Tensor):
+            self.last_task_loss = loss.detach()
+        return output
+
+    def generate(self, *args, **kwargs):
+        """Text generation with the current adapter (generated once, cached)."""
+        self.materialize(training_pass=False)
+        return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ rank allocation
+    def _sensitivity(self) -> Optional[torch.Tensor]:
+        outs = self._pending
+        if outs is None or any(t.grad is None for ts in outs.values() for t in ts):
+            return None
+        comps = []
+        for role in self.ROLES:
+            per_layer = []
+            for t, (g, pos) in zip(self.generators[role].per_layer(outs[role]), self.generators[role].layer_slot):
+                grad = outs[role][g].grad[pos]
+                s = (t.detach() * grad).abs()
+                per_layer.append(s.mean(dim=0) if role != "lambda" else s[:, 0])
+            comps.append(torch.stack(per_layer))
+        return torch.stack(comps)
+
+    @torch.no_grad()
+    def update_and_allocate(self, global_step: int) -> bool:
+        """After ``optimizer.step()`` (and before ``zero_grad()``): commit the state, update the importance and
+        re-mask on schedule. ``global_step`` counts optimizer steps done, 1 after the first. Returns True if
+        the masks changed."""
+        if self.fixed:
+            raise RuntimeError("This adapter's hypernetworks were dropped (loaded or finalised): it cannot train.")
+        self._allocate_called = True
+        sensitivity = self._sensitivity() if self.peft_config.importance == "sensitivity" else None
+        magnitude = None if self._pending is None else self._pending["lambda"][0][..., 0].detach()
+        if magnitude is None:
+            magnitude = self.generators["lambda"].generate()[0][..., 0]
+        self._maybe_commit(auto=False)
+        changed = self.allocator.update(int(global_step), magnitude=magnitude, sensitivity=sensitivity)
+        if changed:
+            self._mask_version += 1
+            self._cache_key = None
+        return changed
+
+    @property
+    def rank_pattern(self) -> dict:
+        """{module name: current rank}."""
+        if self.fixed:
+            return {n: int(a.lam.numel()) for n, a in zip(self.target_names, self.adapters)}
+        return dict(zip(self.target_names, self.allocator.ranks))
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.rank_pattern.values())
+
+    # ------------------------------------------------------------------ the final adapter
+    @torch.no_grad()
+    def final_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer (P, lambda, Q) of the current adapter, sliced to the kept ranks."""
+        if self.fixed:
+            return [(a.P, a.lam, a.Q) for a in self.adapters]
+        was_training = self.training
+        self.eval()
+        self.materialize(training_pass=False)
+        self.train(was_training)
+        result = []
+        for layer, keep in zip(self.adapters, self.allocator.mask):
+            idx = keep.nonzero().flatten()
+            result.append((layer.P[:, idx].detach().clone(), layer.lam[idx].detach().clone(),
+                           layer.Q[idx, :].detach().clone()))
+        return result
+
+    def drop_hypernetworks(self) -> "HyperAdaLoraModel":
+        """Freeze the adapter to its current tensors and delete the hypernetworks (inference cost = AdaLoRA's)."""
+        if self.fixed:
+            return self
+        for layer, (P, lam, Q) in zip(self.adapters, self.final_tensors()):
+            layer.set_fixed(P, lam, Q)
+        del self.generators
+        self.fixed = True
+        self._pending = None
+        return self
+
+    def _modules_to_save_state(self) -> dict:
+        return {f"modules_to_save.{name}.{k}": v for name in self.saved_module_names
+                for k, v in self.base_model.get_submodule(name).state_dict().items()}
+
+    def save_pretrained(self, directory: str, save_hypernetworks: bool = False) -> None:
+        """Write ``adapter_model.safetensors`` (P, lambda, Q per layer sliced to its rank, and the trained heads)
+        and ``hyperadalora_config.json`` (with the rank pattern). ``save_hypernetworks=True`` also writes the
+        hypernetworks, their state and the masks (to continue training)."""
+        os.makedirs(directory, exist_ok=True)
+        tensors = {}
+        for name, (P, lam, Q) in zip(self.target_names, self.final_tensors()):
+            tensors[f"{name}.lora_P"], tensors[f"{name}.lora_lambda"], tensors[f"{name}.lora_Q"] = P, lam, Q
+        tensors.update(self._modules_to_save_state())
+        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
+        if save_hypernetworks and not self.fixed:
+            state = {f"generators.{k}": v for k, v in self.generators.state_dict().items()}
+            state["allocator.mask"] = self.allocator.mask.to(torch.uint8)
+            _save_safetensors(state, os.path.join(directory, HYPERNET_WEIGHTS_NAME), {"format": "pt"})
+        self.peft_config.save_pretrained(directory, rank_pattern=self.rank_pattern,
+                                         target_names=self.target_names)
+
+    def export_lora(self, directory: str) -> None:
+        """Write a vanilla peft LoRA adapter: ``B = (alpha / r) P diag(lambda)``, ``A = Q``, per-layer ranks in
+        ``rank_pattern`` and ``alpha_pattern`` equal to the rank (LoRA scaling 1). Layers pruned to rank 0 are
+        left out. Load it with ``peft.PeftModel.from_pretrained(base_model, directory)``."""
+        from peft import LoraConfig
+
+        os.makedirs(directory, exist_ok=True)
+        scaling = self.peft_config.lora_alpha / self.peft_config.init_r
+        tensors, ranks = {}, {}
+        for name, (P, lam, Q) in zip(self.target_names, self.final_tensors()):
+            if lam.numel() == 0:
+                continue
+            ranks[name] = int(lam.numel())
+            tensors[f"base_model.model.{name}.lora_A.weight"] = Q
+            tensors[f"base_model.model.{name}.lora_B.weight"] = P * (lam * scaling)
+        if not ranks:
+            raise ValueError("Every layer was pruned to rank 0: the adapter is empty; nothing to export as LoRA.")
+        for key, value in self._modules_to_save_state().items():
+            tensors["base_model.model." + key[len("modules_to_save."):]] = value
+        max_r = max(ranks.values())
+        cfg = LoraConfig(r=max_r, lora_alpha=max_r, target_modules=sorted(ranks), lora_dropout=0.0,
+                         rank_pattern={k: v for k, v in ranks.items() if v != max_r},
+                         alpha_pattern={k: v for k, v in ranks.items() if v != max_r},
+                         modules_to_save=list(self.saved_module_names) or None,
+                         task_type=self.peft_config.task_type)
+        cfg.save_pretrained(directory)
+        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Add ``scaling * P diag(lambda) Q`` into each base weight and return the plain transformers model."""
+        finals = self.final_tensors()
+        for name, layer, (P, lam, Q) in zip(self.target_names, self.adapters, finals):
+            base = layer.base_layer
+            if lam.numel():
+                delta = (P * (lam * layer.scaling)) @ Q
+                base.weight.data += delta.to(base.weight.dtype)
+            _replace(self.base_model, name, base)
+        return self.base_model
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def get_peft_model(model: nn.Module, config):
+    """`HyperAdaLoraModel` for a `HyperAdaLoraConfig`; any peft config goes to ``peft.get_peft_model``."""
+    if isinstance(config, HyperAdaLoraConfig):
+        return HyperAdaLoraModel(model, config)
+    import peft
+
+    return peft.get_peft_model(model, config)
+
+
+def load_adapter(model: nn.Module, directory: str) -> HyperAdaLoraModel:
+    """Load an adapter written by `HyperAdaLoraModel.save_pretrained` onto ``model`` (inference; fixed tensors)."""
+    config = HyperAdaLoraConfig.from_pretrained(directory)
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        saved = json.load(f)
+    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from e
+    if saved.get("target_names"):
+        config.target_modules = [re.escape(n) for n in saved["target_names"]]
+        config.target_modules = "|".join(config.target_modules)
+    wrapped = HyperAdaLoraModel(model, config, _fixed=True)
+    for name, layer in zip(wrapped.target_names, wrapped.adapters):
+        try:
+            P, lam, Q = (tensors[f"{name}.lora_{k}"] for k in ("P", "lambda", "Q"))
+        except KeyError as e:
+            raise ValueError(f"{path} has no tensor {e.args[0]!r}: the adapter was saved for another model.") from None
+        if P.shape[0] != layer.out_features or Q.shape[1] != layer.in_features:
+            raise ValueError(f"Adapter for {name!r} has shape (out={P.shape[0]}, in={Q.shape[1]}) but the model's "
+                             f"layer is (out={layer.out_features}, in={layer.in_features}): this adapter was trained "
+                             f"on another base model.")
+        w = layer.base_layer.weight
+        layer.set_fixed(P.to(w.device), lam.to(w.device), Q.to(w.device))
+    for name in wrapped.saved_module_names:
+        module = wrapped.base_model.get_submodule(name)
+        prefix = f"modules_to_save.{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state:
+            try:
+                module.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"Saved weights of {name!r} do not fit the model: {e}") from None
+    wrapped.fixed = True
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    return wrapped
