@@ -19,6 +19,7 @@ HYPERNETS = ("attention", "mlp", "cnn")
 GENERATIONS = ("recurrent", "static")
 TOKEN_LAYOUTS = ("row", "element")
 CONTEXTS = ("module", "none")
+ATTENTIONS = ("full", "induced")
 IMPORTANCES = ("magnitude", "sensitivity")
 INITS = ("orthonormal", "normal")
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -65,6 +66,10 @@ class HyperAdaLoraConfig:
     orth_reg_weight: float = field(default=0.1, metadata={"help": "gamma: weight of ||P^T P - I||^2 + ||Q Q^T - I||^2."})
     # --- the hypernetworks ---
     hypernet: str = field(default="attention", metadata={"help": "'attention' (one BERT layer), 'mlp' or 'cnn'."})
+    attention: str = field(default="induced", metadata={"help": "hypernet='attention': 'full' self-attention among "
+                                                                 "the tokens of a matrix (eq. 8, O(L^2)) or 'induced' "
+                                                                 "attention through n_induced learned slots (O(L))."})
+    n_induced: int = field(default=16, metadata={"help": "Learned slots of attention='induced'."})
     generation: str = field(default="recurrent", metadata={"help": "'recurrent' (X_{t+1} = H(X_t)) or 'static' (X = H(X_0))."})
     tokens: str = field(default="row", metadata={"help": "'row' (a row of P / column of Q / one lambda per token) "
                                                          "or 'element' (every scalar a token, eq. 8)."})
@@ -90,7 +95,7 @@ class HyperAdaLoraConfig:
 
     def __post_init__(self):
         for name in ("init_r", "target_r", "deltaT", "hypernet_dim", "hypernet_heads", "hypernet_ffn_mult",
-                     "element_chunk", "max_element_tokens", "tinit", "tfinal", "seed"):
+                     "element_chunk", "max_element_tokens", "tinit", "tfinal", "seed", "n_induced"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
@@ -133,6 +138,7 @@ class HyperAdaLoraConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
         _choice("hypernet", self.hypernet, HYPERNETS)
         _choice("generation", self.generation, GENERATIONS)
+        _choice("attention", self.attention, ATTENTIONS)
         _choice("tokens", self.tokens, TOKEN_LAYOUTS)
         _choice("context", self.context, CONTEXTS)
         _choice("importance", self.importance, IMPORTANCES)

@@ -84,7 +84,8 @@ class RoleGenerator(nn.Module):
             token_width=1 if self.element else width, dim=cfg.hypernet_dim, arch=cfg.hypernet,
             heads=cfg.hypernet_heads, ffn_mult=cfg.hypernet_ffn_mult,
             n_modules=n_layers if cfg.context == "module" else 0,
-            n_positions=ranks if (uses_positions and cfg.context == "module") else 0)
+            n_positions=ranks if (uses_positions and cfg.context == "module") else 0,
+            attention=cfg.attention, n_induced=cfg.n_induced)
         self._used_weight: Optional[torch.Tensor] = None  # output projection used by the last training pass
         self._used_bias: Optional[torch.Tensor] = None
 

