@@ -160,7 +160,7 @@ class HyperAdaLoraConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "HyperAdaLoraConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names - {"peft_type", "rank_pattern", "method", "hyperadalora_version"})
+        unknown = sorted(set(data) - names - {"peft_type", "rank_pattern", "target_names", "method", "hyperadalora_version"})
         if unknown:
             raise ValueError(f"Unknown HyperAdaLoraConfig field(s) {unknown}; valid fields: {sorted(names)}.")
         return cls(**{k: v for k, v in data.items() if k in names})

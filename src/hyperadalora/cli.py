@@ -1,0 +1,142 @@
+"""The command line: ``hyperadalora {train,demo} ...`` (one parser, subcommands mapped to functions)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from . import __version__
+
+TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --config (with underscores)
+    "method": (str, "hyperadalora | adalora | lora"),
+    "model": (str, "model directory, .gguf file, hub name, or 'minilm' / 'smollm2' (default: minilm / smollm2)"),
+    "task": (str, "cola sst2 mrpc qqp mnli qnli rte wnli | sentiment (embedded) | alpaca (instruction)"),
+    "data_dir": (str, "GLUE TSV root (e.g. ../shared/data/glue); default: embedded data or the hub"),
+    "data_path": (str, "instruction data file (Alpaca-style JSON / JSONL)"),
+    "max_steps": (int, "optimizer steps"), "batch_size": (int, "examples per micro-batch"),
+    "grad_accum": (int, "micro-batches per optimizer step"), "lr": (float, "learning rate"),
+    "weight_decay": (float, "AdamW weight decay"), "warmup_steps": (int, "linear warm-up steps"),
+    "scheduler": (str, "linear | constant"), "max_grad_norm": (float, "gradient clipping (0: off)"),
+    "seed": (int, "random seed"), "max_length": (int, "max tokens per example"),
+    "max_train_examples": (int, "subsample the training set"), "max_eval_examples": (int, "subsample the dev set"),
+    "eval_every": (int, "evaluate every N steps (0: only at the end)"),
+    "gen_eval_examples": (int, "instruction tasks: held-out prompts to generate for BLEU/ROUGE"),
+    "max_new_tokens": (int, "generation length"), "output_dir": (str, "where metrics.jsonl, summary.json, adapter/ go"),
+    "dtype": (str, "float32 | bfloat16"), "device": (str, "cpu | cuda (default: auto)"),
+    "init_r": (int, "initial rank"), "target_r": (int, "final average rank"), "lora_alpha": (float, "alpha"),
+    "lora_dropout": (float, "adapter dropout"), "tinit": (int, "steps before pruning"),
+    "tfinal": (int, "steps at the final budget"), "deltaT": (int, "re-mask interval"),
+    "orth_reg_weight": (float, "gamma of the orthogonal regulariser"),
+    # HyperAdaLoRA
+    "hypernet": (str, "attention | mlp | cnn"), "attention": (str, "full | induced"),
+    "n_induced": (int, "slots of induced attention"), "generation": (str, "recurrent | static"),
+    "tokens": (str, "row | element"), "context": (str, "module | none"), "importance": (str, "magnitude | sensitivity"),
+    "hypernet_dim": (int, "hypernetwork width"), "hypernet_heads": (int, "attention heads"),
+    "hypernet_ffn_mult": (int, "feed-forward multiplier"), "output_scale": (float, "increment scale"),
+    "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),
+    "init": (str, "orthonormal | normal"), "element_chunk": (int, "element tokens per attention chunk"),
+}
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path!r} does not exist.")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e}).") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}.")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
+    for name, (typ, help_) in TRAIN_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    parser.add_argument("--target-modules", dest="target_modules", default=None,
+                        help="comma-separated module name suffixes (default: all attention and MLP projections)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def collect_options(ns: argparse.Namespace) -> dict:
+    options = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    for name in list(TRAIN_FLAGS) + ["target_modules", "progress"]:
+        value = getattr(ns, name, None)
+        if value is not None:
+            options[name] = value
+    if isinstance(options.get("target_modules"), str) and options["target_modules"] != "all-linear":
+        options["target_modules"] = [t.strip() for t in options["target_modules"].split(",") if t.strip()]
+    return options
+
+
+def cmd_train(ns) -> int:
+    from .train import args_from_dict, train
+
+    args = args_from_dict(collect_options(ns))
+    summary = train(args)
+    summary.pop("model", None)
+    print(json.dumps({k: summary[k] for k in ("method", "task", "steps", "final_eval", "final_loss", "train_time_s",
+                                              "median_step_s", "total_rank", "metrics", "adapter")}, indent=2))
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from .experiments import compare
+    from .train import args_from_dict
+
+    options = {"task": "sentiment", "max_steps": 200, "batch_size": 16, "max_length": 64, "lr": 1e-3,
+               "max_eval_examples": 500, "output_dir": ns.output_dir, **collect_options(ns)}
+    options.pop("method", None)
+    base = args_from_dict(options)
+    command = "hyperadalora demo " + " ".join(sys.argv[2:])
+    result = compare(base, {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}},
+                     base.output_dir, reference="adalora", command=command.strip(),
+                     title=f"adalora vs hyperadalora on {base.task} ({base.max_steps} steps)")
+    from .experiments import format_table
+
+    print("\n" + format_table(result) + "\n")
+    print(f"Report:      {os.path.join(base.output_dir, 'report.md')}")
+    print(f"Loss curves: {os.path.join(base.output_dir, result['plot'])}")
+    print(f"Numbers:     {os.path.join(base.output_dir, 'results.json')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperadalora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hyperadalora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune with hyperadalora, adalora or lora")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="a short real comparison of adalora and hyperadalora (offline)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_demo, output_dir="runs/demo")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if getattr(ns, "output_dir", None) is None and ns.command == "demo":
+        ns.output_dir = "runs/demo"
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+        if os.environ.get("HYPERADALORA_DEBUG"):
+            raise
+        print(f"hyperadalora {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hyperadalora {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Side-by-side comparisons of methods: the same data order, seeds, schedule and steps; only the adapter differs.
+
+`compare` trains each method in turn with `train.train`, then writes ``report.md`` (a table),
+``results.json`` (every number of the report) and ``loss_curves.png`` to the output directory.
+
+Steps-to-target: the first step at which a method's smoothed training (task) loss reaches the reference
+method's final smoothed loss; the ratio of a method to the reference and the wall-clock time to that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from ..plotting import plot_loss_curves, smooth
+from ..train import TrainArgs, read_metrics, train
+
+SMOOTH_WINDOW = 25
+
+
+def steps_to_target(rows: list[dict], target: float, window: int = SMOOTH_WINDOW, key: str = "task_loss"):
+    """(step, train_time) at which the smoothed loss first reaches ``target``, or (None, None)."""
+    s = smooth([r[key] for r in rows], window)
+    hit = np.nonzero(s <= target)[0]
+    if len(hit) == 0:
+        return None, None
+    row = rows[int(hit[0])]
+    return row["step"], row.get("train_time", row.get("time"))
+
+
+def summarize(runs: dict, reference: str, window: int = SMOOTH_WINDOW) -> dict:
+    """runs: {label: {"rows": [...], "summary": {...}}} -> per-label numbers relative to ``reference``."""
+    ref_rows = runs[reference]["rows"]
+    target = float(smooth([r["task_loss"] for r in ref_rows], window)[-1])
+    ref_step, ref_time = steps_to_target(ref_rows, target, window)
+    table = {}
+    for label, run in runs.items():
+        rows, summ = run["rows"], run["summary"]
+        step, t = steps_to_target(rows, target, window)
+        table[label] = {
+            "final_smoothed_task_loss": float(smooth([r["task_loss"] for r in rows], window)[-1]),
+            "steps_to_target": step, "time_to_target_s": t,
+            "steps_ratio": (step / ref_step) if step and ref_step else None,
+            "time_ratio": (t / ref_time) if t and ref_time else None,
+            "median_step_s": summ["median_step_s"], "train_time_s": summ["train_time_s"],
+            "final_eval": summ["final_eval"], "total_rank": summ["total_rank"],
+        }
+    return {"target_loss": target, "reference": reference, "window": window, "methods": table}
+
+
+def format_table(result: dict) -> str:
+    lines = ["| method | final smoothed loss | steps to target | steps ratio | time to target (s) | time ratio "
+             "| median step (s) | dev metrics | total rank |", "|---" * 9 + "|"]
+    for label, m in result["methods"].items():
+        ev = ", ".join(f"{k}={v:.4f}" for k, v in m["final_eval"].items() if isinstance(v, float) and k != "eval_loss")
+        fmt = lambda v, f="{:.3f}": "n/a (not reached)" if v is None else f.format(v)
+        lines.append(f"| {label} | {m['final_smoothed_task_loss']:.4f} | {fmt(m['steps_to_target'], '{}')} | "
+                     f"{fmt(m['steps_ratio'], '{:.2f}')} | {fmt(m['time_to_target_s'], '{:.1f}')} | "
+                     f"{fmt(m['time_ratio'], '{:.2f}')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
+    return "\n".join(lines)
+
+
+def compare(base: TrainArgs, variants: dict, output_dir: str, reference: Optional[str] = None,
+            title: str = "", command: str = "") -> dict:
+    """Train each variant ({label: {TrainArgs field overrides}}) and write report.md / results.json / plot."""
+    os.makedirs(output_dir, exist_ok=True)
+    runs = {}
+    for label, overrides in variants.items():
+        overrides = dict(overrides)
+        hyper = {**base.hyper, **overrides.pop("hyper", {})}
+        args = dataclasses.replace(base, output_dir=os.path.join(output_dir, label), hyper=hyper, **overrides)
+        print(f"[{label}] training {args.method} for {args.max_steps} steps -> {args.output_dir}", flush=True)
+        summary = train(args)
+        summary.pop("model", None)
+        rows, evals = read_metrics(summary["metrics"])
+        runs[label] = {"rows": rows, "evals": evals, "summary": summary}
+    reference = reference or next(iter(variants))
+    result = summarize(runs, reference)
+    plot = plot_loss_curves({k: v["rows"] for k, v in runs.items()}, os.path.join(output_dir, "loss_curves.png"),
+                            title=title, window=SMOOTH_WINDOW)
+    result.update({"title": title, "command": command, "plot": os.path.basename(plot),
+                   "args": {k: dataclasses.asdict(base)[k] for k in ("task", "model", "max_steps", "batch_size", "lr",
+                                                                       "seed", "max_length", "init_r", "target_r")},
+                   "curves": {k: [[r["step"], round(r["task_loss"], 5)] for r in v["rows"]] for k, v in runs.items()}})
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    report = [f"# {title or 'Comparison'}", "", f"Command: `{command}`" if command else "",
+              "", f"Target loss: {reference}'s final smoothed training loss = {result['target_loss']:.4f} "
+              f"(trailing mean over {SMOOTH_WINDOW} steps).", "", format_table(result), "",
+              f"![loss curves]({result['plot']})", ""]
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write("\n".join(report))
+    return result

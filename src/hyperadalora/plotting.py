@@ -1,0 +1,42 @@
+"""Loss-curve plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def smooth(values, window: int = 25) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return x
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_loss_curves(curves: dict, path: str, title: str = "", window: int = 25, key: str = "task_loss",
+                     xlabel: str = "optimizer step") -> str:
+    """curves: {label: list of metrics rows}; raw (faint) and smoothed training loss per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for i, (label, rows) in enumerate(curves.items()):
+        steps = [r["step"] for r in rows]
+        values = [r[key] for r in rows]
+        color = f"C{i}"
+        ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(steps, smooth(values, window), color=color, linewidth=2, label=f"{label} (smoothed, {window})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

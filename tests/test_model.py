@@ -1,0 +1,268 @@
+"""The method's contract: identity at step 0, generation, sharing, allocation, penalty, save/load/export/merge."""
+
+import copy
+
+import pytest
+import torch
+
+import hyperadalora as ha
+from conftest import BERT_TARGETS, make_bert, make_llama
+
+
+def cfg(**kw):
+    base = dict(init_r=3, target_r=1, total_step=20, tinit=2, tfinal=4, deltaT=2, target_modules=BERT_TARGETS,
+                task_type="SEQ_CLS")
+    base.update(kw)
+    return ha.HyperAdaLoraConfig(**base)
+
+
+def train_steps(model, batch, steps, lr=1e-2, start=1):
+    opt = torch.optim.AdamW(model.optimizer_param_groups(lr))
+    model.train()
+    losses = []
+    for step in range(start, start + steps):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+        losses.append(model.last_task_loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("options", [{}, {"hypernet": "mlp"}, {"hypernet": "cnn"}, {"attention": "full"},
+                                     {"tokens": "element"}, {"generation": "static"}, {"context": "none"}])
+def test_identity_at_step_0(bert, batch, options):
+    ref = bert(input_ids=batch["input_ids"]).logits
+    model = ha.get_peft_model(bert, cfg(**options))
+    model.train()  # the training pass must be the identity too
+    out = model(**batch)
+    assert (out.logits - ref).abs().max().item() == 0.0
+    model.eval()
+    assert (model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() == 0.0
+
+
+def test_generated_tensors_are_not_parameters_and_change(bert, batch):
+    model = ha.get_peft_model(bert, cfg())
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.endswith((".P", ".Q", ".lam")) for n in names)
+    assert all(n.startswith("generators.") or ".classifier." in n or not p.requires_grad
+               for n, p in model.named_parameters() for _ in [0] if p.requires_grad)
+    model.eval()
+    model.materialize(training_pass=False)
+    before = [(a.P.clone(), a.lam.clone(), a.Q.clone()) for a in model.adapters]
+    train_steps(model, batch, 2)
+    model.eval()
+    model.materialize(training_pass=False)
+    after = [(a.P, a.lam, a.Q) for a in model.adapters]
+    for (p0, l0, q0), (p1, l1, q1) in zip(before, after):
+        assert not torch.equal(l0, l1)
+        assert not torch.equal(p0, p1) and not torch.equal(q0, q1)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_one_shared_hypernetwork_per_role(layers):
+    model = ha.get_peft_model(make_bert(num_layers=layers), cfg())
+    assert set(model.generators) == {"P", "lambda", "Q"}
+    hypernets = [m for m in model.modules() if isinstance(m, ha.Hypernetwork)]
+    assert len(hypernets) == 3
+    assert model.n_layers == 6 * layers
+    n_params = sum(p.numel() for p in model.hypernetwork_parameters())
+    other = ha.get_peft_model(make_bert(num_layers=layers + 1), cfg())
+    # only the module embedding grows with the number of layers
+    grow = sum(g.hypernet.module_embedding.weight.numel() for g in other.generators.values()) - \
+        sum(g.hypernet.module_embedding.weight.numel() for g in model.generators.values())
+    assert sum(p.numel() for p in other.hypernetwork_parameters()) - n_params == grow
+
+
+def test_recurrent_state_commits_and_static_does_not(bert, batch):
+    rec = ha.get_peft_model(make_bert(), cfg(generation="recurrent"))
+    sta = ha.get_peft_model(make_bert(), cfg(generation="static"))
+    s_rec = rec.generators["lambda"].states()[0].clone()
+    s_sta = sta.generators["lambda"].states()[0].clone()
+    train_steps(rec, batch, 2)
+    train_steps(sta, batch, 2)
+    assert not torch.equal(rec.generators["lambda"].states()[0], s_rec)
+    assert torch.equal(sta.generators["lambda"].states()[0], s_sta)
+
+
+def test_momentum_one_is_the_paper_recurrence(bert, batch):
+    """momentum=1: the anchor stays 0, so the state after a step is exactly X + s * H(X; phi)."""
+    model = ha.get_peft_model(bert, cfg(momentum=1.0))
+    train_steps(model, batch, 3)
+    for g in model.generators.values():
+        assert torch.count_nonzero(g.hypernet.anchor_weight) == 0
+    damped = ha.get_peft_model(make_bert(), cfg(momentum=0.5))
+    train_steps(damped, batch, 3)
+    assert torch.count_nonzero(damped.generators["P"].hypernet.anchor_weight) > 0
+
+
+def test_context_breaks_layer_symmetry(bert, batch):
+    """A shared H_lambda fed identical inputs gives identical outputs: without context all layers' lambda stay equal."""
+    sym = ha.get_peft_model(make_bert(), cfg(context="none", total_step=50, tinit=40, tfinal=5))
+    train_steps(sym, batch, 3)
+    lam = sym.generators["lambda"].states()[0][..., 0]
+    assert torch.allclose(lam, lam[:1].expand_as(lam))
+    ctx = ha.get_peft_model(make_bert(), cfg(context="module", total_step=50, tinit=40, tfinal=5))
+    train_steps(ctx, batch, 3)
+    lam = ctx.generators["lambda"].states()[0][..., 0]
+    assert not torch.allclose(lam, lam[:1].expand_as(lam))
+
+
+def test_orthogonal_penalty():
+    eye = torch.linalg.qr(torch.randn(2, 10, 3))[0]
+    assert ha.HyperAdaLoraModel._gram_penalty([eye]).item() == pytest.approx(0.0, abs=1e-10)
+    assert ha.HyperAdaLoraModel._gram_penalty([eye * 2]).item() > 1.0
+    # at initialisation (orthonormal seeds, zero increment) the generated penalty is 0
+    model = ha.get_peft_model(make_bert(), cfg())
+    assert model.orthogonal_penalty().item() == pytest.approx(0.0, abs=1e-9)
+    normal = ha.get_peft_model(make_bert(), cfg(init="normal"))
+    assert normal.orthogonal_penalty().item() > 0.1
+
+
+def test_loss_includes_penalty(bert, batch):
+    model = ha.get_peft_model(bert, cfg(init="normal", orth_reg_weight=0.5))
+    model.train()
+    out = model(**batch)
+    assert out.loss.item() == pytest.approx(model.last_task_loss.item() + 0.5 * model.last_orth_penalty.item(), rel=1e-5)
+    assert model.last_orth_penalty.item() > 0
+
+
+def test_rank_allocation_reaches_target_and_pruned_stays_pruned(bert, batch):
+    c = cfg(total_step=20, tinit=2, tfinal=4, deltaT=2, target_r=1)
+    model = ha.get_peft_model(bert, c)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
+    pruned_seen = torch.zeros_like(model.allocator.mask)
+    model.train()
+    for step in range(1, 21):
+        model(**batch).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+        mask = model.allocator.mask
+        assert not (pruned_seen & mask).any(), "a pruned rank came back"
+        pruned_seen |= ~mask
+        assert model.total_rank == model.allocator.budget(step) or step % 2 == 1
+        model.eval()
+        model.materialize(training_pass=False)
+        for layer, m in zip(model.adapters, mask):
+            assert torch.all(layer.lam[~m] == 0)
+        model.train()
+    assert model.total_rank == c.target_r * model.n_layers
+    assert sum(model.rank_pattern.values()) == c.target_r * model.n_layers
+
+
+def test_sensitivity_importance(bert, batch):
+    model = ha.get_peft_model(bert, cfg(importance="sensitivity"))
+    train_steps(model, batch, 20)
+    assert model.total_rank == model.n_layers
+    assert model.allocator.ipt is not None and model.allocator.ipt.shape == (3, model.n_layers, 3)
+
+
+def test_warns_when_update_and_allocate_is_never_called(bert, batch):
+    model = ha.get_peft_model(bert, cfg())
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
+    model.train()
+    model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    with pytest.warns(UserWarning, match="update_and_allocate"):
+        model(**batch)
+
+
+def _trained(batch, **kw):
+    model = ha.get_peft_model(make_bert(), cfg(**kw))
+    train_steps(model, batch, 20)
+    model.eval()
+    return model
+
+
+def test_save_load_roundtrip(tmp_path, batch):
+    model = _trained(batch)
+    x = batch["input_ids"]
+    ref = model(input_ids=x).logits
+    model.save_pretrained(tmp_path / "a")
+    loaded = ha.load_adapter(make_bert(), tmp_path / "a")
+    assert (loaded(input_ids=x).logits - ref).abs().max().item() < 1e-5
+    assert loaded.rank_pattern == model.rank_pattern
+    assert sum(loaded.rank_pattern.values()) == model.n_layers  # sliced to the kept ranks
+    assert not hasattr(loaded, "generators") or loaded.fixed
+
+
+def test_save_load_with_a_layer_at_rank_zero(tmp_path, batch):
+    model = _trained(batch, target_r=0, total_step=20)
+    assert model.total_rank == 0
+    ref = model(input_ids=batch["input_ids"]).logits
+    model.save_pretrained(tmp_path / "a")
+    loaded = ha.load_adapter(make_bert(), tmp_path / "a")
+    assert (loaded(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-5
+
+
+def test_export_lora_loads_in_vanilla_peft(tmp_path, batch):
+    from peft import PeftModel
+
+    model = _trained(batch)
+    ref = model(input_ids=batch["input_ids"]).logits
+    model.export_lora(tmp_path / "lora")
+    peft_model = PeftModel.from_pretrained(make_bert(), tmp_path / "lora").eval()
+    assert (peft_model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-5
+
+
+def test_merge_and_unload(batch):
+    model = _trained(batch)
+    ref = model(input_ids=batch["input_ids"]).logits
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, ha.SVDLinear) for m in merged.modules())
+    assert (merged(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-5
+
+
+def test_load_onto_other_shapes_fails_clearly(tmp_path, batch):
+    model = _trained(batch)
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="another base model"):
+        ha.load_adapter(make_bert(hidden=48), tmp_path / "a")
+
+
+def test_drop_hypernetworks_keeps_outputs(batch):
+    model = _trained(batch)
+    ref = model(input_ids=batch["input_ids"]).logits
+    model.drop_hypernetworks()
+    assert model.fixed and "generators" not in dict(model.named_children())
+    assert (model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-6
+
+
+def test_causal_lm_and_element_tokens():
+    base = make_llama()
+    x = torch.randint(0, 100, (2, 10))
+    ref = base(input_ids=x).logits
+    model = ha.get_peft_model(base, ha.HyperAdaLoraConfig(
+        init_r=2, target_r=1, total_step=10, tfinal=2, target_modules=["q_proj", "v_proj", "down_proj"],
+        tokens="element", element_chunk=16, task_type="CAUSAL_LM"))
+    model.train()
+    out = model(input_ids=x, labels=x)
+    assert (out.logits - ref).abs().max().item() == 0.0
+    losses = []
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
+    for step in range(1, 11):
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+        losses.append(model.last_task_loss.item())
+    assert losses[-1] < losses[0]
+    assert model.total_rank == model.n_layers
+    model.eval()
+    gen = model.generate(input_ids=x[:, :4], max_new_tokens=3, do_sample=False)
+    assert gen.shape == (2, 7)
+
+
+def test_element_tokens_refused_above_limit():
+    with pytest.raises(ValueError, match="max_element_tokens"):
+        ha.get_peft_model(make_bert(), cfg(tokens="element", max_element_tokens=50))
+
+
+def test_moves_with_the_model(batch):
+    model = _trained(batch)
+    model.to(torch.float64)
+    assert all(s.dtype == torch.float64 for g in model.generators.values() for s in g.states())
