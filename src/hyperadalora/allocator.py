@@ -110,7 +110,7 @@ class RankAllocator:
         flat_mask = self.mask.flatten()
         s = scores.to(self.mask.device).flatten().float().clone()
         s[~flat_mask] = float("-inf")
-        s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("inf"))
+        s = torch.where(flat_mask, torch.nan_to_num(s, nan=torch.finfo(s.dtype).min), float("-inf"))  # pruned < NaN
         new = torch.zeros_like(flat_mask)
         if budget > 0:
             # stable order: equal scores keep the lower index, deterministic on every process

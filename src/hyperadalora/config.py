@@ -79,7 +79,7 @@ class HyperAdaLoraConfig:
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim."})
     output_scale: float = field(default=1.0, metadata={"help": "Scale of the generated increment H(X) - X."})
-    momentum: float = field(default=1.0, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
+    momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
                                                            "increment carries over to the next step (1.0 = the paper's "
                                                            "X_{t+1} = H(X_t); < 1 damps the recurrence)."})
     hypernet_lr_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the hypernetworks relative to "

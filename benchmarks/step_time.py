@@ -1,0 +1,277 @@
+"""Training-step time and peak memory of HyperAdaLoRA vs peft's AdaLoRA and LoRA, side by side, in one run.
+
+Every method wraps a fresh copy of the same base model through `hyperadalora.train.build_adapter_model` with
+the same `TrainArgs` (init_r=3, target_r=2, the same target modules, max_steps=10_000 so that no rank masking
+happens while measuring unless --allocate-during), and trains with AdamW on `train.param_groups`. One step =
+forward on a synthetic batch (random token ids, attention mask of ones, random labels) + backward +
+optimizer.step + allocate(step) (HyperAdaLoRA, AdaLoRA) + zero_grad.
+
+Time: the methods' steps are interleaved (step i runs every method once, in the order ABC, then CBA, ...), so
+drifting background load hits all methods alike; the table gives the median and the inter-quartile range of
+the measured steps (after --warmup steps), in ms. CUDA steps are synchronised before and after.
+
+Peak memory: the tensor memory of a training step, i.e. the frozen base-model weights (the same for every
+method) + the peak, over adapter creation and --mem-steps full training steps, of all tensor memory allocated
+above them: adapter / hypernetwork parameters and state, activations, gradients and optimizer state. On CUDA
+this is `torch.cuda.max_memory_allocated` (reset before each method) minus the memory allocated before the
+adapter is created; on the CPU, torch's profiler (`profile_memory=True`) records every tensor allocation and
+free with its address: the peak of the live bytes allocated inside that window (frees of older blocks are
+ignored). The memory steps are not timed (the profiler slows them down); they also count as warm-up.
+
+    python benchmarks/step_time.py --batch-sizes 1,2,4,8,16,32 --steps 20 --json step_time.json
+    python benchmarks/step_time.py --device cuda --dtype bfloat16 --hyper attention=full --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import gc
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoConfig
+
+from hyperadalora import train as T
+from hyperadalora.models import load_model_and_tokenizer, resolve_model_path
+
+MiB = 2 ** 20
+
+
+def _value(text: str):
+    try:  # numbers (and True/False/None); anything else stays a string
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 (SmolLM2 with --kind instruction)")
+    p.add_argument("--kind", default="classification", choices=["classification", "instruction"],
+                   help="classification (SEQ_CLS, 2 labels) or instruction (CAUSAL_LM, labels = input ids)")
+    p.add_argument("--batch-sizes", default="16", help="comma list, e.g. 1,2,4,8,16,32")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="measured steps per method and batch size")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the measured ones (after --mem-steps)")
+    p.add_argument("--mem-steps", type=int, default=2, help="training steps inside the memory measurement (>= 2)")
+    p.add_argument("--methods", default="hyperadalora,adalora,lora")
+    p.add_argument("--hyper", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"HyperAdaLoRA option (repeatable), one of: {', '.join(T.HYPER_FIELDS)}")
+    p.add_argument("--init-r", type=int, default=3)
+    p.add_argument("--target-r", type=int, default=2)
+    p.add_argument("--allocate-during", action="store_true",
+                   help="short schedule (max_steps=2*total steps, tinit=0, deltaT=1): masking on every measured step")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    p.add_argument("--markdown", default=None, metavar="OUT.md")
+    a = p.parse_args(argv)
+    a.batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in a.methods if m not in T.METHODS]
+    if bad or not a.methods:
+        p.error(f"--methods: unknown {bad}; choose from {T.METHODS}")
+    if a.mem_steps < 2 or a.steps < 1 or a.warmup < 0 or min(a.batch_sizes, default=0) < 1:
+        p.error("need --mem-steps >= 2 (optimizer state appears at step 1), --steps >= 1, --warmup >= 0 "
+                "and batch sizes >= 1")
+    if any("=" not in item for item in a.hyper):
+        p.error("--hyper takes KEY=VALUE")
+    a.hyper = {k.strip(): _value(v.strip()) for k, v in (item.split("=", 1) for item in a.hyper)}
+    return a
+
+
+def train_args(method: str, opts) -> T.TrainArgs:
+    total = opts.mem_steps + opts.warmup + opts.steps
+    schedule = (dict(max_steps=max(10, 2 * total), tinit=0, tfinal=1, deltaT=1) if opts.allocate_during
+                else dict(max_steps=10_000))
+    return T.TrainArgs(method=method, model=opts.model, init_r=opts.init_r, target_r=opts.target_r, seed=opts.seed,
+                       dtype=opts.dtype, hyper=dict(opts.hyper), progress=False, save_adapter=False, **schedule)
+
+
+class Runner:
+    """One method: its wrapped model, optimizer, allocate callable and step counter."""
+
+    def __init__(self, method: str, opts, base, device: torch.device):
+        self.args = train_args(method, opts)
+        task_type = "SEQ_CLS" if opts.kind == "classification" else "CAUSAL_LM"
+        self.model, self.allocate = T.build_adapter_model(self.args, base, task_type)
+        self.model.to(device).train()
+        self.opt = torch.optim.AdamW(T.param_groups(self.model, self.args), lr=self.args.lr)
+        self.trainable = sum(p.numel() for g in self.opt.param_groups for p in g["params"])
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if opts.dtype == "bfloat16" \
+            else contextlib.nullcontext
+        self.n = 0
+
+    def step(self, batch: dict) -> None:
+        with self.autocast():
+            out = self.model(**batch)
+        out.loss.backward()
+        self.opt.step()
+        self.n += 1
+        if self.allocate is not None:
+            self.allocate(self.n)
+        self.opt.zero_grad(set_to_none=True)
+
+
+def make_batches(opts, vocab: int, batch_size: int, device, n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(opts.seed + batch_size)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch_size, opts.seq_len), generator=g)
+        labels = ids.clone() if opts.kind == "instruction" else torch.randint(0, 2, (batch_size,), generator=g)
+        batches.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                        "labels": labels.to(device)})
+    return batches
+
+
+def cpu_peak_bytes(prof) -> int:
+    """Peak of the live CPU tensor bytes allocated inside the profiled window (allocation events of the
+    profiler's event tree; frees of blocks allocated before the window are ignored)."""
+    from torch._C._profiler import _EventType
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+              if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"]
+    live, running, peak = {}, 0, 0
+    for n in sorted(events, key=lambda n: n.start_time_ns):
+        ptr, size = n.extra_fields.ptr, n.extra_fields.alloc_size
+        if size > 0:
+            live[ptr] = size
+            running += size
+        elif ptr in live:
+            running -= live.pop(ptr)
+        peak = max(peak, running)
+    return peak
+
+
+def build_and_measure_memory(method: str, opts, device, batches) -> tuple[Runner, int, int, dict]:
+    """A fresh base model wrapped with ``method``: (runner, base-weight bytes, peak bytes above them, info)."""
+    T.set_seed(opts.seed)
+    base, _, path = load_model_and_tokenizer(opts.model, opts.kind, num_labels=2)
+    base.to(device)
+    base_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
+    targets = T.default_target_modules(base)
+    gc.collect()
+    if device.type == "cuda":
+        with torch.no_grad():   # allocate the cuBLAS workspace etc. before the window, for every method alike
+            base(**{k: v for k, v in batches[0].items() if k != "labels"})
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        runner = Runner(method, opts, base, device)
+        for i in range(opts.mem_steps):
+            runner.step(batches[i % len(batches)])
+        torch.cuda.synchronize()
+        added = torch.cuda.max_memory_allocated() - start
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            runner = Runner(method, opts, base, device)
+            for i in range(opts.mem_steps):
+                runner.step(batches[i % len(batches)])
+        added = cpu_peak_bytes(prof)
+    return runner, base_bytes, added, {"model": path, "targets": targets}
+
+
+def run_batch_size(opts, batch_size: int, device) -> tuple[dict, dict]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    vocab = AutoConfig.from_pretrained(resolve_model_path(opts.model, opts.kind)).vocab_size
+    batches = make_batches(opts, vocab, batch_size, device)
+    runners, results, info = {}, {}, {}
+    for method in opts.methods:
+        runner, base_bytes, added, info = build_and_measure_memory(method, opts, device, batches)
+        runners[method] = runner
+        results[method] = {"base_weights_mib": base_bytes / MiB, "added_peak_mib": added / MiB,
+                           "peak_mib": (base_bytes + added) / MiB, "trainable_params": runner.trainable}
+    times = {m: [] for m in opts.methods}
+    gc.collect()
+    for i in range(opts.warmup + opts.steps):
+        order = opts.methods if i % 2 == 0 else opts.methods[::-1]
+        for method in order:
+            batch = batches[i % len(batches)]
+            sync()
+            t0 = time.perf_counter()
+            runners[method].step(batch)
+            sync()
+            if i >= opts.warmup:
+                times[method].append((time.perf_counter() - t0) * 1000)
+    for method in opts.methods:
+        t = np.array(times[method])
+        q1, med, q3 = np.percentile(t, [25, 50, 75])
+        results[method].update(median_ms=float(med), iqr_ms=float(q3 - q1), times_ms=t.round(3).tolist(),
+                               total_rank=T.total_rank(runners[method].model), steps_done=runners[method].n)
+    for method in opts.methods:
+        for ref in ("adalora", "lora"):
+            r = results.get(ref)
+            results[method][f"time_vs_{ref}"] = results[method]["median_ms"] / r["median_ms"] if r else None
+            results[method][f"mem_vs_{ref}"] = results[method]["peak_mib"] / r["peak_mib"] if r else None
+    del runners
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results, info
+
+
+def table(results: dict) -> str:
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    rows = ["| method | median step (ms) | IQR (ms) | peak memory (MiB) | time / adalora | time / lora "
+            "| memory / adalora | memory / lora | above base (MiB) | trainable params |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, r in results.items():
+        rows.append(f"| {m} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['peak_mib']:.1f} | "
+                    f"{fmt(r['time_vs_adalora'], '.2f')} | {fmt(r['time_vs_lora'], '.2f')} | "
+                    f"{fmt(r['mem_vs_adalora'], '.2f')} | {fmt(r['mem_vs_lora'], '.2f')} | "
+                    f"{r['added_peak_mib']:.1f} | {r['trainable_params']:,} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> dict:
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device("cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    import peft
+    import transformers
+
+    cuda = device.type == "cuda"
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    env = {"device": torch.cuda.get_device_name(device) if cuda else cpu, "torch": torch.__version__,
+           "transformers": transformers.__version__, "peft": peft.__version__, "threads": torch.get_num_threads(),
+           **{k: getattr(opts, k) for k in ("seq_len", "dtype", "steps", "warmup", "mem_steps", "hyper",
+                                             "allocate_during", "init_r", "target_r", "seed")},
+           "memory_method": ("torch.cuda.max_memory_allocated" if cuda else
+                             "torch.profiler profile_memory (live CPU tensor bytes allocated in the window)")
+           + f": base weights + peak above them over adapter creation and {opts.mem_steps} training steps"}
+    out, lines = {"env": env, "results": {}}, []
+    for batch_size in opts.batch_sizes:
+        results, info = run_batch_size(opts, batch_size, device)
+        env.update(info)
+        out["results"][str(batch_size)] = results
+        lines += [f"\n### batch size {batch_size}\n", table(results)]
+        print(lines[-2] + "\n" + lines[-1], flush=True)
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    print("\n" + header)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    if opts.markdown:
+        with open(opts.markdown, "w") as f:
+            f.write("# Training step: time and peak memory\n\n" + header + "\n" + "\n".join(lines) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
