@@ -266,3 +266,20 @@ def test_moves_with_the_model(batch):
     model = _trained(batch)
     model.to(torch.float64)
     assert all(s.dtype == torch.float64 for g in model.generators.values() for s in g.states())
+
+
+def test_one_commit_per_optimizer_step(batch):
+    """The anchor moves exactly once per step: anchor_t = (1 - m) * sum_k m^(t-1-k) W_k."""
+    model = ha.get_peft_model(make_bert(), cfg(momentum=0.5))
+    opt = torch.optim.SGD(model.optimizer_param_groups(1e-2), lr=1e-2)
+    model.train()
+    expected = torch.zeros_like(model.generators["lambda"].hypernet.anchor_weight)
+    for step in range(1, 4):
+        used = model.generators["lambda"].hypernet.out_proj.weight.detach().clone()
+        model(**batch).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+        expected = 0.5 * expected + 0.5 * used
+        model(**batch)  # the next forward must not commit again
+        assert torch.allclose(model.generators["lambda"].hypernet.anchor_weight, expected)

@@ -142,6 +142,7 @@ class HyperAdaLoraModel(nn.Module):
             self.generators.to(device)
         self._pending: Optional[dict] = None        # last training generation: role -> [group tensors]
         self._pending_version: Optional[int] = None
+        self._pending_committed = False
         self._cache_key = None
         self._mask_version = 0
         self._warned_no_allocate = False
@@ -222,7 +223,7 @@ class HyperAdaLoraModel(nn.Module):
 
     def _maybe_commit(self, auto: bool) -> None:
         """Recurrent state: once the hypernetworks have been updated, the last generation becomes the state."""
-        if self._pending is None or self._phi_version() == self._pending_version:
+        if self._pending is None or self._pending_committed or self._phi_version() == self._pending_version:
             return
         if auto and not self._allocate_called and not self._warned_no_allocate:
             warnings.warn("HyperAdaLoRA: the hypernetworks were updated but update_and_allocate() was not called: "
@@ -233,7 +234,7 @@ class HyperAdaLoraModel(nn.Module):
         for role in self.ROLES:
             self.generators[role].commit(self._pending[role], self.peft_config.momentum)
         self._pending = {role: [t.detach() for t in outs] for role, outs in self._pending.items()}
-        self._pending_version = None
+        self._pending_committed = True
         self._cache_key = None
 
     def materialize(self, training_pass: Optional[bool] = None) -> Optional[dict]:
@@ -256,6 +257,7 @@ class HyperAdaLoraModel(nn.Module):
                         if t.requires_grad:
                             t.retain_grad()
             self._pending, self._pending_version = outs, self._phi_version()
+            self._pending_committed = False
             self._cache_key = None
         else:
             key = (self._phi_version(), self._mask_version, self.allocator.last_step,
@@ -355,6 +357,33 @@ class HyperAdaLoraModel(nn.Module):
     @property
     def total_rank(self) -> int:
         return sum(self.rank_pattern.values())
+
+    # ------------------------------------------------------------------ training state (checkpoints)
+    def trainable_state_dict(self) -> dict:
+        """Everything training changes, for an exact resume: the hypernetworks (weights, recurrent state,
+        anchors), the trained heads, the rank allocator (masks, importance EMAs) and the step bookkeeping."""
+        state = {f"generators.{k}": v.detach().clone() for k, v in self.generators.state_dict().items()}
+        state.update({k: v.detach().clone() for k, v in self._modules_to_save_state().items()})
+        return {"tensors": state, "allocator": self.allocator.state_dict(),
+                "mask_version": self._mask_version, "allocate_called": self._allocate_called}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        tensors = state["tensors"]
+        gen = {k[len("generators."):]: v for k, v in tensors.items() if k.startswith("generators.")}
+        missing, unexpected = self.generators.load_state_dict(gen, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"Checkpoint does not fit this model's hypernetworks: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}.")
+        for name in self.saved_module_names:
+            prefix = f"modules_to_save.{name}."
+            sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if sub:
+                self.base_model.get_submodule(name).load_state_dict(sub)
+        self.allocator.load_state_dict(state["allocator"])
+        self._mask_version = int(state.get("mask_version", 0)) + 1
+        self._allocate_called = bool(state.get("allocate_called", False))
+        self._pending, self._pending_version, self._cache_key = None, None, None
+        self._pending_committed = False
 
     # ------------------------------------------------------------------ the final adapter
     @torch.no_grad()
