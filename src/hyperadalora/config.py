@@ -105,6 +105,10 @@ class HyperAdaLoraConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
             setattr(self, name, float(value))
+        for name in ("hypernet_dim", "hypernet_heads", "hypernet_ffn_mult", "element_chunk", "max_element_tokens",
+                     "n_induced"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.init_r < 1:
             raise ValueError(f"init_r={self.init_r} must be >= 1.")
         if self.target_r < 0:

@@ -15,6 +15,7 @@ once that rank allocation is not running (peft #1327): use `RankAllocationCallba
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -88,6 +89,24 @@ def _save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None)
     os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=None)
+def _with_signature_of(base_cls: type) -> type:
+    """A subclass of HyperAdaLoraModel whose ``forward`` has the signature of ``base_cls.forward`` (like peft's
+    task classes), so that `transformers.Trainer` keeps the right dataset columns and finds the labels."""
+    try:
+        signature = inspect.signature(base_cls.forward)
+    except (TypeError, ValueError):
+        return HyperAdaLoraModel
+
+    def forward(self, *args, **kwargs):
+        return HyperAdaLoraModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = HyperAdaLoraModel.forward.__doc__
+    return type(f"HyperAdaLoraModelFor{base_cls.__name__}", (HyperAdaLoraModel,),
+                {"forward": forward, "__module__": __name__, "__qualname__": f"HyperAdaLoraModelFor{base_cls.__name__}"})
+
+
 # ---------------------------------------------------------------------------------------------- model
 class HyperAdaLoraModel(nn.Module):
     """A transformers model with HyperAdaLoRA adapters.
@@ -149,11 +168,8 @@ class HyperAdaLoraModel(nn.Module):
         self._allocate_called = False
         self.last_task_loss: Optional[torch.Tensor] = None
         self.last_orth_penalty: Optional[torch.Tensor] = None
-        # Trainer drops dataset columns that the forward's signature does not name: show the base model's.
-        try:
-            self.__dict__["_signature"] = inspect.signature(model.forward)
-        except (TypeError, ValueError):
-            pass
+        # Trainer reads the forward's signature (columns to keep, label names): show the base model's.
+        self.__class__ = _with_signature_of(type(model))
 
     # ------------------------------------------------------------------ set-up helpers
     def _mark_modules_to_save(self) -> list[str]:

@@ -6,7 +6,19 @@ adapter. Writes to ``output_dir``:
   (``loss`` includes the orthogonal regulariser, ``task_loss`` does not), and ``{"eval": ...}`` rows at
   evaluation points (``"type": "eval"``);
 - ``summary.json``: the final dev metrics, timings and arguments;
-- ``adapter/``: the saved adapter (HyperAdaLoRA: `save_pretrained`; baselines: peft's `save_pretrained`).
+- ``adapter/``: the saved adapter (HyperAdaLoRA: `save_pretrained`; baselines: peft's `save_pretrained`);
+- ``checkpoints/step-XXXXXXX/``: training checkpoints (`hyperadalora.checkpoint`), every ``save_every`` steps
+  and at the end, the newest ``keep_checkpoints`` kept.
+
+Never lose a run, never fail silently:
+- ``resume`` (a checkpoint, or a run's output directory: its newest valid checkpoint) continues a run exactly
+  where the checkpoint was taken: on the CPU the losses of every later step equal the uninterrupted run's,
+  bit for bit (same seed and arguments). ``metrics.jsonl`` is cut back to the checkpoint's step and appended.
+- SIGINT (Ctrl-C) / SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`
+  (the CLI exits with 130 / 143 and prints how to resume).
+- A step whose loss or gradient is NaN/Inf is skipped (no optimizer step, no rank allocation; its metrics
+  row says ``"skipped": true``; ``nonfinite_steps`` in the summary); after ``max_nonfinite`` in a row the run
+  stops with `NonFiniteLossError`, after writing a checkpoint of the last good step.
 """
 
 from __future__ import annotations
@@ -16,13 +28,16 @@ import json
 import math
 import os
 import random
+import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from .config import HyperAdaLoraConfig
 from .model import HyperAdaLoraModel, get_peft_model
@@ -73,6 +88,10 @@ class TrainArgs:
     orth_reg_weight: float = 0.1
     save_adapter: bool = True
     progress: bool = True
+    save_every: int = 0                   # checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2             # newest checkpoints kept (0: write none)
+    resume: Optional[str] = None          # a checkpoint directory, or a run's output_dir (its newest checkpoint)
+    max_nonfinite: int = 5                # stop after this many NaN/Inf steps in a row
     # HyperAdaLoRA options (defaults: HyperAdaLoraConfig's)
     hyper: dict = field(default_factory=dict)
 
@@ -83,6 +102,10 @@ class TrainArgs:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer.")
+        for name, low in (("save_every", 0), ("keep_checkpoints", 0), ("max_nonfinite", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}={v!r} must be an integer >= {low}.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be a positive number.")
         if self.scheduler not in ("linear", "constant"):
