@@ -24,9 +24,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import sys
-import threading
 import warnings
 
 import numpy as np
@@ -65,7 +62,7 @@ def model_state(model) -> tuple[dict, dict]:
     else:
         tensors = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
         meta = {}
-        allocator = getattr(model.base_model, "rankallocator", None)
+        allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
         if allocator is not None:
             for ema in ADALORA_EMAS:
                 tensors.update({f"{ema}.{n}": t for n, t in getattr(allocator, ema).items()})
@@ -79,12 +76,13 @@ def load_model_state(model, tensors: dict, meta: dict, where: str) -> None:
     kind = _kind(model)
     if meta.get("kind") != kind:
         raise CheckpointError(f"{where} was written by a {meta.get('kind')!r} run; this run's method is {kind!r}.")
-    expected = {k: tuple(v.shape) for k, v in model_state(model)[0].items() if k.startswith("model.")}
-    saved = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("model.")}
-    problems = [f"{k[6:]}: checkpoint {saved[k]} vs model {expected[k]}" for k in expected.keys() & saved.keys()
+    checked = lambda k: k.startswith("model.") or k == "allocator.mask"  # noqa: E731 (EMAs come and go)
+    expected = {k: tuple(v.shape) for k, v in model_state(model)[0].items() if checked(k)}
+    saved = {k: tuple(v.shape) for k, v in tensors.items() if checked(k)}
+    problems = [f"{k}: checkpoint {saved[k]} vs model {expected[k]}" for k in expected.keys() & saved.keys()
                 if saved[k] != expected[k]]
-    problems += [f"missing {k[6:]}" for k in sorted(expected.keys() - saved.keys())]
-    problems += [f"unexpected {k[6:]}" for k in sorted(saved.keys() - expected.keys())]
+    problems += [f"missing {k}" for k in sorted(expected.keys() - saved.keys())]
+    problems += [f"unexpected {k}" for k in sorted(saved.keys() - expected.keys())]
     if problems:
         raise CheckpointError(f"{where} does not fit this model (another base model or adapter configuration?): "
                               + "; ".join(sorted(problems)[:5]) + (" ..." if len(problems) > 5 else ""))
@@ -102,10 +100,10 @@ def load_model_state(model, tensors: dict, meta: dict, where: str) -> None:
         for key, value in tensors.items():
             if key.startswith("model."):
                 params[key[6:]].copy_(value)
-    allocator = getattr(model.base_model, "rankallocator", None)
+    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
     if allocator is not None:
-        for ema in ADALORA_EMAS:
-            setattr(allocator, ema, {n: tensors[f"{ema}.{n}"] for n in params if f"{ema}.{n}" in tensors})
+        for ema in ADALORA_EMAS:  # keyed by the transformers model's parameter names, as peft keys them
+            setattr(allocator, ema, {k[len(ema) + 1:]: v for k, v in tensors.items() if k.startswith(ema + ".")})
         model.peft_config["default"].rank_pattern = meta.get("rank_pattern")
 
 
@@ -113,9 +111,8 @@ def load_model_state(model, tensors: dict, meta: dict, where: str) -> None:
 def capture_rng() -> dict:
     py = random.getstate()
     np_state = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x for x in np_state[2:])],
-             "torch": torch.get_rng_state()}
+    state = {"python": [py[0], list(py[1]), py[2]], "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -240,9 +237,11 @@ def find_checkpoint(path: str) -> str:
     raise CheckpointError(f"No valid checkpoint in {path!r}: " + " | ".join(errors))
 
 
-def load_checkpoint(path: str) -> dict:
-    """Verify and read a checkpoint: {"path", "step", "state", "tensors", "rng", "optimizer"}."""
-    verify(path)
+def load_checkpoint(path: str, verified: bool = False) -> dict:
+    """Read a checkpoint (verified first unless ``verified``): {"path", "step", "state", "tensors", "rng",
+    "optimizer"}."""
+    if not verified:
+        verify(path)
     try:
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
@@ -255,31 +254,3 @@ def load_checkpoint(path: str) -> dict:
            "cuda": [rng_tensors[f"cuda.{i}"] for i in range(state["rng"].get("n_cuda", 0))]}
     return {"path": path, "step": int(state["step"]), "state": state, "tensors": tensors, "rng": rng,
             "optimizer": optimizer}
-
-
-# ---------------------------------------------------------------------------------------------- signals
-class StopRequest:
-    """While active, SIGINT / SIGTERM only ask the loop to stop after the current step (``.signum``); a
-    second signal aborts at once (KeyboardInterrupt). Only in the main thread (elsewhere: no-op)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum, self._previous = None, {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without a checkpoint")
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint "
-              f"(send it again to abort without one).", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False

@@ -30,6 +30,10 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "lora_dropout": (float, "adapter dropout"), "tinit": (int, "steps before pruning"),
     "tfinal": (int, "steps at the final budget"), "deltaT": (int, "re-mask interval"),
     "orth_reg_weight": (float, "gamma of the orthogonal regulariser"),
+    "resume": (str, "continue from a checkpoint directory, or a run's output dir (its newest valid checkpoint)"),
+    "save_every": (int, "write a checkpoint every N optimizer steps (0: only at the end)"),
+    "keep_checkpoints": (int, "newest checkpoints to keep (0: write none)"),
+    "max_nonfinite": (int, "stop after this many consecutive NaN/Inf steps (they are skipped)"),
     # HyperAdaLoRA
     "hypernet": (str, "attention | mlp | cnn"), "attention": (str, "full | induced"),
     "n_induced": (int, "slots of induced attention"), "generation": (str, "recurrent | static"),
@@ -77,10 +81,14 @@ def collect_options(ns: argparse.Namespace) -> dict:
 
 
 def cmd_train(ns) -> int:
-    from .train import args_from_dict, train
+    from .train import TrainingInterrupted, args_from_dict, train
 
     args = args_from_dict(collect_options(ns))
-    summary = train(args)
+    try:
+        summary = train(args)
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint was written
+        print(f"hyperadalora train: {e}", file=sys.stderr)
+        return e.exit_code
     summary.pop("model", None)
     print(json.dumps({k: summary[k] for k in ("method", "task", "steps", "final_eval", "final_loss", "train_time_s",
                                               "median_step_s", "total_rank", "metrics", "adapter")}, indent=2))

@@ -29,6 +29,8 @@ import math
 import os
 import random
 import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -249,11 +251,102 @@ def generate_and_score(wrapped, tokenizer, examples, device, max_new_tokens=64) 
     return {**scores, "n_generated": len(predictions)}
 
 
+# ---------------------------------------------------------------------------------------------- stopping, resuming
+class StopRequest:
+    """While active, SIGINT / SIGTERM only ask the loop to stop after the current step (``.signum``); a
+    second signal aborts at once (KeyboardInterrupt). Only in the main thread (elsewhere: no-op)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without a checkpoint")
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint "
+              f"(send it again to abort without one).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped the run after a step; ``checkpoint`` holds it (None if none was written)."""
+
+    def __init__(self, message: str, signum: int, step: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM
+
+    def __str__(self):
+        return self.args[0]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps with a NaN/Inf loss or gradient."""
+
+
+# Arguments that may differ between a run and its resumption without a warning.
+RESUME_FREE_ARGS = ("resume", "output_dir", "progress", "save_every", "keep_checkpoints", "max_nonfinite", "device",
+                    "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
+                    "data_dir", "data_path", "model")
+
+
+def _check_resume_args(args: TrainArgs, ckpt: dict) -> None:
+    saved = ckpt["state"].get("args", {})
+    if saved.get("method") not in (None, args.method):
+        raise ckpt_lib.CheckpointError(f"{ckpt['path']} was written by a {saved['method']!r} run; this run's "
+                                       f"method is {args.method!r}.")
+    if ckpt["step"] > args.max_steps:
+        raise ckpt_lib.CheckpointError(f"{ckpt['path']} is at step {ckpt['step']}, beyond max_steps={args.max_steps}.")
+    current = json.loads(json.dumps(asdict(args), default=str))
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
+               if k in saved and k not in RESUME_FREE_ARGS and saved[k] != v]
+    if changed:
+        warnings.warn(f"Resuming {ckpt['path']} with different arguments ({'; '.join(changed)}): the run will not "
+                      f"be the same as an uninterrupted one.", stacklevel=3)
+
+
+def _truncate_metrics(source: str, target: str, step: int) -> None:
+    """Keep the rows of ``source`` up to ``step`` (no final evaluation) and write them atomically to ``target``."""
+    kept = []
+    if os.path.isfile(source):
+        with open(source) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line torn by the interruption
+                    continue
+                if row.get("step", 0) <= step and not row.get("final"):
+                    kept.append(json.dumps(row) + "\n")
+    else:
+        warnings.warn(f"{source} is missing: {target} will only have the rows after step {step}.", stacklevel=3)
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
 # ---------------------------------------------------------------------------------------------- the loop
-def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, eval_examples=None) -> dict:
+def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, eval_examples=None,
+          on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Fine-tune with ``args.method``; returns the summary (also written to ``output_dir/summary.json``).
 
     ``model``/``tokenizer``/``*_examples`` may be passed in (tests, experiments) instead of being loaded.
+    ``on_step(step, row)`` is called after every optimizer step (and its evaluation), before checkpointing.
+    Raises `TrainingInterrupted` on SIGINT/SIGTERM and `NonFiniteLossError` (both after a checkpoint), and
+    `checkpoint.CheckpointError` / FileNotFoundError for a bad ``resume`` (before writing anything).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -261,6 +354,10 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     from .models import load_model_and_tokenizer
 
     spec = data_lib.get_task(args.task)
+    ckpt = None
+    if args.resume:  # verified before anything is loaded or written
+        ckpt = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(args.resume), verified=True)
+        _check_resume_args(args, ckpt)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.dtype == "bfloat16" else "no")
@@ -277,7 +374,6 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     task_type = "SEQ_CLS" if spec.kind == "classification" else "CAUSAL_LM"
     wrapped, allocate = build_adapter_model(args, model, task_type)
     wrapped.to(device)
-    probe = None if args.method == "hyperadalora" else TaskLossProbe(wrapped)
 
     if spec.kind == "classification":
         train_ds = data_lib.build_classification_dataset(train_examples, tokenizer, args.max_length)
@@ -286,7 +382,6 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
         train_ds = data_lib.build_instruction_dataset(train_examples, tokenizer, args.max_length)
         eval_ds = data_lib.build_instruction_dataset(eval_examples, tokenizer, args.max_length)
     collate = data_lib.make_collator(tokenizer)
-    train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed, collate_fn=collate)
     eval_loader = data_lib.make_dataloader(eval_ds, args.batch_size, shuffle=False, seed=args.seed, collate_fn=collate)
     gen_examples = eval_examples[:args.gen_eval_examples] if spec.kind == "instruction" else None
 
@@ -304,86 +399,174 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     unwrapped = accelerator.unwrap_model(wrapped)
     autocast = accelerator.autocast
 
+    # loop position: epoch, batches consumed in it, counters (a checkpoint's, when resuming)
+    pos = {"step": 0, "epoch": 0, "batches": 0, "train_time": 0.0, "elapsed": 0.0, "nonfinite": 0, "consecutive": 0,
+           "last": {}}
+    if ckpt is not None:
+        ckpt_lib.load_model_state(unwrapped, ckpt["tensors"], ckpt["state"]["model"], ckpt["path"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt_lib.CheckpointError(f"{ckpt['path']}: the optimizer state does not fit this run ({e}).") from e
+        pos.update(ckpt["state"]["loop"])
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    log = open(metrics_path, "w")
-    wrapped.train()
+    if ckpt is not None:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt["path"])))
+        _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), metrics_path, pos["step"])
+    # the epoch's loader (its order depends only on seed + epoch), fast-forwarded past the consumed batches
+    train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed + pos["epoch"],
+                                            collate_fn=collate)
     it = iter(train_loader)
-    epoch = 0
-    start = time.perf_counter()
-    train_time = 0.0
-    nonfinite = 0
-    bar = tqdm(total=args.max_steps, desc=f"{args.method}", disable=not args.progress, leave=False)
-    last = {}
-    for step in range(1, args.max_steps + 1):
-        t0 = time.perf_counter()
-        for g, base_lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = base_lr * lr_factor(step - 1)
-        loss_sum, task_sum = 0.0, 0.0
-        for _ in range(args.grad_accum):
-            try:
-                batch = next(it)
-            except StopIteration:
-                epoch += 1
-                train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True,
-                                                        seed=args.seed + epoch, collate_fn=collate)
-                it = iter(train_loader)
-                batch = next(it)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
-                out = wrapped(**batch)
-            loss = out.loss / args.grad_accum
-            accelerator.backward(loss)
-            loss_sum += float(out.loss.detach())
-            if isinstance(unwrapped, HyperAdaLoraModel):
-                task = unwrapped.last_task_loss
-            else:
-                task = probe.value if probe is not None and probe.value is not None else out.loss
-            task_sum += float(task.detach())
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.max_grad_norm)
-        optimizer.step()
-        if allocate is not None:
-            allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.perf_counter() - t0
-        row = {"step": step, "loss": loss_sum / args.grad_accum, "task_loss": task_sum / args.grad_accum,
-               "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - start, "train_time": train_time,
-               "total_rank": total_rank(unwrapped), "epoch": epoch}
-        if isinstance(unwrapped, HyperAdaLoraModel) and unwrapped.last_orth_penalty is not None:
-            row["orth_penalty"] = float(unwrapped.last_orth_penalty)
-            row["gen_norm"] = generated_norm(unwrapped)
-        if not math.isfinite(row["loss"]):
-            nonfinite += 1
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", rank=row["total_rank"])
-        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            res = evaluate(wrapped, spec, eval_loader, device, tokenizer, None, args.max_new_tokens, autocast)
-            log.write(json.dumps({"type": "eval", "step": step, "time": time.perf_counter() - start, **res}) + "\n")
-            log.flush()
-        last = row
-    bar.close()
-    final = evaluate(wrapped, spec, eval_loader, device, tokenizer, gen_examples, args.max_new_tokens, autocast)
-    log.write(json.dumps({"type": "eval", "step": args.max_steps, "final": True,
-                          "time": time.perf_counter() - start, **final}) + "\n")
-    log.close()
-    if probe is not None:
-        probe.remove()
+    for _ in range(pos["batches"]):
+        next(it, None)
+    if ckpt is not None:
+        ckpt_lib.restore_rng(ckpt["rng"])
+    probe = None if args.method == "hyperadalora" else TaskLossProbe(wrapped)
+
+    def snapshot() -> dict:
+        return {"loop": {k: pos[k] for k in ("step", "epoch", "batches", "train_time", "nonfinite", "consecutive",
+                                             "last")} | {"elapsed": time.perf_counter() - start},
+                "rng": ckpt_lib.capture_rng()}
+
+    def save(snap: dict) -> Optional[str]:
+        if not args.keep_checkpoints:
+            return None
+        return ckpt_lib.save_checkpoint(args.output_dir, snap["loop"]["step"], unwrapped, optimizer, snap["loop"],
+                                        snap["rng"], json.loads(json.dumps(asdict(args), default=str)),
+                                        args.keep_checkpoints)
+
+    log = open(metrics_path, "a" if ckpt is not None else "w")
+    start = time.perf_counter() - pos["elapsed"]
+    epoch = pos["epoch"]
+    good = snapshot() if ckpt is not None else None  # after the last good step (saved at a non-finite stop)
+    saved_at = ckpt["step"] if ckpt is not None else None
+    bar = tqdm(total=args.max_steps, initial=pos["step"], desc=f"{args.method}", disable=not args.progress, leave=False)
+    stop = StopRequest()
+    try:
+        wrapped.train()
+        with stop:
+            for step in range(pos["step"] + 1, args.max_steps + 1):
+                t0 = time.perf_counter()
+                for g, base_lr in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = base_lr * lr_factor(step - 1)
+                loss_sum, task_sum = 0.0, 0.0
+                for _ in range(args.grad_accum):
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        epoch += 1
+                        pos["batches"] = 0
+                        train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True,
+                                                                seed=args.seed + epoch, collate_fn=collate)
+                        it = iter(train_loader)
+                        batch = next(it)
+                    pos["batches"] += 1
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with autocast():
+                        out = wrapped(**batch)
+                    loss = out.loss / args.grad_accum
+                    accelerator.backward(loss)
+                    loss_sum += float(out.loss.detach())
+                    if isinstance(unwrapped, HyperAdaLoraModel):
+                        task = unwrapped.last_task_loss
+                    else:
+                        task = probe.value if probe is not None and probe.value is not None else out.loss
+                    task_sum += float(task.detach())
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                finite = math.isfinite(loss_sum) and _grads_finite(params)
+                if finite:
+                    if args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    if allocate is not None:
+                        allocate(step)
+                    pos["consecutive"] = 0
+                else:  # skip the update: the weights, optimizer and allocator stay as they were
+                    pos["nonfinite"] += 1
+                    pos["consecutive"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                pos["train_time"] += time.perf_counter() - t0
+                row = {"step": step, "loss": loss_sum / args.grad_accum, "task_loss": task_sum / args.grad_accum,
+                       "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - start,
+                       "train_time": pos["train_time"], "total_rank": total_rank(unwrapped), "epoch": epoch}
+                if isinstance(unwrapped, HyperAdaLoraModel) and unwrapped.last_orth_penalty is not None:
+                    row["orth_penalty"] = float(unwrapped.last_orth_penalty)
+                    row["gen_norm"] = generated_norm(unwrapped)
+                if not finite:
+                    row["skipped"] = True
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", rank=row["total_rank"])
+                if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+                    res = evaluate(wrapped, spec, eval_loader, device, tokenizer, None, args.max_new_tokens, autocast)
+                    log.write(json.dumps({"type": "eval", "step": step, "time": time.perf_counter() - start, **res})
+                              + "\n")
+                    log.flush()
+                pos.update(step=step, epoch=epoch, last=row)
+                if on_step is not None:
+                    on_step(step, row)
+                snap = snapshot()
+                if finite:
+                    good = snap
+                if pos["consecutive"] >= args.max_nonfinite:
+                    first = step - pos["consecutive"] + 1
+                    path = save(good) if good is not None else None
+                    where = (f"the last good state (step {good['loop']['step']}) is checkpointed in {path}" if path
+                             else "no checkpoint of a good state was written")
+                    raise NonFiniteLossError(
+                        f"Non-finite (NaN/Inf) loss or gradient at {pos['consecutive']} steps in a row (steps {first} "
+                        f"to {step}; max_nonfinite={args.max_nonfinite}): stopped at step {step}. The updates were "
+                        f"skipped; {where}. Lower the learning rate, set max_grad_norm, or check the data.")
+                if stop.signum is not None:
+                    path = save(snap)
+                    name = signal.Signals(stop.signum).name
+                    hint = (f"Resume with the same options plus --resume {args.output_dir} "
+                            f"(train(..., resume={args.output_dir!r}))." if path else "No checkpoint was written "
+                            "(keep_checkpoints=0).")
+                    raise TrainingInterrupted(f"{name}: stopped after step {step} of {args.max_steps}; checkpoint: "
+                                              f"{path}. {hint}", stop.signum, step, path)
+                if finite and args.save_every and step % args.save_every == 0 and step < args.max_steps:
+                    saved_at = step
+                    save(snap)
+        if saved_at != args.max_steps:
+            save(snapshot())
+        bar.close()
+        final = evaluate(wrapped, spec, eval_loader, device, tokenizer, gen_examples, args.max_new_tokens, autocast)
+        log.write(json.dumps({"type": "eval", "step": args.max_steps, "final": True,
+                              "time": time.perf_counter() - start, **final}) + "\n")
+    finally:
+        bar.close()
+        log.close()
+        if probe is not None:
+            probe.remove()
     adapter_dir = os.path.join(args.output_dir, "adapter")
     if args.save_adapter:
         unwrapped.save_pretrained(adapter_dir)
+    last = pos["last"]
     summary = {"method": args.method, "task": args.task, "steps": args.max_steps, "final_eval": final,
                "final_loss": last.get("loss"), "final_task_loss": last.get("task_loss"),
-               "train_time_s": train_time, "wall_time_s": time.perf_counter() - start,
+               "train_time_s": pos["train_time"], "wall_time_s": time.perf_counter() - start,
                "median_step_s": _median_step(metrics_path), "total_rank": last.get("total_rank"),
-               "nonfinite_steps": nonfinite,
+               "nonfinite_steps": pos["nonfinite"],
                "rank_pattern": _rank_pattern(unwrapped), "metrics": metrics_path,
-               "adapter": adapter_dir if args.save_adapter else None, "args": asdict(args)}
+               "adapter": adapter_dir if args.save_adapter else None,
+               "checkpoint": _latest_checkpoint(args.output_dir), "resumed_from": ckpt["path"] if ckpt else None,
+               "args": asdict(args)}
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     summary["model"] = unwrapped
     return summary
+
+
+def _grads_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def _latest_checkpoint(output_dir: str) -> Optional[str]:
+    found = ckpt_lib.list_checkpoints(output_dir)
+    return found[-1][1] if found else None
 
 
 def generated_norm(model: HyperAdaLoraModel) -> float:

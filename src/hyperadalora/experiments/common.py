@@ -1,0 +1,482 @@
+"""What every experiment of the suite shares: options, training runs, statistics over seeds, reports, plots.
+
+An experiment is a function ``run_<name>(opts) -> dict``. ``opts`` is an `ExperimentOptions` (or an argparse
+namespace / dict with the same names); options left at None take the experiment's own default, which must
+finish in under 30 minutes on 2 CPU cores. Each experiment writes to its output directory:
+
+- ``report.md``: the command that produced it (at the top), the settings, the tables, the plots, and how to
+  run the full-size (paper) version (at the bottom);
+- ``results.json``: every number of the report (and the curves behind the plots);
+- PNG plots;
+- one sub-directory per training run (``metrics.jsonl``, ``summary.json``, as written by `train.train`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from .. import train as train_lib
+from ..plotting import smooth
+from ..train import TrainArgs, read_metrics
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_GLUE_DIR = "../shared/data/glue"                                       # relative to the repository root
+DEFAULT_ALPACA_FILE = "../shared/data/instruct/alpaca/alpaca_en_demo.json"     # relative to the repository root
+
+
+@dataclass
+class ExperimentOptions:
+    """Options of ``hyperadalora experiment NAME``; None: the experiment's default."""
+
+    data_dir: Optional[str] = None          # GLUE TSV root (default ../shared/data/glue if it exists)
+    model: Optional[str] = None             # model dir / .gguf / alias (minilm, smollm2)
+    steps: Optional[int] = None             # optimizer steps per run (efficiency: measured steps per method)
+    seeds: Optional[int] = None             # seeds 0..K-1
+    output_dir: Optional[str] = None        # default runs/experiments/NAME
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    max_length: Optional[int] = None        # tokens per example (efficiency: the sequence length)
+    data_path: list = field(default_factory=list)  # nlg: extra instruction data files
+    tasks: Optional[list] = None            # GLUE tasks (nlu-convergence; the first one for the others)
+    batch_sizes: Optional[list] = None      # efficiency
+    eval_every: Optional[int] = None
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    device: Optional[str] = None            # cpu | cuda (default: cuda if available)
+    reuse: bool = False                     # reuse finished runs (summary.json with the same arguments)
+    progress: bool = False                  # per-run progress bars
+    name: str = ""                          # the experiment (set by the registry)
+
+
+def as_options(opts) -> ExperimentOptions:
+    """An `ExperimentOptions` from an ExperimentOptions, argparse namespace, dict or None."""
+    if opts is None:
+        return ExperimentOptions()
+    if isinstance(opts, ExperimentOptions):
+        return dataclasses.replace(opts)
+    data = dict(opts) if isinstance(opts, dict) else dict(vars(opts))
+    names = {f.name for f in dataclasses.fields(ExperimentOptions)}
+    kwargs = {k: v for k, v in data.items() if k in names and v is not None}
+    for key in ("tasks", "batch_sizes", "data_path"):
+        value = kwargs.get(key)
+        if isinstance(value, str):
+            kwargs[key] = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (tuple, list)):
+            kwargs[key] = list(value)
+    if kwargs.get("batch_sizes"):
+        kwargs["batch_sizes"] = [int(b) for b in kwargs["batch_sizes"]]
+    out = ExperimentOptions(**kwargs)
+    for name in ("steps", "seeds", "batch_size", "max_length"):
+        v = getattr(out, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"--{name.replace('_', '-')}={v!r} must be a positive integer.")
+    if out.lr is not None and not out.lr > 0:
+        raise ValueError(f"--lr={out.lr!r} must be a positive number.")
+    if out.batch_sizes is not None and (not out.batch_sizes or min(out.batch_sizes) < 1):
+        raise ValueError(f"--batch-sizes={out.batch_sizes!r} must be positive integers.")
+    return out
+
+
+def pick(value, default):
+    return default if value is None else value
+
+
+def repo_path(relative: str) -> Optional[str]:
+    """``relative`` (to the repository root, else to the working directory) if it exists, else None."""
+    for root in (REPO_ROOT, Path.cwd()):
+        p = (root / relative).resolve()
+        if p.exists():
+            return str(p)
+    return None
+
+
+def default_glue_dir(opts: ExperimentOptions) -> Optional[str]:
+    if opts.data_dir is not None:
+        if not os.path.isdir(opts.data_dir):
+            raise FileNotFoundError(f"--data-dir {opts.data_dir!r} does not exist.")
+        return opts.data_dir
+    return repo_path(DEFAULT_GLUE_DIR)
+
+
+def glue_task_available(task: str, data_dir: Optional[str]) -> tuple[bool, str]:
+    """(available, why not): the train and dev files of ``task`` under ``data_dir``."""
+    from .. import data as data_lib
+
+    if data_dir is None:
+        return False, (f"no GLUE data dir (pass --data-dir; {DEFAULT_GLUE_DIR} relative to the repository root "
+                       f"does not exist)")
+    try:
+        for split in ("train", "dev"):
+            data_lib._glue_file(data_lib.get_task(task).name, split, Path(data_dir))
+    except FileNotFoundError as e:
+        return False, str(e)
+    return True, ""
+
+
+def output_dir(opts: ExperimentOptions, name: str) -> str:
+    out = opts.output_dir or os.path.join("runs", "experiments", name)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def window_for(steps: int) -> int:
+    """Smoothing window of the training loss: 25 steps, less for short runs (a tenth of the run, at least 5)."""
+    return int(max(5, min(25, steps // 10)))
+
+
+def command_line(name: str, opts: ExperimentOptions) -> str:
+    """The `hyperadalora experiment` command that reproduces ``opts`` (every option that was set)."""
+    parts = ["hyperadalora", "experiment", name]
+    defaults = ExperimentOptions()
+    for f in dataclasses.fields(ExperimentOptions):
+        if f.name == "name":
+            continue
+        v = getattr(opts, f.name)
+        if v == getattr(defaults, f.name) or v is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag)
+        elif f.name == "data_path":
+            parts += [flag, *map(str, v)]
+        elif isinstance(v, list):
+            parts += [flag, ",".join(map(str, v))]
+        else:
+            parts += [flag, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def environment() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+@contextlib.contextmanager
+def capture_adapter_models():
+    """Collects the wrapped model of every `train.train` call inside the block (for per-step inspection
+    from an ``on_step`` callback): yields a list to which each run's wrapped model is appended when built."""
+    built = []
+    original = train_lib.build_adapter_model
+
+    def wrapper(*args, **kwargs):
+        wrapped, allocate = original(*args, **kwargs)
+        built.append(wrapped)
+        return wrapped, allocate
+
+    train_lib.build_adapter_model = wrapper
+    try:
+        yield built
+    finally:
+        train_lib.build_adapter_model = original
+
+
+def _same_args(saved: dict, args: TrainArgs) -> bool:
+    current = json.loads(json.dumps(dataclasses.asdict(args), default=str))
+    free = set(train_lib.RESUME_FREE_ARGS) - {"data_dir", "data_path", "model", "max_eval_examples",
+                                               "gen_eval_examples", "max_new_tokens", "eval_every"}
+    return all(saved.get(k) == v for k, v in current.items() if k not in free)
+
+
+def train_run(args: TrainArgs, *, reuse: bool = False, on_step: Optional[Callable] = None,
+              keep_model: bool = False, **train_kwargs) -> dict:
+    """One training run: {"rows", "evals", "summary", "model" (if keep_model), "reused"}.
+
+    ``reuse``: when ``args.output_dir`` already holds a finished run (summary.json) with the same arguments,
+    read it instead of training again (``on_step`` is then not called, and no model is returned).
+    """
+    summary_path = os.path.join(args.output_dir, "summary.json")
+    if reuse and on_step is None and not keep_model and os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if _same_args(summary.get("args", {}), args) and os.path.isfile(summary.get("metrics", "")):
+            rows, evals = read_metrics(summary["metrics"])
+            if len(rows) == args.max_steps:
+                print(f"  reusing {args.output_dir}", flush=True)
+                return {"rows": rows, "evals": evals, "summary": summary, "model": None, "reused": True}
+    kwargs = {"on_step": on_step} if on_step is not None else {}
+    summary = train_lib.train(args, **kwargs, **train_kwargs)
+    model = summary.pop("model", None)
+    rows, evals = read_metrics(summary["metrics"])
+    return {"rows": rows, "evals": evals, "summary": summary, "model": model if keep_model else None,
+            "reused": False}
+
+
+def base_args(opts: ExperimentOptions, **defaults) -> TrainArgs:
+    """TrainArgs from the experiment's defaults, overridden by the options that were set."""
+    kw = dict(defaults)
+    for opt, arg in (("model", "model"), ("steps", "max_steps"), ("batch_size", "batch_size"), ("lr", "lr"),
+                     ("max_length", "max_length"), ("eval_every", "eval_every"),
+                     ("max_train_examples", "max_train_examples"), ("max_eval_examples", "max_eval_examples"),
+                     ("device", "device")):
+        v = getattr(opts, opt)
+        if v is not None:
+            kw[arg] = v
+    kw.setdefault("progress", opts.progress)
+    kw.setdefault("keep_checkpoints", 0)
+    kw.setdefault("save_adapter", False)
+    return TrainArgs(**kw)
+
+
+def run_variants(base: TrainArgs, variants: dict, out_dir: str, seeds: Iterable[int], *, reuse: bool = False,
+                 keep_model: bool = False, on_step_factory: Optional[Callable] = None) -> dict:
+    """Train every variant ({label: TrainArgs overrides}) for every seed: {seed: {label: run}}.
+
+    Runs go to ``out_dir/seed<k>/<label>``. Everything but the overrides and the seed is ``base``.
+    ``on_step_factory(label, seed)`` -> on_step callback, or None.
+    """
+    results = {}
+    for seed in seeds:
+        results[seed] = {}
+        for label, overrides in variants.items():
+            overrides = dict(overrides)
+            hyper = {**base.hyper, **overrides.pop("hyper", {})}
+            args = dataclasses.replace(base, seed=seed, hyper=hyper,
+                                       output_dir=os.path.join(out_dir, f"seed{seed}", label), **overrides)
+            print(f"[{label} seed={seed}] {args.method} on {args.task}: {args.max_steps} steps -> {args.output_dir}",
+                  flush=True)
+            cb = on_step_factory(label, seed) if on_step_factory is not None else None
+            run = train_run(args, reuse=reuse, on_step=cb, keep_model=keep_model)
+            run["args"] = args
+            results[seed][label] = run
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def stats(values) -> dict:
+    """Mean, std (population), min, max over the values that are numbers; ``n`` counts them of ``n_total``."""
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v))]
+    out = {"n": len(vals), "n_total": len(list(values)), "values": [None if v is None else v for v in values]}
+    if vals:
+        a = np.asarray(vals)
+        out.update(mean=float(a.mean()), std=float(a.std()), min=float(a.min()), max=float(a.max()))
+    else:
+        out.update(mean=None, std=None, min=None, max=None)
+    return out
+
+
+def fmt_stat(s: Optional[dict], f: str = "{:.4f}") -> str:
+    """``mean ± std [min, max]`` (one seed: the value); ``n/a`` when no seed has a number."""
+    if not s or s.get("mean") is None:
+        return "n/a (not reached)" if s and s.get("n_total") else "n/a"
+    text = f.format(s["mean"])
+    if s["n_total"] > 1:
+        text += f" ± {f.format(s['std'])} [{f.format(s['min'])}, {f.format(s['max'])}]"
+    if s["n"] < s["n_total"]:
+        text += f" ({s['n']}/{s['n_total']} seeds)"
+    return text
+
+
+def fmt(v, f: str = "{:.4f}", none: str = "n/a") -> str:
+    return none if v is None or (isinstance(v, float) and not math.isfinite(v)) else f.format(v)
+
+
+def final_smoothed(rows: list[dict], window: int, key: str = "task_loss") -> float:
+    return float(smooth([r[key] for r in rows], window)[-1])
+
+
+def eval_by_step(evals: list[dict], metric: str) -> dict:
+    """{step: metric} of the eval rows (the final evaluation included)."""
+    return {int(e["step"]): float(e[metric]) for e in evals if metric in e}
+
+
+def primary_metric(final_eval: dict) -> Optional[str]:
+    for k in ("accuracy", "f1", "matthews", "rouge1", "bleu4"):
+        if k in final_eval:
+            return k
+    return None
+
+
+def curves(runs_by_seed: dict, label: str, key: str = "task_loss") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values[seed, step]) of one label over the seeds (cut to the shortest run)."""
+    per_seed = [[r[key] for r in runs[label]["rows"]] for runs in runs_by_seed.values()]
+    n = min(len(c) for c in per_seed)
+    steps = np.asarray([r["step"] for r in next(iter(runs_by_seed.values()))[label]["rows"][:n]])
+    return steps, np.asarray([c[:n] for c in per_seed], dtype=float)
+
+
+def sanitize(obj):
+    """JSON-safe copy: numpy scalars to Python, NaN/Inf to None, TrainArgs to dicts, unknown objects to str."""
+    if isinstance(obj, dict):
+        return {str(k): sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [sanitize(v) for v in obj]
+    if isinstance(obj, TrainArgs):
+        return sanitize(dataclasses.asdict(obj))
+    if isinstance(obj, np.ndarray):
+        return sanitize(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def write_outputs(out_dir: str, results: dict, report_lines: list[str]) -> dict:
+    """Write results.json and report.md; returns ``results`` with their paths added."""
+    results["report"] = os.path.join(out_dir, "report.md")
+    results["results_json"] = os.path.join(out_dir, "results.json")
+    with open(results["results_json"], "w") as f:
+        json.dump(sanitize(results), f, indent=1)
+    with open(results["report"], "w") as f:
+        f.write("\n".join(report_lines).rstrip() + "\n")
+    return results
+
+
+def report_header(title: str, command: str, env: dict, settings: dict, intro: str = "") -> list[str]:
+    lines = [f"# {title}", "", "Produced by:", "", "```", command, "```", ""]
+    if intro:
+        lines += [intro, ""]
+    lines += ["Settings:", ""]
+    lines += [f"- {k}: {v}" for k, v in settings.items()]
+    lines += [f"- machine: {env['device']}, {env['cpu_count']} CPU cores, torch {env['torch']} "
+              f"({env['torch_threads']} threads); {env['date']}", ""]
+    return lines
+
+
+def settings_of(args: TrainArgs, *names) -> dict:
+    d = dataclasses.asdict(args)
+    keys = names or ("task", "model", "max_steps", "batch_size", "lr", "max_length", "init_r", "target_r", "tinit",
+                     "tfinal", "deltaT", "orth_reg_weight", "eval_every", "max_train_examples", "max_eval_examples")
+    out = {k: d[k] for k in keys if k in d}
+    out["model"] = out.get("model") or "default (minilm / smollm2)"
+    out["HyperAdaLoRA options"] = d["hyper"] or "library defaults (HyperAdaLoraConfig)"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None,
+                target_fn: Optional[Callable[[dict], float]] = None) -> dict:
+    """Steps-to-target of every label, per seed and as statistics over the seeds.
+
+    The target of a seed is ``target_fn(runs of the seed)`` or else the reference label's final smoothed training
+    task loss. Per label: final smoothed loss, steps and train time (s) to the target, their ratios to the
+    reference's (when a reference is given), median step time, total train time and the final dev metrics.
+    """
+    from . import steps_to_target
+
+    per_seed = {}
+    for seed, runs in runs_by_seed.items():
+        target = target_fn(runs) if target_fn is not None else final_smoothed(runs[reference]["rows"], window)
+        ref_step, ref_time = steps_to_target(runs[reference]["rows"], target, window) if reference else (None, None)
+        table = {}
+        for label, run in runs.items():
+            step, t = steps_to_target(run["rows"], target, window)
+            s = run["summary"]
+            table[label] = {
+                "final_smoothed_task_loss": final_smoothed(run["rows"], window),
+                "steps_to_target": step, "time_to_target_s": t,
+                "steps_ratio": step / ref_step if step and ref_step else None,
+                "time_ratio": t / ref_time if t and ref_time else None,
+                "median_step_s": s.get("median_step_s"), "train_time_s": s.get("train_time_s"),
+                "total_rank": s.get("total_rank"),
+                **{f"dev_{k}": v for k, v in (s.get("final_eval") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            }
+        per_seed[seed] = {"target_loss": target, "methods": table}
+    labels = list(next(iter(runs_by_seed.values())))
+    agg = {}
+    for label in labels:
+        keys = list(dict.fromkeys(k for p in per_seed.values() for k in p["methods"][label]))
+        agg[label] = {k: stats([p["methods"][label].get(k) for p in per_seed.values()]) for k in keys}
+    return {"reference": reference, "window": window, "target_loss": stats([p["target_loss"] for p in per_seed.values()]),
+            "per_seed": per_seed, "methods": agg}
+
+
+def convergence_table(conv: dict, metric_keys: Iterable[str] = ()) -> str:
+    """Markdown table of `convergence` statistics (mean ± std [min, max] over seeds)."""
+    metric_keys = list(metric_keys)
+    header = ["method", "final smoothed loss", "steps to target", "steps ratio", "train time to target (s)",
+              "time ratio", "median step (s)", "train time (s)"] + [f"dev {k}" for k in metric_keys]
+    rows = []
+    for label, m in conv["methods"].items():
+        rows.append([label, fmt_stat(m["final_smoothed_task_loss"]), fmt_stat(m["steps_to_target"], "{:.1f}"),
+                     fmt_stat(m["steps_ratio"], "{:.2f}"), fmt_stat(m["time_to_target_s"], "{:.1f}"),
+                     fmt_stat(m["time_ratio"], "{:.2f}"), fmt_stat(m["median_step_s"], "{:.3f}"),
+                     fmt_stat(m["train_time_s"], "{:.1f}")]
+                    + [fmt_stat(m.get(f"dev_{k}"), "{:.4f}") for k in metric_keys])
+    return markdown_table(header, rows)
+
+
+def plot_loss_bands(series: dict, path: str, title: str, window: int, target: Optional[float] = None,
+                    marks: Optional[dict] = None, ylabel: str = "training task loss") -> str:
+    """series: {label: (steps, values[seed, step])}: raw mean (faint), smoothed mean (bold), min-max band of the
+    smoothed curves over seeds; ``target`` a dashed line; ``marks`` {label: step} dotted verticals."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for i, (label, (steps, values)) in enumerate(series.items()):
+        color = f"C{i}"
+        sm = np.stack([smooth(v, window) for v in values])
+        ax.plot(steps, values.mean(0), color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, sm.mean(0), color=color, linewidth=2,
+                label=f"{label} (smoothed {window}" + (f", mean of {len(values)} seeds)" if len(values) > 1 else ")"))
+        if len(values) > 1:
+            ax.fill_between(steps, sm.min(0), sm.max(0), color=color, alpha=0.15)
+        if marks and marks.get(label) is not None:
+            ax.axvline(marks[label], color=color, linestyle=":", linewidth=1.2)
+    if target is not None:
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.4f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_eval_points(series: dict, path: str, title: str, ylabel: str) -> str:
+    """series: {label: {step: stats dict}}: the mean with a min-max error bar per checkpoint."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for i, (label, points) in enumerate(series.items()):
+        steps = sorted(points)
+        mean = [points[s]["mean"] for s in steps]
+        lo = [points[s]["mean"] - points[s]["min"] for s in steps]
+        hi = [points[s]["max"] - points[s]["mean"] for s in steps]
+        ax.errorbar(steps, mean, yerr=[lo, hi], color=f"C{i}", marker="o", capsize=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

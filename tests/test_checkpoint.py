@@ -1,0 +1,255 @@
+"""Checkpoints, exact resume, SIGINT/SIGTERM, non-finite steps and bad resume input (tiny BERT, CPU)."""
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_bert
+from hyperadalora import checkpoint as ckpt_lib
+from hyperadalora import cli
+from hyperadalora import train as train_mod
+from hyperadalora.train import NonFiniteLossError, TrainArgs, TrainingInterrupted, read_metrics, train
+from test_train import toy_examples, write_sst2, write_tiny_model
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from hyperadalora.models import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def run(tokenizer, out, method="lora", hidden=32, on_step=None, model=None, **kw):
+    """A tiny run: 20 examples / batch 8 -> 3 batches per epoch, so the 12 steps cross 3 epoch boundaries."""
+    options = dict(method=method, task="sst2", max_steps=STEPS, batch_size=8, lr=5e-3, max_length=16, seed=0,
+                   output_dir=str(out), progress=False, tinit=2, tfinal=3, deltaT=2, save_adapter=False)
+    options.update(kw)
+    model = model if model is not None else make_bert(vocab=tokenizer.vocab_size, hidden=hidden)
+    return train(TrainArgs(**options), model=model, tokenizer=tokenizer, train_examples=toy_examples(20),
+                 eval_examples=toy_examples(8, seed=1), on_step=on_step)
+
+
+def signal_at(step_to_signal, signum=signal.SIGINT):
+    def hook(step, row):
+        if step == step_to_signal:
+            signal.raise_signal(signum)
+    return hook
+
+
+def steps_of(out):
+    return [step for step, _ in ckpt_lib.list_checkpoints(str(out))]
+
+
+def snapshot_files(root):
+    return {os.path.join(d, f): Path(d, f).read_bytes() for d, _, fs in os.walk(root) for f in fs}
+
+
+# ---------------------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("method", ["hyperadalora", "adalora", "lora"])
+def test_interrupted_run_resumes_with_bitwise_equal_losses(tmp_path, tokenizer, method):
+    run_ = functools.partial(run, tokenizer, method=method, lora_dropout=0.1)  # dropout: the global RNG matters
+    reference = read_metrics(run_(tmp_path / "ref", save_every=4, keep_checkpoints=3)["metrics"])[0]
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:  # SIGINT after step 5: finish it, checkpoint, stop
+        run_(out, on_step=signal_at(5), save_every=2)
+    assert info.value.exit_code == 130 and info.value.step == 5
+    assert "--resume" in str(info.value) and info.value.checkpoint.endswith("step-0000005")
+    assert steps_of(out) == [4, 5]  # saved at 2 and 4, then at the signal; the newest 2 kept
+    assert len(read_metrics(out / "metrics.jsonl")[0]) == 5
+    summary = run_(out, resume=str(out), save_every=2, keep_checkpoints=4)
+    assert summary["resumed_from"].endswith("step-0000005")
+    rows, evals = read_metrics(summary["metrics"])
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "task_loss", "lr", "total_rank", "epoch"):
+        assert [r[key] for r in rows] == [r[key] for r in reference], key  # exact, not approx
+    assert len(evals) == 1 and evals[0]["final"]
+    assert steps_of(out) == [6, 8, 10, STEPS]
+    for step in (8, STEPS):  # the whole training state (weights, EMAs, masks, RNG) is identical, not just the loss
+        hashes = [json.loads((d / "checkpoints" / f"step-{step:07d}" / "manifest.json").read_text())["files"]
+                  for d in (out, tmp_path / "ref")]
+        for name in ("model.safetensors", "rng.safetensors"):
+            assert hashes[0][name] == hashes[1][name], (step, name)
+
+
+# ---------------------------------------------------------------------------------------------- signals / CLI
+def test_sigterm_in_the_cli_exits_143_and_resume_finishes(tmp_path, tokenizer, monkeypatch, capsys):
+    model_dir = write_tiny_model(tmp_path / "model", tokenizer)
+    data_dir = write_sst2(tmp_path / "glue", n_train=24, n_dev=8)
+    out = tmp_path / "out"
+    argv = ["train", "--method", "hyperadalora", "--task", "sst2", "--model", model_dir, "--data-dir", data_dir,
+            "--max-steps", "8", "--batch-size", "8", "--max-length", "16", "--tinit", "1", "--tfinal", "2",
+            "--output-dir", str(out), "--no-progress", "--save-every", "3", "--keep-checkpoints", "1"]
+    original, handler = train_mod.train, signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_mod, "train", functools.partial(original, on_step=signal_at(4, signal.SIGTERM)))
+    assert cli.main(argv) == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM" in err and f"--resume {out}" in err
+    assert steps_of(out) == [4]
+    monkeypatch.setattr(train_mod, "train", original)
+    assert cli.main(argv + ["--resume", str(out)]) == 0
+    rows, evals = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and evals[-1]["final"]
+    assert steps_of(out) == [8]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+
+
+# ---------------------------------------------------------------------------------------------- non-finite steps
+def poison(model, loss_steps=(), grad_steps=()):
+    """NaN activations on the training forwards of ``loss_steps``, NaN gradients (finite loss) on ``grad_steps``."""
+    calls = {"n": 0}
+
+    def forward_hook(module, inputs, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] in loss_steps:
+                return output * float("nan")
+        return output
+
+    model.bert.embeddings.register_forward_hook(forward_hook)
+    model.classifier.weight.register_hook(lambda g: g * float("nan") if calls["n"] in grad_steps else g)
+    return model
+
+
+def test_nonfinite_steps_are_skipped(tmp_path, tokenizer):
+    model = poison(make_bert(vocab=tokenizer.vocab_size), loss_steps={3}, grad_steps={4})
+    heads = {}
+    summary = run(tokenizer, tmp_path, "hyperadalora", model=model, max_steps=7,
+                  on_step=lambda step, row: heads.__setitem__(step, model.classifier.weight.detach().clone()))
+    rows = read_metrics(summary["metrics"])[0]
+    assert summary["nonfinite_steps"] == 2
+    assert [r.get("skipped", False) for r in rows] == [False, False, True, True, False, False, False]
+    assert math.isnan(rows[2]["loss"]) and math.isfinite(rows[3]["loss"])  # step 4: only the gradient was NaN
+    assert torch.equal(heads[2], heads[4]) and not torch.equal(heads[4], heads[5])  # no update at 3 and 4
+    assert all(math.isfinite(r["loss"]) for r in rows[4:])
+
+
+def test_persistent_nonfinite_loss_stops_with_a_checkpoint_of_the_last_good_step(tmp_path, tokenizer):
+    model = poison(make_bert(vocab=tokenizer.vocab_size), loss_steps=set(range(4, 100)))
+    with pytest.raises(NonFiniteLossError, match=r"steps 4 to 6.*stopped at step 6") as info:
+        run(tokenizer, tmp_path, "lora", model=model, max_nonfinite=3, save_every=5)
+    assert "step-0000003" in str(info.value)
+    assert steps_of(tmp_path) == [3]
+    assert json.loads((tmp_path / "checkpoints" / "step-0000003" / "state.json").read_text())["loop"]["step"] == 3
+    # the last good state resumes (here without the poison) to the end
+    summary = run(tokenizer, tmp_path, "lora", resume=str(tmp_path))
+    rows = read_metrics(summary["metrics"])[0]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and summary["nonfinite_steps"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer):
+    out = tmp_path_factory.mktemp("source") / "run"
+    run(tokenizer, out, "lora", max_steps=6, tinit=1, tfinal=1, save_every=3)
+    assert steps_of(out) == [3, 6]
+    return out
+
+
+def damage_flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def damage_truncate(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("model.safetensors", damage_flip, "corrupted"),
+    ("optimizer.pt", damage_truncate, "truncated"),
+    ("state.json", os.remove, "missing"),
+    ("manifest.json", os.remove, "no manifest.json"),
+])
+def test_damaged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tokenizer, finished_run, name, damage,
+                                                              message):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    ckpt = out / "checkpoints" / "step-0000006"
+    damage(ckpt / name)
+    before = snapshot_files(out)
+    with pytest.raises(ckpt_lib.CheckpointError, match=message) as info:
+        run(tokenizer, out, "lora", max_steps=6, tinit=1, tfinal=1, resume=str(ckpt))
+    assert name in str(info.value)
+    assert snapshot_files(out) == before
+
+
+def test_run_dir_skips_a_damaged_newest_checkpoint(tmp_path, tokenizer, finished_run):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    damage_flip(out / "checkpoints" / "step-0000006" / "model.safetensors")
+    with pytest.warns(UserWarning, match="Skipping damaged"):
+        summary = run(tokenizer, out, "lora", max_steps=6, tinit=1, tfinal=1, resume=str(out))
+    assert summary["resumed_from"].endswith("step-0000003")
+    assert [r["loss"] for r in read_metrics(summary["metrics"])[0]] == \
+        [r["loss"] for r in read_metrics(finished_run / "metrics.jsonl")[0]]
+
+
+def test_resuming_a_finished_run_into_another_dir_only_evaluates(tmp_path, tokenizer, finished_run):
+    before = snapshot_files(finished_run)
+    summary = run(tokenizer, tmp_path / "copy", "lora", max_steps=6, tinit=1, tfinal=1, resume=str(finished_run))
+    rows, evals = read_metrics(summary["metrics"])
+    source_rows, source_evals = read_metrics(finished_run / "metrics.jsonl")
+    assert rows == source_rows and len(evals) == 1 and evals[0]["accuracy"] == source_evals[0]["accuracy"]
+    assert snapshot_files(finished_run) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(method="adalora"), "written by a 'lora' run"),
+    (dict(hidden=48), "does not fit this model"),
+    (dict(max_steps=4), "at step 6, beyond max_steps=4"),
+])
+def test_checkpoint_of_another_method_or_model_is_refused(tmp_path, tokenizer, finished_run, change, message):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = snapshot_files(out)
+    options = {**dict(method="lora", max_steps=6, tinit=1, tfinal=1, resume=str(out)), **change}
+    with pytest.raises(ckpt_lib.CheckpointError, match=message):
+        run(tokenizer, out, **options)
+    assert snapshot_files(out) == before
+
+
+def test_resume_without_a_checkpoint(tmp_path, tokenizer, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="No checkpoint in"):
+        run(tokenizer, tmp_path / "out", resume=str(tmp_path / "empty"))
+    code = cli.main(["train", "--resume", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the writer
+def test_save_is_atomic_and_keeps_the_newest(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    save = functools.partial(ckpt_lib.save_checkpoint, str(tmp_path), model=model, optimizer=opt, loop={},
+                             rng=ckpt_lib.capture_rng(), args={}, keep=2)
+    for step in (1, 2, 3):
+        save(step=step)
+    assert steps_of(tmp_path) == [2, 3]
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save(step=4)
+    assert steps_of(tmp_path) == [2, 3]  # no half-written step-4; the older ones untouched
+    monkeypatch.undo()
+    save(step=3)  # the same step again: replaced in place; the crash's temp dir is cleaned up
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-0000002", "step-0000003"]
+    loaded = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(str(tmp_path)))
+    assert loaded["step"] == 3 and torch.equal(loaded["tensors"]["model.weight"], model.weight.detach())
+    assert loaded["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
