@@ -1,4 +1,4 @@
-"""Side-by-side comparisons of methods: the same data order, seeds, schedule and steps; only the adapter differs.
+"""Side-by-side comparisons of methods (`compare`) and the experiment suite of the paper (`EXPERIMENTS`).
 
 `compare` trains each method in turn with `train.train`, then writes ``report.md`` (a table),
 ``results.json`` (every number of the report) and ``loss_curves.png`` to the output directory.
@@ -95,3 +95,8 @@ def compare(base: TrainArgs, variants: dict, output_dir: str, reference: Optiona
     with open(os.path.join(output_dir, "report.md"), "w") as f:
         f.write("\n".join(report))
     return result
+
+
+# The experiment suite of the paper (each ``run_<name>(opts) -> dict`` in its own module) and its subcommand.
+from .common import ExperimentOptions  # noqa: E402
+from .registry import EXPERIMENTS, add_experiment_parser, cmd_experiment, run_experiment  # noqa: E402

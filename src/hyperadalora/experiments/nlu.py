@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .common import (as_options, base_args, command_line, convergence, convergence_table, curves,
-                     default_glue_dir, environment, eval_by_step, fmt, fmt_stat, glue_task_available, markdown_table,
+                     default_glue_dir, environment, eval_by_step, fmt_stat, glue_task_available, markdown_table,
                      output_dir, pick, plot_eval_points, plot_loss_bands, primary_metric, report_header, run_variants,
                      settings_of, stats, window_for, write_outputs)
 
@@ -133,4 +133,4 @@ def run_nlu_convergence(opts=None) -> dict:
     return write_outputs(out, results, lines)
 
 
-__all__ = ["run_nlu_convergence", "fmt"]
+__all__ = ["run_nlu_convergence"]

@@ -1,0 +1,100 @@
+"""``gamma`` (the paper's Table 2): the weight of the orthogonal regulariser, gamma in {0.1, 0.15, 0.2}.
+
+HyperAdaLoRA with ``orth_reg_weight`` = each gamma, everything else equal (seeds, data order, schedule,
+steps). Reported: the final dev metrics, the final smoothed training task loss (without the regulariser, so
+comparable across gammas), the final orthogonal penalty, and convergence: steps to a common target, the
+highest (worst) of the variants' final smoothed training task losses, which every variant reaches; ratios are
+to gamma = 0.1 (the paper's default).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..plotting import smooth
+from .common import (as_options, base_args, command_line, convergence, convergence_table, curves, default_glue_dir,
+                     environment, final_smoothed, fmt_stat, glue_task_available, markdown_table, output_dir, pick,
+                     plot_loss_bands, primary_metric, report_header, run_variants, settings_of, stats, window_for,
+                     write_outputs)
+
+NAME = "gamma"
+GAMMAS = (0.1, 0.15, 0.2)
+DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
+
+FULL_SIZE = """\
+## Full-size run (the paper's setting)
+
+The paper tries gamma = 0.1, 0.15, 0.2 in its NLU setting (RoBERTa-base / DeBERTa-v3-base, batch 64,
+lr 1e-5, r = 3). On a GPU:
+
+```
+hyperadalora experiment gamma --model /path/to/roberta-base --data-dir /path/to/glue --tasks rte \\
+    --steps 5000 --batch-size 64 --lr 1e-5 --max-length 256 --seeds 3 --device cuda \\
+    --output-dir runs/experiments/gamma-full
+```
+"""
+
+
+def label_of(gamma: float) -> str:
+    return f"gamma={gamma:g}"
+
+
+def run_gamma(opts=None) -> dict:
+    opts = as_options(opts)
+    out = output_dir(opts, NAME)
+    data_dir = default_glue_dir(opts)
+    task = (opts.tasks or [DEFAULTS["task"]])[0].lower().replace("-", "")
+    ok, why = glue_task_available(task, data_dir)
+    if not ok:
+        raise FileNotFoundError(f"gamma: task {task!r}: {why}")
+    steps = pick(opts.steps, DEFAULTS["steps"])
+    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
+    window = window_for(steps)
+    command, env = command_line(NAME, opts), environment()
+    base = base_args(opts, method="hyperadalora", task=task, data_dir=data_dir, max_steps=steps,
+                     batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], max_length=DEFAULTS["max_length"],
+                     max_eval_examples=DEFAULTS["max_eval_examples"], eval_every=0)
+    variants = {label_of(g): {"orth_reg_weight": g} for g in GAMMAS}
+    runs = run_variants(base, variants, out, seeds, reuse=opts.reuse)
+    reference = label_of(GAMMAS[0])
+    conv = convergence(runs, window, reference=reference,
+                       target_fn=lambda rs: max(final_smoothed(r["rows"], window) for r in rs.values()))
+    metric = primary_metric(runs[seeds[0]][reference]["summary"]["final_eval"]) or "accuracy"
+    metric_keys = [k for k in ("accuracy", "f1", "matthews") if f"dev_{k}" in conv["methods"][reference]]
+    penalty = {}
+    for label in variants:
+        vals = []
+        for rs in runs.values():
+            p = [r["orth_penalty"] for r in rs[label]["rows"] if "orth_penalty" in r]
+            vals.append(float(smooth(p, window)[-1]) if p else None)
+        penalty[label] = stats(vals)
+    series = {label: curves(runs, label) for label in variants}
+    png = plot_loss_bands(series, os.path.join(out, "loss_curves.png"), f"gamma on {task} ({steps} steps)", window,
+                          conv["target_loss"]["mean"], {k: conv["methods"][k]["steps_to_target"]["mean"] for k in variants})
+    results = {"experiment": NAME, "command": command, "env": env, "task": task, "seeds": seeds, "window": window,
+               "gammas": list(GAMMAS), "args": base, "convergence": conv, "final_orth_penalty": penalty,
+               "plot": os.path.basename(png),
+               "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
+               "runs": {str(seed): {k: {"output_dir": r["args"].output_dir, "final_eval": r["summary"]["final_eval"],
+                                        "train_time_s": r["summary"]["train_time_s"]} for k, r in rs.items()}
+                        for seed, rs in runs.items()}}
+    rows = [[label, *(fmt_stat(conv["methods"][label].get(f"dev_{k}")) for k in metric_keys),
+             fmt_stat(conv["methods"][label]["final_smoothed_task_loss"]), fmt_stat(penalty[label], "{:.4g}"),
+             fmt_stat(conv["methods"][label]["steps_to_target"], "{:.1f}"),
+             fmt_stat(conv["methods"][label]["steps_ratio"], "{:.2f}")] for label in variants]
+    settings = settings_of(base)
+    settings.pop("orth_reg_weight", None)
+    settings.update({"gammas (orth_reg_weight)": ", ".join(map(str, GAMMAS)), "seeds": ", ".join(map(str, seeds)),
+                     "smoothing window": window, "data dir": data_dir})
+    lines = report_header("Orthogonal-regulariser weight gamma (paper Table 2)", command, env, settings,
+                          "HyperAdaLoRA only; the gammas differ, nothing else. The training loss here is the task "
+                          "loss (without gamma * penalty).")
+    lines += ["## Summary", "",
+              f"Common target: the worst final smoothed training task loss of the variants = "
+              f"{fmt_stat(conv['target_loss'])} (window {window}); steps ratio: to {reference}.", "",
+              markdown_table(["gamma", *(f"dev {k}" for k in metric_keys), "final smoothed loss",
+                              "final orth. penalty (smoothed)", "steps to common target", f"ratio to {reference}"],
+                             rows), "",
+              "## All convergence numbers", "", convergence_table(conv, metric_keys), "",
+              "![loss curves](loss_curves.png)", "", FULL_SIZE]
+    return write_outputs(out, results, lines)

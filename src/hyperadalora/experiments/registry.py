@@ -1,0 +1,104 @@
+"""The experiment registry and the ``hyperadalora experiment NAME ...`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .ablation import run_ablation_hypernet
+from .common import ExperimentOptions, as_options
+from .efficiency import run_efficiency
+from .gamma import run_gamma
+from .nlg import run_nlg
+from .nlu import run_nlu_convergence
+from .rank_allocation import run_rank_allocation
+
+EXPERIMENTS = {
+    "nlu-convergence": run_nlu_convergence,
+    "nlg": run_nlg,
+    "ablation-hypernet": run_ablation_hypernet,
+    "gamma": run_gamma,
+    "efficiency": run_efficiency,
+    "rank-allocation": run_rank_allocation,
+}
+
+DESCRIPTIONS = {
+    "nlu-convergence": "Fig. 2: adalora vs hyperadalora loss curves, steps-to-target, dev accuracy on RTE, WNLI, "
+                       "SST-2 (+MNLI if present); default MiniLM, 200 steps, batch 16, max_length 64",
+    "nlg": "Tables 1/3: instruction tuning (SmolLM2-135M, Alpaca demo), BLEU-4/ROUGE-1, training time; "
+           "default 60 steps, batch 4, max_length 256",
+    "ablation-hypernet": "Fig. 3: hypernet attention vs cnn vs mlp (+adalora), steps-to-target, parameter counts; "
+                         "default SST-2, 200 steps",
+    "gamma": "Table 2: orth_reg_weight 0.1 / 0.15 / 0.2, dev metrics and convergence; default SST-2, 200 steps",
+    "efficiency": "Table 4: peak memory and median step latency, batch 1..32 (1..64 on a GPU), hyperadalora vs "
+                  "adalora vs lora (benchmarks/step_time.py)",
+    "rank-allocation": "per-layer rank over training (heatmaps) and the final rank pattern, adalora vs hyperadalora; "
+                       "default SST-2, 200 steps",
+}
+
+
+def run_experiment(name: str, opts=None) -> dict:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"Unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}.")
+    opts = as_options(opts)
+    opts.name = name
+    return EXPERIMENTS[name](opts)
+
+
+def _csv(text: str) -> list:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int_csv(text: str) -> list:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``experiment NAME [options]`` to ``subparsers`` (of the ``hyperadalora`` parser); returns the parser."""
+    epilog = "experiments:\n" + "\n".join(f"  {k:18s} {v}" for k, v in DESCRIPTIONS.items()) + (
+        "\n\nEach writes report.md (the command at the top, how to run the full-size version at the bottom), "
+        "results.json and PNG plots to --output-dir (default runs/experiments/NAME). Options left out take the "
+        "experiment's default (sized to finish in under 30 minutes on 2 CPU cores).")
+    p = subparsers.add_parser("experiment", help="run one experiment of the paper (report.md, results.json, plots)",
+                              description="Run one experiment of the paper's evaluation.", epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=list(EXPERIMENTS), metavar="NAME", help=" | ".join(EXPERIMENTS))
+    p.add_argument("--data-dir", dest="data_dir", help="GLUE TSV root (default: ../shared/data/glue of the repository)")
+    p.add_argument("--model", help="model directory, .gguf file, hub name, or minilm / smollm2")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (efficiency: measured steps per method)")
+    p.add_argument("--seeds", type=int, help="number of seeds (runs seeds 0..K-1; default 1)")
+    p.add_argument("--output-dir", dest="output_dir", help="default runs/experiments/NAME")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", dest="max_length", type=int, help="tokens per example (efficiency: sequence length)")
+    p.add_argument("--data-path", dest="data_path", nargs="+", action="extend", metavar="FILE",
+                   help="nlg: extra instruction data files (Alpaca-style JSON / JSONL), besides the Alpaca demo set")
+    p.add_argument("--tasks", type=_csv, help="comma-separated GLUE tasks (nlu-convergence: all of them; "
+                                              "ablation-hypernet, gamma, rank-allocation: the first)")
+    p.add_argument("--batch-sizes", dest="batch_sizes", type=_int_csv, help="efficiency: e.g. 1,2,4,8,16,32")
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="nlu-convergence: dev evaluation interval")
+    p.add_argument("--max-train-examples", dest="max_train_examples", type=int)
+    p.add_argument("--max-eval-examples", dest="max_eval_examples", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs in the output dir (same arguments)")
+    p.add_argument("--progress", action="store_true", help="progress bars of the training runs")
+    p.set_defaults(func=cmd_experiment)
+    return p
+
+
+def cmd_experiment(ns) -> int:
+    names = set(vars(ExperimentOptions()))
+    opts = as_options({k: v for k, v in vars(ns).items() if k in names})
+    result = run_experiment(ns.name, opts)
+    with open(result["report"]) as f:
+        text = f.read()
+    if "## Summary" in text:
+        summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+        print("\n" + summary.strip() + "\n")
+    print(f"Report:  {result['report']}")
+    print(f"Numbers: {result['results_json']}")
+    print(f"Plots:   {os.path.dirname(result['report'])}/*.png")
+    return 0
