@@ -13,13 +13,6 @@ from conftest import BERT_TARGETS, make_bert
 
 MAX_STEPS = 12
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster on a busy 2-core machine (no spinning threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TinyDataset(torch.utils.data.Dataset):

@@ -4,20 +4,12 @@ import json
 import re
 
 import pytest
-import torch
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
 from hyperadalora.config import CONFIG_NAME, HyperAdaLoraConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster on a busy 2-core machine (no spinning threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_defaults_are_valid():
