@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a short real comparison of adalora and hyperadalora (offline)")
     add_train_flags(p)
     p.set_defaults(func=cmd_demo, output_dir="runs/demo")
+    from .experiments import add_experiment_parser
+
+    add_experiment_parser(sub)
     return parser
 
 

@@ -53,7 +53,10 @@ def convert_gguf(gguf_file: str, out_dir: Optional[str] = None) -> str:
         return out_dir
     folder, fname = os.path.split(os.path.abspath(gguf_file))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # a GGUF-loaded model refuses save_pretrained ("quantized with gguf"): copy it into a plain model first
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     tmp = out_dir + ".tmp"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -243,6 +243,7 @@ def generate_and_score(wrapped, tokenizer, examples, device, max_new_tokens=64) 
     for i in range(0, len(examples), 8):
         chunk = examples[i:i + 8]
         enc = tokenizer([data_lib.format_prompt(e) for e in chunk], return_tensors="pt", padding=True).to(device)
+        enc.pop("token_type_ids", None)  # causal LMs take none
         out = wrapped.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
         predictions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

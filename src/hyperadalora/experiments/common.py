@@ -55,6 +55,7 @@ class ExperimentOptions:
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     device: Optional[str] = None            # cpu | cuda (default: cuda if available)
+    threads: Optional[int] = None           # torch.set_num_threads (1 on a CPU shared with other jobs)
     reuse: bool = False                     # reuse finished runs (summary.json with the same arguments)
     progress: bool = False                  # per-run progress bars
     name: str = ""                          # the experiment (set by the registry)
@@ -78,7 +79,7 @@ def as_options(opts) -> ExperimentOptions:
     if kwargs.get("batch_sizes"):
         kwargs["batch_sizes"] = [int(b) for b in kwargs["batch_sizes"]]
     out = ExperimentOptions(**kwargs)
-    for name in ("steps", "seeds", "batch_size", "max_length"):
+    for name in ("steps", "seeds", "batch_size", "max_length", "threads"):
         v = getattr(out, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"--{name.replace('_', '-')}={v!r} must be a positive integer.")
@@ -126,6 +127,11 @@ def glue_task_available(task: str, data_dir: Optional[str]) -> tuple[bool, str]:
 
 
 def output_dir(opts: ExperimentOptions, name: str) -> str:
+    """Create the experiment's output directory (default runs/experiments/NAME), apply --threads; returns it."""
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
     out = opts.output_dir or os.path.join("runs", "experiments", name)
     os.makedirs(out, exist_ok=True)
     return out

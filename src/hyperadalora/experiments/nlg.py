@@ -16,7 +16,7 @@ from .common import (DEFAULT_ALPACA_FILE, as_options, base_args, command_line, c
                      repo_path, run_variants, settings_of, stats, window_for, write_outputs)
 
 NAME = "nlg"
-DEFAULTS = dict(steps=60, batch_size=4, lr=1e-3, max_length=256, max_eval_examples=16, gen_eval_examples=16,
+DEFAULTS = dict(steps=50, batch_size=4, lr=1e-3, max_length=256, max_eval_examples=16, gen_eval_examples=16,
                 max_new_tokens=48, seeds=1, model="smollm2")
 METHODS = {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}}
 

@@ -15,12 +15,12 @@ import re
 import numpy as np
 
 from .common import (as_options, base_args, capture_adapter_models, command_line, convergence, convergence_table,
-                     curves, default_glue_dir, environment, fmt_stat, glue_task_available, markdown_table, output_dir,
+                     curves, default_glue_dir, environment, glue_task_available, markdown_table, output_dir,
                      pick, plot_loss_bands, primary_metric, report_header, run_variants, settings_of, window_for,
                      write_outputs, _plt)
 
 NAME = "rank-allocation"
-DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
+DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
 METHODS = {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}}
 SHORT = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
          "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out"}

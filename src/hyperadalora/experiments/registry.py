@@ -26,14 +26,14 @@ DESCRIPTIONS = {
     "nlu-convergence": "Fig. 2: adalora vs hyperadalora loss curves, steps-to-target, dev accuracy on RTE, WNLI, "
                        "SST-2 (+MNLI if present); default MiniLM, 200 steps, batch 16, max_length 64",
     "nlg": "Tables 1/3: instruction tuning (SmolLM2-135M, Alpaca demo), BLEU-4/ROUGE-1, training time; "
-           "default 60 steps, batch 4, max_length 256",
+           "default 50 steps, batch 4, max_length 256",
     "ablation-hypernet": "Fig. 3: hypernet attention vs cnn vs mlp (+adalora), steps-to-target, parameter counts; "
-                         "default SST-2, 200 steps",
-    "gamma": "Table 2: orth_reg_weight 0.1 / 0.15 / 0.2, dev metrics and convergence; default SST-2, 200 steps",
+                         "default SST-2, 300 steps",
+    "gamma": "Table 2: orth_reg_weight 0.1 / 0.15 / 0.2, dev metrics and convergence; default SST-2, 300 steps",
     "efficiency": "Table 4: peak memory and median step latency, batch 1..32 (1..64 on a GPU), hyperadalora vs "
                   "adalora vs lora (benchmarks/step_time.py)",
     "rank-allocation": "per-layer rank over training (heatmaps) and the final rank pattern, adalora vs hyperadalora; "
-                       "default SST-2, 200 steps",
+                       "default SST-2, 300 steps",
 }
 
 
@@ -83,6 +83,7 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-train-examples", dest="max_train_examples", type=int)
     p.add_argument("--max-eval-examples", dest="max_eval_examples", type=int)
     p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster when other jobs share the CPU)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in the output dir (same arguments)")
     p.add_argument("--progress", action="store_true", help="progress bars of the training runs")
     p.set_defaults(func=cmd_experiment)

@@ -1,0 +1,280 @@
+"""The experiment suite on a tiny BERT / Llama and tiny GLUE / instruction files (no network, no shared data)."""
+
+import argparse
+import json
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_bert, make_llama
+from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experiment_parser, cmd_experiment,
+                                      run_experiment, steps_to_target, summarize)
+from hyperadalora.experiments import common, nlg
+from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
+
+POS = ["good", "great", "fine", "happy", "nice"]
+NEG = ["bad", "awful", "poor", "sad", "ugly"]
+
+
+def sentences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        words = POS if i % 2 else NEG
+        out.append((" ".join(words[j] for j in torch.randint(0, 5, (4,), generator=g).tolist()) + " movie", i % 2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from hyperadalora.models import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("bert")
+    make_bert(vocab=tokenizer.vocab_size, hidden=32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glue")
+    (root / "SST-2").mkdir()
+    (root / "RTE").mkdir()
+    (root / "WNLI").mkdir()
+    for name, n, seed in (("train.tsv", 48, 0), ("dev.tsv", 12, 1)):
+        rows = sentences(n, seed)
+        (root / "SST-2" / name).write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+        rte = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{s}\tit is {'good' if y else 'bad'}\t{'entailment' if y else 'not_entailment'}"
+            for i, (s, y) in enumerate(rows)]
+        (root / "RTE" / name).write_text("\n".join(rte) + "\n")
+        wnli = ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\t{s}\tit is\t{y}" for i, (s, y) in enumerate(rows)]
+        (root / "WNLI" / name).write_text("\n".join(wnli) + "\n")
+    return str(root)
+
+
+def tiny(tmp_path, **kw):
+    base = dict(steps=6, batch_size=8, max_length=16, max_eval_examples=8, output_dir=str(tmp_path / "out"))
+    return ExperimentOptions(**{**base, **kw})
+
+
+def check_outputs(result, n_png=1):
+    out = result["report"].rsplit("/", 1)[0]
+    import os
+
+    report = open(result["report"]).read()
+    assert report.startswith("# ")
+    assert "hyperadalora experiment" in "\n".join(report.split("\n")[:6])  # the command, at the top
+    assert "Full-size run" in report.split("\n## ")[-1]        # how to run the full-size version, at the bottom
+    data = json.load(open(result["results_json"]))
+    assert data["command"].startswith("hyperadalora experiment")
+    pngs = [f for f in os.listdir(out) if f.endswith(".png")]
+    assert len(pngs) >= n_png
+    for f in pngs:
+        assert open(os.path.join(out, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    return report, data
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def test_steps_to_target_on_synthetic_curves():
+    rows = [{"step": i + 1, "task_loss": 1.0 - 0.01 * i, "train_time": 0.5 * (i + 1)} for i in range(100)]
+    step, t = steps_to_target(rows, 0.5, window=1)
+    assert step == 51 and t == pytest.approx(25.5)
+    step5, _ = steps_to_target(rows, 0.5, window=5)
+    assert step5 == 53  # the trailing mean lags by (window - 1) / 2 steps
+    assert steps_to_target(rows, 0.0, window=1) == (None, None)
+    fast = [{"step": r["step"], "task_loss": 1.0 - 0.02 * i, "train_time": r["train_time"]} for i, r in enumerate(rows)]
+    runs = {"ref": {"rows": rows, "summary": {"median_step_s": 0.5, "train_time_s": 50, "final_eval": {},
+                                               "total_rank": 2}},
+            "fast": {"rows": fast, "summary": {"median_step_s": 0.5, "train_time_s": 50, "final_eval": {},
+                                                "total_rank": 2}}}
+    res = summarize(runs, "ref", window=1)
+    assert res["methods"]["ref"]["steps_to_target"] == 100
+    assert res["methods"]["fast"]["steps_to_target"] == 51
+    assert res["methods"]["fast"]["steps_ratio"] == pytest.approx(0.51)
+
+
+def test_convergence_statistics_over_seeds():
+    def run(slope, seed_shift):
+        rows = [{"step": i + 1, "task_loss": 1.0 - slope * i + seed_shift, "train_time": i + 1.0} for i in range(50)]
+        return {"rows": rows, "summary": {"median_step_s": 1.0, "train_time_s": 50.0,
+                                          "final_eval": {"accuracy": 0.5 + seed_shift}, "total_rank": 4}}
+
+    runs = {s: {"ref": run(0.01, 0.01 * s), "fast": run(0.02, 0.01 * s)} for s in range(3)}
+    conv = common.convergence(runs, window=1, reference="ref")
+    assert conv["target_loss"]["n"] == 3
+    ratio = conv["methods"]["fast"]["steps_ratio"]
+    assert ratio["mean"] == pytest.approx(26 / 50) and ratio["min"] <= ratio["max"]
+    assert conv["methods"]["fast"]["dev_accuracy"]["std"] > 0
+    text = common.fmt_stat(conv["methods"]["fast"]["steps_to_target"], "{:.1f}")
+    assert "±" in text and "[" in text
+    assert common.fmt_stat(common.stats([None, None])) == "n/a (not reached)"
+    assert "(1/2 seeds)" in common.fmt_stat(common.stats([3.0, None]))
+    assert common.window_for(300) == 25 and common.window_for(60) == 6 and common.window_for(4) == 5
+
+
+def test_command_line_round_trips_through_the_parser():
+    opts = ExperimentOptions(steps=50, seeds=3, lr=1e-4, tasks=["rte", "sst2"], data_path=["a b.json", "c.json"],
+                             batch_sizes=[1, 2], reuse=True, output_dir="out dir")
+    cmd = common.command_line("nlg", opts)
+    parser = argparse.ArgumentParser(prog="hyperadalora")
+    add_experiment_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(shlex.split(cmd)[1:])
+    back = common.as_options({k: v for k, v in vars(ns).items()})
+    for name in ("steps", "seeds", "lr", "tasks", "data_path", "batch_sizes", "reuse", "output_dir"):
+        assert getattr(back, name) == getattr(opts, name), name
+    assert ns.name == "nlg" and ns.func is cmd_experiment
+    with pytest.raises(ValueError, match="steps"):
+        common.as_options({"steps": 0})
+    with pytest.raises(ValueError, match="Unknown experiment"):
+        run_experiment("nope")
+    assert set(EXPERIMENTS) == {"nlu-convergence", "nlg", "ablation-hypernet", "gamma", "efficiency",
+                                "rank-allocation"}
+
+
+def test_split_name():
+    assert split_name("bert.encoder.layer.3.attention.self.query") == (3, "query")
+    assert split_name("bert.encoder.layer.0.output.dense") == (0, "ffn.out")
+    assert split_name("model.layers.2.self_attn.q_proj") == (2, "q_proj")
+
+
+def test_layer_ranks_of_peft_adalora_follows_its_rank_pattern(bert):
+    from hyperadalora.train import TrainArgs, build_adapter_model
+
+    args = TrainArgs(method="adalora", max_steps=20, init_r=3, target_r=2)
+    wrapped, _ = build_adapter_model(args, bert, "SEQ_CLS")
+    ranks = layer_ranks(wrapped)
+    assert len(ranks) == 12 and set(ranks.values()) == {3}
+    name = next(iter(ranks))
+    wrapped.peft_config["default"].rank_pattern = {f"{n}.lora_E.default": [True, n != name, False] for n in ranks}
+    ranks = layer_ranks(wrapped)
+    assert ranks[name] == 1 and sum(ranks.values()) == 1 + 2 * 11
+
+
+# ---------------------------------------------------------------------------------------------- experiments
+def test_nlu_convergence_tiny(tmp_path, tiny_bert_dir, glue_dir):
+    res = run_experiment("nlu-convergence", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, seeds=2,
+                                                 tasks=["rte", "sst2", "mnli"]))
+    report, data = check_outputs(res, n_png=4)
+    assert set(data["tasks"]) == {"rte", "sst2"} and "mnli" in data["skipped"]
+    assert "mnli skipped" in report
+    conv = data["tasks"]["sst2"]["convergence"]
+    assert set(conv["methods"]) == {"adalora", "hyperadalora"}
+    assert conv["methods"]["adalora"]["steps_to_target"]["n"] == 2     # adalora always reaches its own final loss
+    assert len(conv["per_seed"]) == 2
+    dev = data["tasks"]["rte"]["dev_at_checkpoints"]["hyperadalora"]
+    assert sorted(int(s) for s in dev) == [1, 2, 3, 4, 5, 6]           # eval_every = steps // 4 = 1, and the end
+    assert len(data["tasks"]["rte"]["curves"]["adalora"]["task_loss"]) == 2  # seeds
+    # same data order: step 1 is the identity for both methods, so their first losses match
+    c = data["tasks"]["sst2"]["curves"]
+    assert c["adalora"]["task_loss"][0][0] == pytest.approx(c["hyperadalora"]["task_loss"][0][0], abs=1e-4)
+
+
+def test_nlu_convergence_reuse(tmp_path, tiny_bert_dir, glue_dir, capsys):
+    opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, tasks=["wnli"], steps=4)
+    first = json.load(open(run_experiment("nlu-convergence", opts)["results_json"]))
+    opts.reuse = True
+    second = json.load(open(run_experiment("nlu-convergence", opts)["results_json"]))
+    assert "reusing" in capsys.readouterr().out
+    assert first["tasks"]["wnli"]["curves"] == second["tasks"]["wnli"]["curves"]
+
+
+def test_nlu_convergence_without_data_is_a_clear_error(tmp_path, tiny_bert_dir):
+    empty = tmp_path / "glue"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="No GLUE task"):
+        run_experiment("nlu-convergence", tiny(tmp_path, model=tiny_bert_dir, data_dir=str(empty)))
+
+
+def test_ablation_hypernet_tiny(tmp_path, tiny_bert_dir, glue_dir):
+    res = run_experiment("ablation-hypernet", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=5))
+    report, data = check_outputs(res)
+    counts = data["parameter_counts"]
+    for h in ("attention", "cnn", "mlp"):
+        assert counts[h]["hypernetworks"] == counts[h]["P"] + counts[h]["lambda"] + counts[h]["Q"] > 0
+        assert counts[h]["heads"] == counts["adalora"]["heads"] > 0
+    assert counts["adalora"]["hypernetworks"] is None and counts["adalora"]["adapter"] > 0
+    assert counts["attention"]["hypernetworks"] != counts["mlp"]["hypernetworks"]
+    assert data["convergence_vs_attention"]["methods"]["attention"]["steps_ratio"]["mean"] == 1.0
+    assert data["convergence_vs_adalora"]["methods"]["adalora"]["steps_ratio"]["mean"] == 1.0
+    assert "Parameter counts" in report
+
+
+def test_gamma_tiny(tmp_path, tiny_bert_dir, glue_dir):
+    res = run_experiment("gamma", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=5))
+    report, data = check_outputs(res)
+    methods = data["convergence"]["methods"]
+    assert set(methods) == {"gamma=0.1", "gamma=0.15", "gamma=0.2"}
+    assert all(m["steps_to_target"]["n"] == 1 for m in methods.values())   # the common target is reached by all
+    for label in methods:
+        args = json.load(open(f"{tmp_path}/out/seed0/{label}/summary.json"))["args"]
+        assert args["orth_reg_weight"] == float(label.split("=")[1]) and args["method"] == "hyperadalora"
+    assert data["final_orth_penalty"]["gamma=0.1"]["mean"] is not None
+
+
+def test_rank_allocation_tiny(tmp_path, tiny_bert_dir, glue_dir):
+    res = run_experiment("rank-allocation", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=8))
+    report, data = check_outputs(res, n_png=4)
+    assert data["steps"] == list(range(9))                  # step 0 (initial) and every optimizer step
+    for m in ("adalora", "hyperadalora"):
+        mat = np.asarray(data["rank_matrix"][m])
+        assert mat.shape == (12, 9)
+        assert (mat[:, 0] == 3).all()
+        assert data["total_rank"][m][-1] == 2 * 12         # target_r * n_layers at the end
+    assert "By depth" in report and "By module type" in report
+
+
+def test_efficiency_tiny(tmp_path, tiny_bert_dir):
+    res = run_experiment("efficiency", ExperimentOptions(model=tiny_bert_dir, batch_sizes=[1], max_length=8, steps=2,
+                                                         output_dir=str(tmp_path / "eff"), device="cpu"))
+    report, data = check_outputs(res, n_png=2)
+    r = data["results"]["1"]
+    assert set(r) == {"hyperadalora", "adalora", "lora"}
+    for m in r.values():
+        assert m["median_ms"] > 0 and m["peak_mib"] > m["base_weights_mib"] > 0 and len(m["times_ms"]) == 2
+    assert data["kind"] == "classification"
+
+
+def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
+    model_dir = tmp_path / "llama"
+    make_llama(vocab=tokenizer.vocab_size).save_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path, model_input_names=["input_ids", "attention_mask"])
+    tok.save_pretrained(model_dir)  # a causal LM's tokenizer: no token_type_ids
+    records = [{"instruction": f"Say {w} {k} times.", "input": "", "output": " ".join([w] * k)}
+               for w in POS + NEG for k in range(1, 8)]   # 70 distinct records, about 7 held out
+    data_file = tmp_path / "tiny_alpaca.json"
+    data_file.write_text(json.dumps(records))
+    monkeypatch.setattr(nlg, "DEFAULT_ALPACA_FILE", "no/such/file.json")   # hermetic: only the tiny file
+    res = run_experiment("nlg", tiny(tmp_path, model=str(model_dir), data_path=[str(data_file)], steps=5,
+                                     batch_size=4, max_length=32, max_eval_examples=2))
+    report, data = check_outputs(res)
+    ds = data["datasets"]["tiny_alpaca"]
+    for m in ("adalora", "hyperadalora"):
+        ev = ds["runs"]["0"][m]["final_eval"]
+        assert "bleu4" in ev and "rouge1" in ev and ev["n_generated"] == 2
+    assert ds["train_time_ratio"]["mean"] > 0
+    assert "BLEU-4" in report
+
+
+def test_cli_subcommand(tmp_path, tiny_bert_dir, glue_dir, capsys):
+    parser = argparse.ArgumentParser(prog="hyperadalora")
+    add_experiment_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["experiment", "nlu-convergence", "--model", tiny_bert_dir, "--data-dir", glue_dir,
+                            "--tasks", "sst2", "--steps", "4", "--batch-size", "8", "--max-length", "16",
+                            "--max-eval-examples", "8", "--output-dir", str(tmp_path / "cli")])
+    assert ns.func(ns) == 0
+    out = capsys.readouterr().out
+    assert "report.md" in out and "steps ratio" in out
+    report = (tmp_path / "cli" / "report.md").read_text()
+    assert "--steps 4" in report
