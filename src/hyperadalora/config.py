@@ -84,6 +84,8 @@ class HyperAdaLoraConfig:
                                                            "X_{t+1} = H(X_t); < 1 damps the recurrence)."})
     hypernet_lr_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the hypernetworks relative to "
                                                                     "the run's learning rate."})
+    hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
+                                                                         "in backward instead of storing them."})
     init: str = field(default="orthonormal", metadata={"help": "Seed state of P and Q: 'orthonormal' or 'normal' "
                                                                "(the paper's; lambda then also starts random)."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the 'normal' initialisation."})
@@ -105,6 +107,8 @@ class HyperAdaLoraConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
             setattr(self, name, float(value))
+        if not isinstance(self.hypernet_checkpointing, bool):
+            raise TypeError(f"hypernet_checkpointing must be true or false, got {self.hypernet_checkpointing!r}.")
         for name in ("hypernet_dim", "hypernet_heads", "hypernet_ffn_mult", "element_chunk", "max_element_tokens",
                      "n_induced"):
             if getattr(self, name) < 1:

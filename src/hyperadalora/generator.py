@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .hypernet import Hypernetwork, chunk_tokens
@@ -62,6 +63,7 @@ class RoleGenerator(nn.Module):
         self.generation = cfg.generation
         self.output_scale = cfg.output_scale
         self.chunk = cfg.element_chunk
+        self.checkpoint = cfg.hypernet_checkpointing
         n_layers = len(lengths)
         groups: "OrderedDict[int, list[int]]" = OrderedDict()
         for i, length in enumerate(lengths):
@@ -101,6 +103,13 @@ class RoleGenerator(nn.Module):
             return k % self.width if self.rank_axis == 1 else k // self.width
         return torch.arange(length, device=device)
 
+    def _run(self, *inputs):
+        """The hypernetwork pass; with gradients, its activations are recomputed in backward instead of stored
+        (tens of thousands of tokens per step: activation memory would otherwise exceed AdaLoRA's)."""
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.hypernet, *inputs, use_reentrant=False)
+        return self.hypernet(*inputs)
+
     def generate(self, track: bool = False) -> list[torch.Tensor]:
         """One batched pass per group: returns [(n_g, L_g, w)] generated tensors.
 
@@ -119,7 +128,7 @@ class RoleGenerator(nn.Module):
             x = state.to(dtype) * in_scale
             pos = self._positions(length, state.device)
             if not self.element:
-                inc = self.hypernet(x, ids, pos)
+                inc = self._run(x, ids, pos)
             else:
                 tokens = x.reshape(n, length * self.width, 1)
                 n_tok = tokens.shape[1]
@@ -130,10 +139,10 @@ class RoleGenerator(nn.Module):
                     if pos is not None:
                         pos_c = torch.nn.functional.pad(pos, (0, per * self.chunk - n_tok)).view(per, self.chunk)
                         pos_c = pos_c.repeat(n, 1)
-                    inc = self.hypernet(chunks, ids.repeat_interleave(per), pos_c, padding)
+                    inc = self._run(chunks, ids.repeat_interleave(per), pos_c, padding)
                     inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
                 else:
-                    inc = self.hypernet(tokens, ids, pos)
+                    inc = self._run(tokens, ids, pos)
                 inc = inc.reshape(n, length, self.width)
             outs.append(state + inc.to(state.dtype) * (self.output_scale / in_scale))
         return outs
