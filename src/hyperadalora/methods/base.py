@@ -1,0 +1,703 @@
+"""What every adapter method of this package shares: configs, the adapter layer, the generated-adapter model.
+
+A method is one small module (see `hyperlora.py`) that declares:
+
+- a **config** dataclass (a `MethodConfig`; with the hypernetwork options of `HypernetOptions` when some of its
+  tensors are generated),
+- an **adapter layer** (an `AdapterLayer` subclass): which tensors it has per *role* (``A``, ``B``, ...) and their
+  shapes, and how they change the output of the wrapped ``nn.Linear``,
+- a `Method` record: its name, those two classes, and which roles the hypernetworks generate.
+
+`GeneratedAdapterModel` does the rest for every method: injection into a transformers model, one
+`generator.RoleGenerator` (one shared hypernetwork) per generated role for all layers, generation with a graph at
+every training forward and once (cached) in evaluation, the recurrent commit after each optimizer step, the
+trainable state for checkpoints, save/load (safetensors + JSON) and merging.
+
+A role's tensor is handed to its hypernetwork token-major, as HyperAdaLoRA's P and Q are: one token per row of a
+``(n, r)`` tensor (LoRA's B) or per column of a ``(r, n)`` tensor (LoRA's A), of width r. A role with
+``zero_start`` (LoRA's B) is installed as ``G - G_0``, the generated tensor minus the seed state it is generated
+from: exactly zero at step 0 (the adapter starts as the identity) while the hypernetwork still sees distinct,
+non-zero tokens (an all-zero seed would give every row the same token, and so the same generated row, forever).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field
+from typing import ClassVar, Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
+from ..generator import RoleGenerator
+from ..model import ADAPTER_WEIGHTS_NAME, _replace, _save_safetensors, find_target_modules
+
+METHOD_CONFIG_NAME = "method_config.json"
+METHODS: dict[str, "Method"] = {}
+
+
+# ---------------------------------------------------------------------------------------------- configs
+@dataclass
+class MethodConfig:
+    """Fields every method has. Subclasses set ``method`` (the name used by ``--method``) and add their own."""
+
+    method: ClassVar[str] = ""
+
+    r: int = field(default=3, metadata={"help": "Rank of the adapter: A is (r x d_in), B is (d_out x r)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scale: the update is multiplied by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (suffix match), a regex (full match), 'all-linear', or None for the "
+                          "architecture's defaults."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (SEQ_CLS: the head)."})
+    task_type: Optional[str] = field(default=None, metadata={"help": "peft task type, e.g. SEQ_CLS or CAUSAL_LM."})
+    seed: int = field(default=0, metadata={"help": "Seed of the adapter's (and hypernetworks') initialisation."})
+
+    def __post_init__(self):
+        for name in ("r", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+        for name in ("lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+            setattr(self, name, float(value))
+        if self.r < 1:
+            raise ValueError(f"r={self.r} must be >= 1 (the rank of the adapter).")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0 (the update is scaled by lora_alpha / r).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
+            if self.task_type not in TASK_TYPES:
+                raise ValueError(f"task_type={self.task_type!r} is not supported: choose one of {TASK_TYPES}.")
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        if self.modules_to_save is None and self.task_type in DEFAULT_MODULES_TO_SAVE:
+            self.modules_to_save = list(DEFAULT_MODULES_TO_SAVE[self.task_type])
+
+    # ---- (de)serialisation ----
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MethodConfig":
+        """The config of ``data["method"]`` (or of ``cls``) from a dict; unknown fields are an error."""
+        data = dict(data)
+        name = data.pop("method", None) or cls.method
+        target = get_method(name).config_cls if name else cls
+        names = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(data) - names - {"target_names", "peft_type", "hyperadalora_version"})
+        if unknown:
+            raise ValueError(f"Unknown {target.__name__} field(s) {unknown}; valid fields: {sorted(names)}.")
+        return target(**{k: v for k, v in data.items() if k in names})
+
+    def save_pretrained(self, directory: str, **extra) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, METHOD_CONFIG_NAME), "w") as f:
+            json.dump({**self.to_dict(), **extra}, f, indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_pretrained(directory: str) -> "MethodConfig":
+        path = os.path.join(directory, METHOD_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {METHOD_CONFIG_NAME} in {directory!r}: is this a directory written by "
+                                    f"GeneratedAdapterModel.save_pretrained?")
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}).") from e
+        if data.get("method") not in METHODS:
+            raise ValueError(f"{path}: unknown method {data.get('method')!r}; known: {sorted(METHODS)}.")
+        return MethodConfig.from_dict(data)
+
+
+# HyperAdaLoRA's fields that belong to its adapter (AdaLoRA's rank allocation and SVD form, or the fields every
+# MethodConfig has); every other field of HyperAdaLoraConfig is a hypernetwork option, shared by all methods.
+ADALORA_ONLY_FIELDS = ("init_r", "target_r", "total_step", "tinit", "tfinal", "deltaT", "importance", "beta1",
+                       "beta2", "orth_reg_weight")
+ADAPTER_FIELDS = ("lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type", "seed")
+HYPERNET_FIELDS = tuple(f.name for f in dataclasses.fields(HyperAdaLoraConfig)
+                        if f.name not in ADALORA_ONLY_FIELDS + ADAPTER_FIELDS)
+
+
+def _copy_field(f: dataclasses.Field):
+    kw = {"metadata": f.metadata}
+    if f.default is not MISSING:
+        kw["default"] = f.default
+    elif f.default_factory is not MISSING:
+        kw["default_factory"] = f.default_factory
+    return f.name, f.type, field(**kw)
+
+
+class _HypernetValidation:
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the adapter fields (MethodConfig)
+            parent()
+        try:
+            cfg = self.hypernet_config()
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{type(self).__name__}: {e}") from None
+        for name in HYPERNET_FIELDS:  # normalised values (e.g. ints given for floats)
+            setattr(self, name, getattr(cfg, name))
+
+    def hypernet_config(self) -> HyperAdaLoraConfig:
+        """A `HyperAdaLoraConfig` holding this config's hypernetwork options (and seed): what every `RoleGenerator`
+        reads. Built, and so validated, by HyperAdaLoRA's own config class."""
+        return HyperAdaLoraConfig(**{name: getattr(self, name) for name in HYPERNET_FIELDS},
+                                  seed=getattr(self, "seed", 0))
+
+
+# The hypernetwork options: every HyperAdaLoraConfig field that is not AdaLoRA's (hypernet, attention, generation,
+# tokens, context, hypernet_dim, output_scale, momentum, hypernet_lr_ratio, init, ..., and any field added there
+# later), with the same defaults and help, validated by HyperAdaLoraConfig itself.
+HypernetOptions = dataclasses.make_dataclass("HypernetOptions", [_copy_field(f) for f in dataclasses.fields(
+    HyperAdaLoraConfig) if f.name in HYPERNET_FIELDS], bases=(_HypernetValidation,))
+HypernetOptions.__module__ = __name__
+HypernetOptions.__doc__ = ("The hypernetwork options of HyperAdaLoraConfig (same names, defaults and validation); "
+                           "a generated method's config inherits them.")
+
+
+# ---------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class RoleSpec:
+    """How a role's tensors are laid out and initialised.
+
+    Args:
+        rank_axis: the axis of the role's tensors that is the rank: 0 for ``(r, n)`` tensors (LoRA's A, one token per
+            column), 1 for ``(n, r)`` tensors (LoRA's B, one token per row).
+        zero_start: the tensor is zero at step 0: trained, it is zero-initialised; generated, the layer gets
+            ``G - G_0`` (the generated tensor minus its seed state).
+    """
+
+    rank_axis: int
+    zero_start: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method: its ``--method`` name, config class, adapter layer class and the roles its hypernetworks generate."""
+
+    name: str
+    config_cls: type
+    layer_cls: type
+    generated: tuple = ()
+    description: str = ""
+
+    def __post_init__(self):
+        unknown = set(self.generated) - set(self.layer_cls.ROLES)
+        if unknown:
+            raise ValueError(f"Method {self.name!r} generates roles {sorted(unknown)} that {self.layer_cls.__name__} "
+                             f"does not have (it has {sorted(self.layer_cls.ROLES)}).")
+        if self.config_cls.method != self.name:
+            raise ValueError(f"{self.config_cls.__name__}.method={self.config_cls.method!r} but the method is "
+                             f"registered as {self.name!r}.")
+        if self.generated and not issubclass(self.config_cls, HypernetOptions):
+            raise ValueError(f"Method {self.name!r} generates tensors: its config must inherit HypernetOptions.")
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS and METHODS[method.name] != method:
+        raise ValueError(f"Method {method.name!r} is already registered.")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}.")
+    return METHODS[name]
+
+
+# ---------------------------------------------------------------------------------------------- the layer
+class AdapterLayer(nn.Module):
+    """An ``nn.Linear`` with an adapter. Subclasses define `ROLES`, `shapes`, `adapt` and (if defined) `merged_weight`,
+    and may add trained parameters in `setup` (DoRA's magnitude, HydraLoRA's router).
+
+    A role that is *trained* is an ``nn.ParameterList`` ``lora_<role>`` of this layer; a role that is *generated*
+    has no parameter: the model installs this step's tensors (`install`) before every forward.
+    """
+
+    ROLES: ClassVar[dict[str, RoleSpec]] = {}
+
+    def __init__(self, base_layer: nn.Linear, config: MethodConfig, index: int, generated: tuple = ()):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear layers, got {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.index = index
+        self.r = config.r
+        self.scaling = config.lora_alpha / config.r
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.generated = tuple(generated)
+        self.disabled = False
+        self._installed: dict[str, Optional[list]] = {role: None for role in self.generated}
+        self.setup(config)
+        for role, shapes in self.shapes().items():
+            if role not in self.generated:
+                tensors = [self.init_trained(role, torch.empty(shape)) for shape in shapes]
+                self.set_trained(role, tensors)
+
+    # ---- what a method defines ----
+    def setup(self, config: MethodConfig) -> None:
+        """Extra attributes and trained parameters (called before the roles' tensors are created)."""
+
+    def shapes(self) -> dict[str, list[tuple[int, int]]]:
+        """{role: [shape of each of its tensors in this layer]}."""
+        raise NotImplementedError
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output given its input ``x`` and the base layer's output ``out``."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight that gives the same outputs without the adapter (``ValueError`` where there is none)."""
+        raise ValueError(f"{type(self).__name__} cannot be merged into the base weight.")
+
+    def init_trained(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Initialisation of a trained role's tensor: zeros for ``zero_start`` roles, else nn.Linear's (Kaiming
+        uniform, as peft's LoRA initialises A)."""
+        if self.ROLES[role].zero_start:
+            return nn.init.zeros_(tensor)
+        return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+    # ---- tensors ----
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects `.weight` of a linear layer keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def set_trained(self, role: str, tensors: list[torch.Tensor], requires_grad: bool = True) -> None:
+        """Make ``role`` a trained role of this layer with these tensors (``lora_<role>``, an nn.ParameterList)."""
+        w = self.base_layer.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype  # adapters train in fp32
+        params = nn.ParameterList([nn.Parameter(t.detach().clone().to(device=w.device, dtype=dtype),
+                                                requires_grad=requires_grad) for t in tensors])
+        setattr(self, f"lora_{role}", params)
+        self._installed.pop(role, None)
+        self.generated = tuple(r for r in self.generated if r != role)
+
+    def install(self, role: str, tensors: list[torch.Tensor]) -> None:
+        """Hand the layer this step's generated tensors of ``role``."""
+        self._installed[role] = tensors
+
+    def tensors(self, role: str, dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+        ts = self._installed[role] if role in self._installed else list(getattr(self, f"lora_{role}"))
+        if ts is None:
+            raise RuntimeError(f"The generated {role} tensors of layer {self.index} were not installed: run the "
+                               f"model (or its materialize()) first.")
+        return [t.to(dtype) if dtype is not None and t.dtype != dtype else t for t in ts]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Everything of the adapter (not the base layer): ``lora_<role>.<k>`` for every role's tensors, generated
+        or trained, and the layer's other parameters (e.g. ``magnitude``, ``router.weight``)."""
+        state = {f"lora_{role}.{k}": t for role in self.ROLES for k, t in enumerate(self.tensors(role))}
+        state.update({n: p for n, p in self.named_parameters()
+                      if not n.startswith(("base_layer.", "lora_"))})
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled or any(self._installed.get(role, ()) is None for role in self.generated):
+            return out
+        return self.adapt(x, out)
+
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if torch.is_floating_point(x) else self.base_layer.weight.dtype
+
+    def extra_repr(self) -> str:
+        gen = f", generated={list(self.generated)}" if self.generated else ""
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, index={self.index}, "
+                f"scaling={self.scaling:g}{gen}")
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class _Buffers(nn.Module):
+    """A list of tensors kept as buffers (``t0``, ``t1``, ...): moved by ``.to()``, saved in ``state_dict``."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        self.n = len(tensors)
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"t{i}", t.detach().clone())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"t{i}") for i in range(self.n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _with_signature_of(base_cls: type) -> type:
+    """A subclass of GeneratedAdapterModel whose ``forward`` has the signature of ``base_cls.forward``, so that
+    `transformers.Trainer` keeps the right dataset columns and finds the labels."""
+    try:
+        signature = inspect.signature(base_cls.forward)
+    except (TypeError, ValueError):
+        return GeneratedAdapterModel
+
+    def forward(self, *args, **kwargs):
+        return GeneratedAdapterModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = GeneratedAdapterModel.forward.__doc__
+    name = f"GeneratedAdapterModelFor{base_cls.__name__}"
+    return type(name, (GeneratedAdapterModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+
+class GeneratedAdapterModel(nn.Module):
+    """A transformers model with the adapters of a `Method`, some of whose tensors may be generated.
+
+    Training step (as for any peft model; `after_optimizer_step` is optional: without it the next training
+    forward commits the recurrent state itself)::
+
+        out = model(**batch)                 # generates this step's tensors (with a graph into the hypernetworks)
+        out.loss.backward()
+        optimizer.step()
+        model.after_optimizer_step(step)     # recurrent generation: the generated tensors become the new state
+        optimizer.zero_grad()
+
+    Attributes:
+        base_model: the wrapped transformers model (its target nn.Linear replaced by the method's layers).
+        adapters: the layers, in the order of ``target_names``.
+        generators: role -> `RoleGenerator` (one hypernetwork shared by all layers), for the generated roles.
+        seeds: role -> the seed states of the ``zero_start`` generated roles (the layer gets ``G - G_0``).
+    """
+
+    def __init__(self, model: nn.Module, config: MethodConfig, *, trained_only: bool = False):
+        super().__init__()
+        if not isinstance(config, MethodConfig):
+            raise TypeError(f"config must be a MethodConfig (e.g. HyperLoraConfig), got {type(config).__name__}.")
+        self.method = get_method(config.method)
+        self.peft_config = config
+        self.base_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.target_names = find_target_modules(model, config)
+        generated = () if trained_only else self.method.generated
+        device = next(model.parameters()).device
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)  # initialisation independent of the caller's RNG
+        try:
+            self.adapters: list[AdapterLayer] = []
+            for i, name in enumerate(self.target_names):
+                layer = self.method.layer_cls(model.get_submodule(name), config, i, generated)
+                _replace(model, name, layer.to(device))
+                self.adapters.append(layer)
+            self.saved_module_names = self._mark_modules_to_save()
+            if generated:
+                self._build_generators(config, generated)
+        finally:
+            torch.random.set_rng_state(torch_state)
+        if generated:
+            self.generators.to(device)
+            self.seeds.to(device)
+        self._pending: Optional[dict] = None       # last training generation: role -> [group tensors]
+        self._pending_version: Optional[int] = None
+        self._pending_committed = False
+        self._cache_key = None
+        self.last_task_loss: Optional[torch.Tensor] = None
+        self.__class__ = _with_signature_of(type(model))
+
+    def _build_generators(self, config, generated) -> None:
+        hcfg = config.hypernet_config()
+        seed = "normal" if hcfg.init == "normal" else "orthonormal"
+        gen = torch.Generator().manual_seed(config.seed)
+        self.slots: dict[str, list[tuple[int, int]]] = {}  # role -> [(layer, k)] in the generator's entry order
+        generators, seeds = {}, {}
+        for role in generated:
+            spec = self.method.layer_cls.ROLES[role]
+            lengths, widths, slots = [], set(), []
+            for i, layer in enumerate(self.adapters):
+                for k, shape in enumerate(layer.shapes()[role]):
+                    lengths.append(shape[1 - spec.rank_axis])
+                    widths.add(shape[spec.rank_axis])
+                    slots.append((i, k))
+            if len(widths) != 1:
+                raise ValueError(f"Role {role!r} has tensors of different ranks {sorted(widths)}: one hypernetwork "
+                                 f"generates tokens of one width.")
+            generators[role] = RoleGenerator(role, lengths, widths.pop(), 1, seed, hcfg, gen)
+            self.slots[role] = slots
+            if spec.zero_start:
+                seeds[role] = _Buffers(generators[role].states())
+        self.generators = nn.ModuleDict(generators)
+        self.seeds = nn.ModuleDict(seeds)
+
+    def _mark_modules_to_save(self) -> list[str]:
+        names = []
+        for target in self.peft_config.modules_to_save or ():
+            for name, module in self.base_model.named_modules():
+                if (name == target or name.endswith("." + target)) and not isinstance(module, AdapterLayer):
+                    module.requires_grad_(True)
+                    names.append(name)
+        return names
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "generators", "seeds", "adapters"):
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def generated(self) -> tuple:
+        """The roles generated by hypernetworks (empty for a trained-only method, or once loaded / dropped)."""
+        return tuple(self.generators) if "generators" in self._modules else ()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def rank_pattern(self) -> dict:
+        return {name: layer.r for name, layer in zip(self.target_names, self.adapters)}
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.rank_pattern.values())
+
+    # ------------------------------------------------------------------ parameters
+    def hypernetwork_parameters(self) -> list[nn.Parameter]:
+        return list(self.generators.parameters()) if self.generated else []
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Trained parameters of the layers (trained roles, DoRA's magnitude, HydraLoRA's router)."""
+        return [p for layer in self.adapters for n, p in layer.named_parameters()
+                if not n.startswith("base_layer.") and p.requires_grad]
+
+    def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """The hypernetworks at ``lr * hypernet_lr_ratio``; the layers' trained parameters and the heads at ``lr``."""
+        groups = []
+        if self.generated:
+            groups.append({"params": self.hypernetwork_parameters(), "lr": lr * self.peft_config.hypernet_lr_ratio,
+                           "weight_decay": weight_decay, "name": "hypernetworks"})
+        adapter = self.adapter_parameters()
+        groups.append({"params": adapter, "lr": lr, "weight_decay": weight_decay, "name": "adapters"})
+        in_adapters = {id(p) for p in adapter}
+        heads = [p for p in self.base_model.parameters() if p.requires_grad and id(p) not in in_adapters]
+        groups.append({"params": heads, "lr": lr, "weight_decay": weight_decay, "name": "modules_to_save"})
+        return [g for g in groups if g["params"]]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}")
+
+    # ------------------------------------------------------------------ generation
+    def _phi_version(self) -> int:
+        return sum(p._version for p in self.generators.parameters())
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache of generated tensors
+        self._cache_key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _generate(self, track: bool) -> dict:
+        return {role: g.generate(track=track) for role, g in self.generators.items()}
+
+    def _install(self, outs: dict) -> None:
+        for role, groups in outs.items():
+            if role in self.seeds:  # zero_start: G - G_0
+                groups = [g - s.to(g.dtype) for g, s in zip(groups, self.seeds[role].tensors())]
+            transpose = self.method.layer_cls.ROLES[role].rank_axis == 0
+            per_layer: list[list] = [[] for _ in self.adapters]
+            for (i, _), t in zip(self.slots[role], self.generators[role].per_layer(groups)):
+                per_layer[i].append(t.t() if transpose else t)
+            for layer, tensors in zip(self.adapters, per_layer):
+                layer.install(role, tensors)
+
+    @torch.no_grad()
+    def _commit(self) -> None:
+        """Once the hypernetworks were updated, the last training generation becomes the recurrent state."""
+        if self._pending is None or self._pending_committed or self._phi_version() == self._pending_version:
+            return
+        for role, g in self.generators.items():
+            g.commit(self._pending[role], self.peft_config.momentum)
+        self._pending = {role: [t.detach() for t in ts] for role, ts in self._pending.items()}
+        self._pending_committed = True
+        self._cache_key = None
+
+    def after_optimizer_step(self, global_step: Optional[int] = None) -> None:
+        """After ``optimizer.step()``: commit the recurrent state (a no-op when nothing is generated)."""
+        if self.generated:
+            self._commit()
+
+    update_and_allocate = after_optimizer_step  # the HyperAdaLoRA / peft AdaLoRA contract (no rank allocation here)
+
+    def materialize(self, training_pass: Optional[bool] = None) -> Optional[dict]:
+        """Generate this step's tensors and install them in the layers.
+
+        A training pass (training mode, autograd on) generates with a graph into the hypernetworks; otherwise the
+        tensors are generated once under no_grad and cached until the hypernetworks or their state change.
+        """
+        if not self.generated:
+            return None
+        if training_pass is None:
+            training_pass = self.training and torch.is_grad_enabled()
+        self._commit()
+        if training_pass:
+            outs = self._generate(track=True)
+            self._pending, self._pending_version = outs, self._phi_version()
+            self._pending_committed = False
+            self._cache_key = None
+        else:
+            states = [s for g in self.generators.values() for s in g.states()]
+            key = (self._phi_version(), tuple(s.data_ptr() for s in states), tuple(s._version for s in states))
+            if key == self._cache_key:
+                return None
+            with torch.no_grad():
+                outs = self._generate(track=False)
+            self._cache_key = key
+        self._install(outs)
+        return outs
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args, **kwargs):
+        self.materialize()
+        output = self.base_model(*args, **kwargs)
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self.last_task_loss = loss.detach()
+        return output
+
+    def generate(self, *args, **kwargs):
+        """Text generation with the current adapter (generated once, cached)."""
+        self.materialize(training_pass=False)
+        return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ training state (checkpoints)
+    def _trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict:
+        """Everything training changes, for an exact resume: the trained parameters (adapters, heads, hypernetworks)
+        and the hypernetworks' buffers (recurrent state, anchors, seeds)."""
+        state = self.state_dict()
+        keys = set(self._trainable_names())
+        keys |= {k for k in state if k.startswith(("generators.", "seeds."))}
+        return {"tensors": {k: state[k].detach().clone() for k in sorted(keys)}, "meta": {}}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        tensors = state["tensors"]
+        expected = set(self.trainable_state_dict()["tensors"])
+        if set(tensors) != expected:
+            raise ValueError(f"The state does not fit this model: missing {sorted(expected - set(tensors))[:5]}, "
+                             f"unexpected {sorted(set(tensors) - expected)[:5]}.")
+        self.load_state_dict(tensors, strict=False)
+        self._pending, self._pending_version, self._cache_key = None, None, None
+        self._pending_committed = False
+
+    # ------------------------------------------------------------------ the final adapter
+    @torch.no_grad()
+    def _materialized(self) -> None:
+        was_training = self.training
+        self.eval()
+        self.materialize(training_pass=False)
+        self.train(was_training)
+
+    def drop_hypernetworks(self) -> "GeneratedAdapterModel":
+        """Freeze the generated tensors into the layers (as fixed, non-trained tensors) and delete the hypernetworks:
+        inference then costs what the plain method costs."""
+        if not self.generated:
+            return self
+        self._materialized()
+        for layer in self.adapters:
+            for role in self.generators:
+                layer.set_trained(role, layer.tensors(role), requires_grad=False)
+        del self.generators
+        del self.seeds
+        self._pending = None
+        return self
+
+    def _modules_to_save_state(self) -> dict:
+        return {f"modules_to_save.{name}.{k}": v for name in self.saved_module_names
+                for k, v in self.base_model.get_submodule(name).state_dict().items()}
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``adapter_model.safetensors`` (every layer's tensors, generated ones as they are now, its other
+        parameters, and the trained heads) and ``method_config.json``. `load_adapter` reads them back."""
+        os.makedirs(directory, exist_ok=True)
+        self._materialized()
+        tensors = {f"{name}.{k}": v for name, layer in zip(self.target_names, self.adapters)
+                   for k, v in layer.adapter_state().items()}
+        tensors.update(self._modules_to_save_state())
+        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
+        self.peft_config.save_pretrained(directory, target_names=self.target_names)
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the adapters into the base weights and return the plain transformers model. Raises ValueError
+        (leaving the model unchanged) for a method whose update depends on the input (HydraLoRA with a router)."""
+        self._materialized()
+        merged = [layer.merged_weight() for layer in self.adapters]  # all first: fail before changing anything
+        for name, layer, weight in zip(self.target_names, self.adapters, merged):
+            base = layer.base_layer
+            base.weight.data.copy_(weight.to(base.weight.dtype))
+            _replace(self.base_model, name, base)
+        return self.base_model
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
+    """Load an adapter written by `GeneratedAdapterModel.save_pretrained` onto ``model`` (inference: every tensor
+    fixed, no hypernetwork)."""
+    import re
+
+    from safetensors.torch import load_file
+
+    config = MethodConfig.from_pretrained(directory)
+    with open(os.path.join(directory, METHOD_CONFIG_NAME)) as f:
+        names = json.load(f).get("target_names")
+    if names:
+        config.target_modules = "|".join(re.escape(n) for n in names)
+    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from e
+    wrapped = GeneratedAdapterModel(model, config, trained_only=True)
+    for name, layer in zip(wrapped.target_names, wrapped.adapters):
+        expected = layer.adapter_state()
+        state = {}
+        for key, ref in expected.items():
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise ValueError(f"{path} has no tensor {full!r}: the adapter was saved for another model.")
+            if tensors[full].shape != ref.shape:
+                raise ValueError(f"Adapter tensor {full!r} has shape {tuple(tensors[full].shape)} but the model's "
+                                 f"layer needs {tuple(ref.shape)}: this adapter was trained on another base model.")
+            state[key] = tensors[full]
+        layer.load_state_dict(state, strict=False)  # every key was checked above; the base layer is not in the file
+    for name in wrapped.saved_module_names:
+        prefix = f"modules_to_save.{name}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if sub:
+            try:
+                wrapped.base_model.get_submodule(name).load_state_dict(sub)
+            except RuntimeError as e:
+                raise ValueError(f"Saved weights of {name!r} do not fit the model: {e}") from None
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    return wrapped
