@@ -4,6 +4,8 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-0000042/`` holding
 
 - ``model.safetensors``: the trainable state. HyperAdaLoRA: `HyperAdaLoraModel.trainable_state_dict` (the
   hypernetworks with their recurrent state and anchors, the heads, the rank masks and importance EMAs);
+  the methods of `hyperadalora.methods`: `GeneratedAdapterModel.trainable_state_dict` (trained parameters,
+  hypernetworks with their recurrent state, anchors and seeds);
   peft LoRA / AdaLoRA: every parameter with ``requires_grad`` (AdaLoRA's ``lora_E`` carries its masking)
   plus AdaLoRA's rank-allocator EMAs (``ipt``, ``exp_avg_ipt``, ``exp_avg_unc``);
 - ``rng.safetensors``: the torch CPU and CUDA generator states;
@@ -35,16 +37,25 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 ADALORA_EMAS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 
+def _method_kinds() -> tuple:  # the kinds of `hyperadalora.methods` (imported lazily: no import cycle)
+    from .methods import METHODS
+
+    return tuple(METHODS)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupted, or does not fit the run."""
 
 
 # ---------------------------------------------------------------------------------------------- model state
 def _kind(model) -> str:
+    from .methods import GeneratedAdapterModel
     from .model import HyperAdaLoraModel
 
     if isinstance(model, HyperAdaLoraModel):
         return "hyperadalora"
+    if isinstance(model, GeneratedAdapterModel):
+        return model.peft_config.method
     return {"AdaLoraModel": "adalora", "LoraModel": "lora"}.get(type(getattr(model, "base_model", None)).__name__,
                                                                 type(model).__name__)
 
@@ -59,6 +70,10 @@ def model_state(model) -> tuple[dict, dict]:
         tensors.update({f"allocator.{k}": alloc[k] for k in ("mask", "ipt", "unc") if alloc[k] is not None})
         meta = {"allocator": {k: alloc[k] for k in ("last_step", "n_maskings")},
                 "mask_version": state["mask_version"], "allocate_called": state["allocate_called"]}
+    elif kind in _method_kinds():  # GeneratedAdapterModel
+        state = model.trainable_state_dict()
+        tensors = {f"model.{k}": v for k, v in state["tensors"].items()}
+        meta = dict(state["meta"])
     else:
         tensors = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
         meta = {}
@@ -94,6 +109,10 @@ def load_model_state(model, tensors: dict, meta: dict, where: str) -> None:
         model.load_trainable_state_dict({"tensors": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                                          "allocator": alloc, "mask_version": meta["mask_version"],
                                          "allocate_called": meta["allocate_called"]})
+        return
+    if kind in _method_kinds():  # GeneratedAdapterModel
+        model.load_trainable_state_dict({"tensors": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                                         "meta": {k: v for k, v in meta.items() if k != "kind"}})
         return
     params = dict(model.named_parameters())
     with torch.no_grad():

