@@ -1,0 +1,365 @@
+"""The methods of `hyperadalora.methods` (hyperlora, hyperdora, hydralora, hyperhydralora): one contract for all
+(identity at step 0, training, save/load, merge, checkpoints), plus what each method must get right."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import hyperadalora as ha
+from conftest import BERT_TARGETS, make_bert, make_llama
+from hyperadalora import cli
+from hyperadalora import methods as M
+from hyperadalora.train import TrainArgs, TrainingInterrupted, args_from_dict, read_metrics, train
+
+ALL = ["hyperlora", "hyperdora", "hydralora", "hyperhydralora"]
+GENERATED = ["hyperlora", "hyperdora", "hyperhydralora"]
+HYDRA = ["hydralora", "hyperhydralora"]
+
+
+def cfg(method, **kw):
+    return M.get_method(method).config_cls(**{"target_modules": BERT_TARGETS, "task_type": "SEQ_CLS", **kw})
+
+
+def train_steps(model, batch, steps, lr=1e-2):
+    opt = torch.optim.AdamW(model.optimizer_param_groups(lr))
+    model.train()
+    losses = []
+    for step in range(1, steps + 1):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        model.after_optimizer_step(step)
+        opt.zero_grad()
+        losses.append(model.last_task_loss.item())
+    model.eval()
+    return losses
+
+
+def trained(method, batch, steps=6, **kw):
+    model = ha.get_peft_model(make_bert(), cfg(method, **kw))
+    train_steps(model, batch, steps)
+    return model
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"]).logits
+
+
+# ---------------------------------------------------------------------------------------------- the contract
+@pytest.mark.parametrize("method, options", [(m, {}) for m in ALL] + [
+    ("hyperlora", {"hypernet": "mlp", "generation": "static"}), ("hyperlora", {"tokens": "element", "element_chunk": 64}),
+    ("hyperdora", {"context": "none", "init": "normal"}), ("hyperhydralora", {"n_heads": 1, "hypernet": "cnn"}),
+    ("hydralora", {"n_heads": 5, "lora_dropout": 0.1})])
+def test_identity_at_step_0(bert, batch, method, options):
+    ref = logits(bert, batch)
+    model = ha.get_peft_model(bert, cfg(method, **options))
+    model.train()  # the training pass (with its graph) must be the identity too
+    assert (model(**batch).logits - ref).abs().max().item() == 0.0
+    model.eval()
+    assert (logits(model, batch) - ref).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_training_moves_the_adapter_and_lowers_the_loss(batch, method):
+    model = ha.get_peft_model(make_bert(), cfg(method))
+    losses = train_steps(model, batch, 10)
+    assert losses[-1] < losses[0] - 0.05, losses
+    for layer in model.adapters:
+        assert all(b.abs().max() > 0 for b in layer.tensors("B"))  # B left zero: the adapter moved
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_save_load_reproduces_outputs(tmp_path, batch, method):
+    model = trained(method, batch)
+    ref = logits(model, batch)
+    model.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / M.METHOD_CONFIG_NAME).read_text())["method"] == method
+    loaded = ha.load_adapter(make_bert(), tmp_path / "a")  # the package's loader dispatches on the saved method
+    assert isinstance(loaded, M.GeneratedAdapterModel) and loaded.generated == ()
+    assert (logits(loaded, batch) - ref).abs().max().item() < 1e-5
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert type(loaded.peft_config) is type(model.peft_config) and loaded.peft_config.r == model.peft_config.r
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_merge_where_defined(batch, method):
+    options = {"n_heads": 1} if method in HYDRA else {}
+    model = trained(method, batch, **options)
+    ref = logits(model, batch)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, M.AdapterLayer) for m in merged.modules())
+    assert (logits(merged, batch) - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("method", HYDRA)
+def test_router_weighted_hydra_refuses_to_merge(batch, method):
+    model = trained(method, batch, steps=2)
+    ref = logits(model, batch)
+    with pytest.raises(ValueError, match="n_heads=3 cannot be merged.*router.*depends on each input"):
+        model.merge_and_unload()
+    assert (logits(model, batch) - ref).abs().max().item() == 0.0  # left unchanged
+
+
+@pytest.mark.parametrize("method", ["hyperhydralora"])  # generated tensors, their state and trained routers
+def test_checkpoint_resume_is_exact(tmp_path, tokenizer, method):
+    from test_checkpoint import run, signal_at
+
+    reference = read_metrics(run(tokenizer, tmp_path / "ref", method=method, lora_dropout=0.1)["metrics"])[0]
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        run(tokenizer, out, method=method, lora_dropout=0.1, on_step=signal_at(5), save_every=3)
+    resumed = read_metrics(run(tokenizer, out, method=method, lora_dropout=0.1, resume=str(out))["metrics"])[0]
+    assert [r["task_loss"] for r in resumed] == [r["task_loss"] for r in reference]  # bit for bit
+
+
+# ---------------------------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("method", GENERATED)
+def test_one_shared_hypernetwork_per_generated_role(method):
+    model = ha.get_peft_model(make_bert(), cfg(method))
+    assert set(model.generators) == {"A", "B"} == set(model.generated)
+    assert sum(isinstance(m, ha.Hypernetwork) for m in model.modules()) == 2
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(".lora_A" in n or ".lora_B" in n for n in names)  # A and B are generated, not parameters
+    bigger = ha.get_peft_model(make_bert(num_layers=3), cfg(method))
+    grow = sum(g.hypernet.module_embedding.weight.numel() for g in bigger.generators.values()) - \
+        sum(g.hypernet.module_embedding.weight.numel() for g in model.generators.values())
+    assert sum(p.numel() for p in bigger.hypernetwork_parameters()) - \
+        sum(p.numel() for p in model.hypernetwork_parameters()) == grow  # only the layer embeddings grow
+
+
+def test_hypernetwork_options_are_hyperadaloras():
+    """Every hypernetwork option of HyperAdaLoraConfig (and any added later) is a field of the generated methods'
+    configs, with its default, and is validated the same way."""
+    hyper = {f.name: f.default for f in dataclasses.fields(ha.HyperAdaLoraConfig)
+             if f.name not in M.base.ADALORA_ONLY_FIELDS + M.base.ADAPTER_FIELDS}
+    for method in GENERATED:
+        fields = {f.name: f.default for f in dataclasses.fields(M.get_method(method).config_cls)}
+        assert hyper.items() <= fields.items()
+        assert not set(M.base.ADALORA_ONLY_FIELDS) & set(fields)
+    with pytest.raises(ValueError, match="HyperLoraConfig: hypernet='rnn'"):
+        M.HyperLoraConfig(hypernet="rnn")
+    c = M.HyperLoraConfig(momentum=1, output_scale=2)
+    assert c.momentum == 1.0 and isinstance(c.output_scale, float)
+    assert c.hypernet_config().momentum == 1.0
+
+
+@pytest.mark.parametrize("method", GENERATED)
+def test_recurrent_state_commits_once_per_step_and_static_does_not(batch, method):
+    rec = ha.get_peft_model(make_bert(), cfg(method, generation="recurrent"))
+    sta = ha.get_peft_model(make_bert(), cfg(method, generation="static"))
+    s_rec = rec.generators["A"].states()[0].clone()
+    s_sta = sta.generators["A"].states()[0].clone()
+    train_steps(rec, batch, 3)  # A's hypernetwork gets no gradient at step 1 (B = 0), so its state moves at step 3
+    train_steps(sta, batch, 3)
+    assert not torch.equal(rec.generators["A"].states()[0], s_rec)
+    assert torch.equal(sta.generators["A"].states()[0], s_sta)
+    state = rec.generators["B"].states()[0].clone()
+    rec.train()
+    rec(**batch)  # no optimizer step since the last commit: nothing to commit
+    rec(**batch)
+    assert torch.equal(rec.generators["B"].states()[0], state)
+
+
+def test_generated_B_is_zero_at_start_but_not_degenerate(batch):
+    """B = G - G_0: zero at step 0, yet its rows come from distinct seed tokens, so after training they differ
+    (from an all-zero seed every row of B would be the same generated row)."""
+    model = ha.get_peft_model(make_bert(), cfg("hyperlora"))
+    model.eval()
+    model.materialize()
+    assert all(torch.count_nonzero(layer.tensors("B")[0]) == 0 for layer in model.adapters)
+    train_steps(model, batch, 4)
+    model.materialize()
+    B = model.adapters[0].tensors("B")[0]
+    assert torch.linalg.matrix_rank(B).item() == B.shape[1]
+
+
+def test_drop_hypernetworks_keeps_outputs(batch):
+    model = trained("hyperhydralora", batch, steps=3)
+    ref = logits(model, batch)
+    model.drop_hypernetworks()
+    assert model.generated == () and "generators" not in dict(model.named_children())
+    assert (logits(model, batch) - ref).abs().max().item() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- LoRA, DoRA vs peft
+@pytest.mark.parametrize("method", ["hyperlora", "hyperdora"])
+def test_same_outputs_as_peft_with_the_same_tensors(batch, method):
+    """The generated A, B (and DoRA's magnitude) put into peft's LoRA / DoRA give the same outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    model = trained(method, batch)
+    ref = logits(model, batch)
+    peft_model = get_peft_model(make_bert(), LoraConfig(r=3, lora_alpha=16, target_modules=BERT_TARGETS,
+                                                        use_dora=method == "hyperdora", task_type="SEQ_CLS"))
+    modules = dict(peft_model.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, layer in zip(model.target_names, model.adapters):
+            target = modules[name]
+            target.lora_A["default"].weight.copy_(layer.tensors("A")[0])
+            target.lora_B["default"].weight.copy_(layer.tensors("B")[0])
+            if method == "hyperdora":
+                target.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+        head = model.base_model.classifier
+        peft_model.base_model.model.classifier.modules_to_save["default"].load_state_dict(head.state_dict())
+    peft_model.eval()
+    assert (logits(peft_model, batch) - ref).abs().max().item() < 1e-5
+
+
+def test_dora_magnitude_is_trained_and_starts_at_the_weight_norms(batch):
+    model = ha.get_peft_model(make_bert(), cfg("hyperdora"))
+    layer = model.adapters[0]
+    assert torch.allclose(layer.magnitude, layer.base_layer.weight.norm(dim=1))
+    groups = {g["name"]: g["params"] for g in model.optimizer_param_groups(1e-3)}
+    assert any(p is layer.magnitude for p in groups["adapters"])
+    before = layer.magnitude.detach().clone()
+    train_steps(model, batch, 2)
+    assert not torch.equal(layer.magnitude, before)
+
+
+# ---------------------------------------------------------------------------------------------- HydraLoRA
+@pytest.mark.parametrize("method", HYDRA)
+def test_routing_weights_sum_to_one_and_the_output_is_the_weighted_sum_of_heads(batch, method):
+    model = trained(method, batch, steps=3, n_heads=4)
+    layer = model.adapters[1]
+    seen = {}
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
+    logits(model, batch)
+    handle.remove()
+    x = seen["x"]
+    w = layer.routing_weights(x)
+    assert w.shape == (*x.shape[:-1], 4)
+    assert torch.allclose(w.sum(-1), torch.ones(x.shape[:-1]), atol=1e-6)
+    assert (w >= 0).all() and w.flatten(0, -2).std(0).max() > 1e-4  # token-wise: not the same for every token
+    (A,), Bs = layer.tensors("A"), layer.tensors("B")
+    expected = layer.base_layer(x) + layer.scaling * sum(w[..., k:k + 1] * (x @ A.t() @ B.t())
+                                                         for k, B in enumerate(Bs))
+    assert torch.allclose(seen["y"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", HYDRA)
+def test_shared_A_is_one_tensor_per_layer(method):
+    n_heads, r = 3, 2
+    model = ha.get_peft_model(make_bert(), cfg(method, r=r, n_heads=n_heads))
+    model.eval()
+    model.materialize()
+    for layer in model.adapters:
+        (A,) = layer.tensors("A")
+        assert A.shape == (r, layer.in_features)
+        assert [tuple(B.shape) for B in layer.tensors("B")] == [(layer.out_features, r)] * n_heads
+        assert layer.router.weight.shape == (n_heads, layer.in_features)
+    if method == "hydralora":
+        for layer in model.adapters:
+            params = dict(layer.named_parameters())
+            assert sorted(k for k in params if not k.startswith("base_layer")) == \
+                ["lora_A.0"] + [f"lora_B.{k}" for k in range(n_heads)] + ["router.weight"]
+        n_adapter = sum(p.numel() for p in model.adapter_parameters())
+        assert n_adapter == sum(r * a.in_features + n_heads * a.out_features * r + n_heads * a.in_features
+                                for a in model.adapters)
+    else:  # one A per layer, n_heads B per layer from the two generators
+        n = model.n_layers
+        assert sum(g.shape[0] for g in model.generators["A"].states()) == n
+        assert sum(g.shape[0] for g in model.generators["B"].states()) == n * n_heads
+        assert [(i, k) for i, k in model.slots["A"]] == [(i, 0) for i in range(n)]
+
+
+def test_hydra_heads_diverge_and_router_learns(batch):
+    model = trained("hydralora", batch, steps=5)
+    router0 = ha.get_peft_model(make_bert(), cfg("hydralora")).adapters[0].router.weight
+    layer = model.adapters[0]
+    B = layer.tensors("B")
+    assert not torch.allclose(B[0], B[1]) and not torch.allclose(B[1], B[2])
+    assert not torch.equal(layer.router.weight, router0)
+
+
+# ---------------------------------------------------------------------------------------------- configs, CLI
+@pytest.mark.parametrize("method, kwargs, message", [
+    ("hyperlora", {"r": 0}, "r=0 must be >= 1"),
+    ("hydralora", {"n_heads": 0}, "n_heads=0 must be >= 1"),
+    ("hyperhydralora", {"n_heads": 2.0}, "n_heads must be an integer"),
+    ("hyperdora", {"lora_dropout": 1.0}, "lora_dropout=1.0"),
+    ("hyperdora", {"generation": "fixed"}, "generation='fixed'"),
+    ("hydralora", {"task_type": "NOPE"}, "task_type='NOPE'"),
+])
+def test_config_validation_says_what_to_change(method, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        cfg(method, **kwargs)
+
+
+def test_options_that_do_not_apply_are_refused():
+    with pytest.raises(ValueError, match=r"\['importance'\] do not apply to method 'hyperlora'"):
+        M.config_from_options("hyperlora", hyper={"importance": "sensitivity"})
+    with pytest.raises(ValueError, match="it has no hypernetworks"):
+        M.config_from_options("hydralora", hyper={"momentum": 0.9})
+    c = M.config_from_options("hyperlora", r=4, n_heads=5, hyper={"momentum": 0.9})
+    assert c.r == 4 and c.momentum == 0.9 and not hasattr(c, "n_heads")
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_config_round_trip(tmp_path, method):
+    c = cfg(method, r=5, lora_alpha=7, seed=3, **({"n_heads": 2} if method in HYDRA else {}),
+            **({"hypernet": "mlp", "momentum": 0.7} if method in GENERATED else {}))
+    c.save_pretrained(tmp_path)
+    back = M.MethodConfig.from_pretrained(tmp_path)
+    assert type(back) is type(c) and back == c
+
+
+def test_load_onto_other_shapes_fails_clearly(tmp_path, batch):
+    trained("hyperlora", batch, steps=1).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="another base model"):
+        ha.load_adapter(make_bert(hidden=48), tmp_path / "a")
+
+
+def test_causal_lm_hyperhydralora_generates():
+    base = make_llama()
+    x = torch.randint(0, 100, (2, 8))
+    ref = base(input_ids=x).logits
+    model = ha.get_peft_model(base, M.HyperHydraLoraConfig(r=2, n_heads=2, target_modules=["q_proj", "v_proj"],
+                                                           task_type="CAUSAL_LM"))
+    model.train()
+    assert (model(input_ids=x, labels=x).logits - ref).abs().max().item() == 0.0
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
+    for step in range(1, 4):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        model.after_optimizer_step(step)
+        opt.zero_grad()
+    model.eval()
+    assert model.generate(input_ids=x[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from hyperadalora.models import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def test_cli_train_every_new_method(tmp_path, tokenizer, capsys):
+    from test_train import write_sst2, write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model", tokenizer)
+    data_dir = write_sst2(tmp_path / "glue", n_train=16, n_dev=8)
+    assert args_from_dict({"method": "hydralora", "n_heads": 2}).n_heads == 2
+    for method in ["dora", *ALL]:
+        out = tmp_path / method
+        code = cli.main(["train", "--method", method, "--task", "sst2", "--model", model_dir, "--data-dir", data_dir,
+                         "--max-steps", "3", "--batch-size", "8", "--max-length", "16", "--n-heads", "2",
+                         "--output-dir", str(out), "--no-progress"])
+        assert code == 0, capsys.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["method"] == method and "accuracy" in summary["final_eval"]
+        if method != "dora":
+            loaded = ha.load_adapter(make_bert(vocab=tokenizer.vocab_size), str(out / "adapter"))
+            assert loaded.peft_config.method == method
+            if method in HYDRA:
+                assert loaded.adapters[0].n_heads == 2
+
+
+def test_train_args_reject_unknown_method():
+    with pytest.raises(ValueError, match="method='qlora'"):
+        TrainArgs(method="qlora")
