@@ -138,7 +138,7 @@ def test_command_line_round_trips_through_the_parser():
     with pytest.raises(ValueError, match="Unknown experiment"):
         run_experiment("nope")
     assert set(EXPERIMENTS) == {"nlu-convergence", "nlg", "ablation-hypernet", "gamma", "efficiency",
-                                "rank-allocation"}
+                                "rank-allocation", "extension"}
 
 
 def test_split_name():
@@ -231,6 +231,28 @@ def test_rank_allocation_tiny(tmp_path, tiny_bert_dir, glue_dir):
         assert (mat[:, 0] == 3).all()
         assert data["total_rank"][m][-1] == 2 * 12         # target_r * n_layers at the end
     assert "By depth" in report and "By module type" in report
+
+
+def test_extension_tiny(tmp_path, tiny_bert_dir, glue_dir):
+    res = run_experiment("extension", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=5,
+                                           tasks=["rte", "sst2", "mnli"]))
+    report, data = check_outputs(res, n_png=7)     # 3 pairs x 2 tasks loss curves + the dev accuracy bars
+    assert set(data["tasks"]) == {"rte", "sst2"} and "mnli" in data["skipped"]
+    for task in ("rte", "sst2"):
+        pairs = data["tasks"][task]["pairs"]
+        assert set(pairs) == {"lora/hyperlora", "dora/hyperdora", "hydralora/hyperhydralora"}
+        for name, pair in pairs.items():
+            base, hyper = name.split("/")
+            conv = pair["convergence"]
+            assert conv["reference"] == base and conv["methods"][base]["steps_ratio"]["mean"] == 1.0
+            assert conv["methods"][hyper]["dev_accuracy"]["n"] == 1
+            # same data order: step 1 is the identity for both, so their first losses match
+            c = pair["curves"]
+            assert c[base]["task_loss"][0][0] == pytest.approx(c[hyper]["task_loss"][0][0], abs=1e-4)
+    counts = data["parameters"]
+    assert counts["lora"]["hypernetworks"] == 0 and counts["hyperlora"]["hypernetworks"] > 0
+    assert counts["hydralora"]["other"] > counts["lora"]["other"]             # N heads and a router
+    assert "steps ratio (variant/base)" in report and "hyperhydralora" in report
 
 
 def test_efficiency_tiny(tmp_path, tiny_bert_dir):

@@ -8,6 +8,7 @@ import os
 from .ablation import run_ablation_hypernet
 from .common import ExperimentOptions, as_options
 from .efficiency import run_efficiency
+from .extension import run_extension
 from .gamma import run_gamma
 from .nlg import run_nlg
 from .nlu import run_nlu_convergence
@@ -20,6 +21,7 @@ EXPERIMENTS = {
     "gamma": run_gamma,
     "efficiency": run_efficiency,
     "rank-allocation": run_rank_allocation,
+    "extension": run_extension,
 }
 
 DESCRIPTIONS = {
@@ -34,6 +36,8 @@ DESCRIPTIONS = {
                   "adalora vs lora (benchmarks/step_time.py)",
     "rank-allocation": "per-layer rank over training (heatmaps) and the final rank pattern, adalora vs hyperadalora; "
                        "default SST-2, 300 steps",
+    "extension": "issue 3: lora vs hyperlora, dora vs hyperdora, hydralora vs hyperhydralora: loss curves, "
+                 "steps-to-target ratio, final dev accuracy on RTE and SST-2; default MiniLM, 100 steps, batch 16",
 }
 
 
@@ -76,7 +80,7 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-length", dest="max_length", type=int, help="tokens per example (efficiency: sequence length)")
     p.add_argument("--data-path", dest="data_path", nargs="+", action="extend", metavar="FILE",
                    help="nlg: extra instruction data files (Alpaca-style JSON / JSONL), besides the Alpaca demo set")
-    p.add_argument("--tasks", type=_csv, help="comma-separated GLUE tasks (nlu-convergence: all of them; "
+    p.add_argument("--tasks", type=_csv, help="comma-separated GLUE tasks (nlu-convergence, extension: all of them; "
                                               "ablation-hypernet, gamma, rank-allocation: the first)")
     p.add_argument("--batch-sizes", dest="batch_sizes", type=_int_csv, help="efficiency: e.g. 1,2,4,8,16,32")
     p.add_argument("--eval-every", dest="eval_every", type=int, help="nlu-convergence: dev evaluation interval")
