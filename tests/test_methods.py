@@ -50,7 +50,8 @@ def logits(model, batch):
 
 # ---------------------------------------------------------------------------------------------- the contract
 @pytest.mark.parametrize("method, options", [(m, {}) for m in ALL] + [
-    ("hyperlora", {"hypernet": "mlp", "generation": "static"}), ("hyperlora", {"tokens": "element", "element_chunk": 64}),
+    ("hyperlora", {"hypernet": "mlp", "generation": "static"}),
+    ("hyperlora", {"tokens": "element", "element_chunk": 64}),
     ("hyperdora", {"context": "none", "init": "normal"}), ("hyperhydralora", {"n_heads": 1, "hypernet": "cnn"}),
     ("hydralora", {"n_heads": 5, "lora_dropout": 0.1})])
 def test_identity_at_step_0(bert, batch, method, options):

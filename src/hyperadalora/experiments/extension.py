@@ -23,7 +23,7 @@ from .common import (_plt, as_options, base_args, command_line, convergence, con
 NAME = "extension"
 TASKS = ("rte", "sst2")
 PAIRS = (("lora", "hyperlora"), ("dora", "hyperdora"), ("hydralora", "hyperhydralora"))
-DEFAULTS = dict(steps=100, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=200, seeds=1)
+DEFAULTS = dict(steps=80, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=200, seeds=1)
 
 FULL_SIZE = """\
 ## Full-size run

@@ -36,8 +36,8 @@ DESCRIPTIONS = {
                   "adalora vs lora (benchmarks/step_time.py)",
     "rank-allocation": "per-layer rank over training (heatmaps) and the final rank pattern, adalora vs hyperadalora; "
                        "default SST-2, 300 steps",
-    "extension": "issue 3: lora vs hyperlora, dora vs hyperdora, hydralora vs hyperhydralora: loss curves, "
-                 "steps-to-target ratio, final dev accuracy on RTE and SST-2; default MiniLM, 100 steps, batch 16",
+    "extension": "lora vs hyperlora, dora vs hyperdora, hydralora vs hyperhydralora: loss curves, steps-to-target "
+                 "ratio, final dev accuracy on RTE and SST-2; default MiniLM, 80 steps, batch 16, max_length 64",
 }
 
 
