@@ -146,7 +146,7 @@ class RankAllocator:
             raise ValueError(f"rank mask of shape {tuple(mask.shape)} does not fit {tuple(self.mask.shape)} "
                              f"(n_layers x init_r).")
         self.mask = mask.to(self.mask.device, torch.bool).clone()
-        self.ipt = None if state.get("ipt") is None else state["ipt"].clone()
-        self.unc = None if state.get("unc") is None else state["unc"].clone()
+        self.ipt = None if state.get("ipt") is None else state["ipt"].to(self.mask.device, copy=True)
+        self.unc = None if state.get("unc") is None else state["unc"].to(self.mask.device, copy=True)
         self.last_step = int(state.get("last_step", 0))
         self.n_maskings = int(state.get("n_maskings", 0))

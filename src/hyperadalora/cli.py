@@ -26,6 +26,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "gen_eval_examples": (int, "instruction tasks: held-out prompts to generate for BLEU/ROUGE"),
     "max_new_tokens": (int, "generation length"), "output_dir": (str, "where metrics.jsonl, summary.json, adapter/ go"),
     "dtype": (str, "float32 | bfloat16"), "device": (str, "cpu | cuda (default: auto)"),
+    "precision": (str, "fp32 | bf16 (bf16 autocast of the model; the hypernetworks stay fp32); same as --dtype"),
     "init_r": (int, "initial rank"), "target_r": (int, "final average rank"), "lora_alpha": (float, "alpha"),
     "lora_dropout": (float, "adapter dropout"), "tinit": (int, "steps before pruning"),
     "tfinal": (int, "steps at the final budget"), "deltaT": (int, "re-mask interval"),

@@ -15,6 +15,7 @@ once that rank allocation is not running (peft #1327): use `RankAllocationCallba
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -87,6 +88,21 @@ def _save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None)
     tmp = path + ".tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def _full_precision(device: torch.device):
+    """Autocast off for the hypernetworks: under bf16 autocast (mixed precision) they, their state and the
+    generated tensors stay in their own precision (fp32); only the adapted layers run in bf16."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _world_size() -> int:
+    """Processes of the default torch.distributed group (1 when not distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,6 +182,7 @@ class HyperAdaLoraModel(nn.Module):
         self._mask_version = 0
         self._warned_no_allocate = False
         self._allocate_called = False
+        self.mask_divergences = 0                  # multi-process: masks replaced by process 0's (should stay 0)
         self.last_task_loss: Optional[torch.Tensor] = None
         self.last_orth_penalty: Optional[torch.Tensor] = None
         # Trainer reads the forward's signature (columns to keep, label names): show the base model's.
@@ -223,19 +240,33 @@ class HyperAdaLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def _generate(self, track: bool) -> dict:
-        return {role: self.generators[role].generate(track=track) for role in self.ROLES}
+        """One batched pass per role and distinct matrix length, over all layers (independent of their number)."""
+        with _full_precision(self.adapters[0].base_layer.weight.device):
+            return {role: self.generators[role].generate(track=track) for role in self.ROLES}
 
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache of generated tensors
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache and move the rank masks along
         self._cache_key = None
-        return super()._apply(fn, *args, **kwargs)
+        result = super()._apply(fn, *args, **kwargs)
+        alloc = self.__dict__.get("allocator")
+        if alloc is not None:
+            alloc.mask = fn(alloc.mask)
+            alloc.ipt = None if alloc.ipt is None else fn(alloc.ipt)
+            alloc.unc = None if alloc.unc is None else fn(alloc.unc)
+        return result
 
     def _install(self, outs: dict) -> None:
         """Hand each layer its views: P (out, r), lambda*mask (r,), Q (r, in)."""
         lam = outs["lambda"][0][..., 0] * self.allocator.mask.to(outs["lambda"][0].dtype)  # (n, r): one group
-        Ps = self.generators["P"].per_layer(outs["P"])
-        Qs = self.generators["Q"].per_layer(outs["Q"])
+        Ps, Qs = self._per_layer("P", outs["P"]), self._per_layer("Q", outs["Q"])
         for layer, P, l, Qt in zip(self.adapters, Ps, lam, Qs):
             layer.set_tensors(P, l, Qt.t())
+
+    def _per_layer(self, role: str, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One (L_i, w) view per layer, in layer order, from one `unbind` per group: its backward is a single
+        stack of the layers' gradients (indexing each layer would cost a zero-filled copy of the whole group
+        per layer in backward, quadratic in the number of layers)."""
+        views = [t.unbind(0) for t in outs]
+        return [views[g][pos] for g, pos in self.generators[role].layer_slot]
 
     def _maybe_commit(self, auto: bool) -> None:
         """Recurrent state: once the hypernetworks have been updated, the last generation becomes the state."""
@@ -307,7 +338,8 @@ class HyperAdaLoraModel(nn.Module):
                         + ((a.Q @ a.Q.t() - torch.eye(a.Q.shape[0], device=a.Q.device)) ** 2).sum()
                         for a in self.adapters)
             return torch.as_tensor(total) / self.n_layers
-        return (self._gram_penalty(outs["P"]) + self._gram_penalty(outs["Q"])) / self.n_layers
+        with _full_precision(outs["P"][0].device):
+            return (self._gram_penalty(outs["P"]) + self._gram_penalty(outs["Q"])) / self.n_layers
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
@@ -331,24 +363,68 @@ class HyperAdaLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ rank allocation
     def _sensitivity(self) -> Optional[torch.Tensor]:
+        """(3, n_layers, init_r) instant sensitivities |x * grad| of the generated P, lambda, Q: per group of
+        stacked layers (no loop over layers), mean over a rank's P column / Q row."""
         outs = self._pending
         if outs is None or any(t.grad is None for ts in outs.values() for t in ts):
             return None
+        grads = {role: [t.grad for t in outs[role]] for role in self.ROLES}
+        world = _world_size()
+        if world > 1:  # the gradients a single process would see for the global batch (as DDP does for phi)
+            import torch.distributed as dist
+
+            flat = torch.cat([g.flatten() for role in self.ROLES for g in grads[role]])
+            dist.all_reduce(flat)
+            flat /= world
+            parts = iter(flat.split([g.numel() for role in self.ROLES for g in grads[role]]))
+            grads = {role: [next(parts).view_as(g) for g in grads[role]] for role in self.ROLES}
         comps = []
         for role in self.ROLES:
-            per_layer = []
-            for t, (g, pos) in zip(self.generators[role].per_layer(outs[role]), self.generators[role].layer_slot):
-                grad = outs[role][g].grad[pos]
-                s = (t.detach() * grad).abs()
-                per_layer.append(s.mean(dim=0) if role != "lambda" else s[:, 0])
-            comps.append(torch.stack(per_layer))
+            per_role = None
+            for g, (t, grad) in enumerate(zip(outs[role], grads[role])):
+                s = (t.detach() * grad).abs()                     # (n_g, L, w)
+                s = s[..., 0] if role == "lambda" else s.mean(dim=1)  # (n_g, init_r)
+                if per_role is None:
+                    per_role = s.new_zeros(self.n_layers, s.shape[-1])
+                per_role.index_copy_(0, self._group_members(role, g, s.device), s)
+            comps.append(per_role)
         return torch.stack(comps)
+
+    def _group_members(self, role: str, group: int, device) -> torch.Tensor:
+        """Layer indices of a role's group g, in the group's stacking order (cached)."""
+        cache = self.__dict__.setdefault("_members_cache", {})
+        key = (role, group, str(device))
+        if key not in cache:
+            slots = self.generators[role].layer_slot
+            members = sorted((pos, i) for i, (g, pos) in enumerate(slots) if g == group)
+            cache[key] = torch.tensor([i for _, i in members], dtype=torch.long, device=device)
+        return cache[key]
+
+    def _sync_masks(self) -> bool:
+        """Multi-process training: every rank takes rank 0's masks (a safety net; they are computed from identical
+        values on every rank). Returns True if this rank's masks differed."""
+        import torch.distributed as dist
+
+        shared = self.allocator.mask.to(torch.uint8)
+        dist.broadcast(shared, src=0)
+        shared = shared.bool()
+        if torch.equal(shared, self.allocator.mask):
+            return False
+        self.mask_divergences += 1
+        warnings.warn(f"HyperAdaLoRA: the rank masks of process {dist.get_rank()} differed from process 0's; "
+                      f"process 0's were taken ({self.mask_divergences} time(s) so far).", stacklevel=3)
+        self.allocator.mask = shared
+        return True
 
     @torch.no_grad()
     def update_and_allocate(self, global_step: int) -> bool:
         """After ``optimizer.step()`` (and before ``zero_grad()``): commit the state, update the importance and
         re-mask on schedule. ``global_step`` counts optimizer steps done, 1 after the first. Returns True if
-        the masks changed."""
+        the masks changed.
+
+        Under torch.distributed (DDP) every process must call it at every step: the gradients of the generated
+        tensors are averaged over the processes before the sensitivity is computed (as DDP averages the
+        hypernetworks' gradients) and, on masking steps, the masks of process 0 are broadcast to all."""
         if self.fixed:
             raise RuntimeError("This adapter's hypernetworks were dropped (loaded or finalised): it cannot train.")
         self._allocate_called = True
@@ -358,6 +434,8 @@ class HyperAdaLoraModel(nn.Module):
             magnitude = self.generators["lambda"].generate()[0][..., 0]
         self._maybe_commit(auto=False)
         changed = self.allocator.update(int(global_step), magnitude=magnitude, sensitivity=sensitivity)
+        if _world_size() > 1 and self.allocator.is_masking_step(int(global_step)):
+            changed = self._sync_masks() or changed
         if changed:
             self._mask_version += 1
             self._cache_key = None

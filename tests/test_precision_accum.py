@@ -1,0 +1,88 @@
+"""Mixed precision (bf16 autocast) and gradient accumulation in the training loop (tiny BERT, CPU)."""
+
+import pytest
+import torch
+
+from conftest import make_bert
+from hyperadalora.allocator import budget_at
+from hyperadalora.model import HyperAdaLoraModel
+from hyperadalora.train import TrainArgs, read_metrics, train
+from test_train import toy_examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from hyperadalora.models import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def run(tmp_path, tokenizer, name, on_step=None, **kw):
+    base = dict(method="hyperadalora", task="sst2", max_steps=12, batch_size=8, lr=5e-3, max_length=16, seed=0,
+                tinit=2, tfinal=3, deltaT=1, device="cpu", progress=False, save_adapter=False, keep_checkpoints=0)
+    args = TrainArgs(**{**base, **kw, "output_dir": str(tmp_path / name)})
+    summary = train(args, model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
+                    train_examples=toy_examples(64), eval_examples=toy_examples(8, seed=1), on_step=on_step)
+    return summary, read_metrics(summary["metrics"])[0]
+
+
+def test_precision_flag_and_dtype_agree():
+    assert TrainArgs(precision="bf16").dtype == "bfloat16"
+    assert TrainArgs(dtype="bfloat16").precision == "bf16"
+    assert TrainArgs().precision == "fp32" and TrainArgs().dtype == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        TrainArgs(precision="fp16")
+
+
+@pytest.mark.parametrize("method", ["hyperadalora", "lora"])
+def test_bf16_autocast_stays_close_to_fp32(tmp_path, tokenizer, method):
+    seen = {}
+
+    def hook(module, args, output):  # the hypernetworks' outputs under autocast
+        seen.setdefault("dtypes", set()).add(output.dtype)
+
+    def check(step, row):
+        model = summary_model.get("model")
+        if isinstance(model, HyperAdaLoraModel):
+            assert all(p.dtype == torch.float32 for p in model.generators.parameters())
+            assert all(b.dtype == torch.float32 for b in model.generators.buffers() if b.is_floating_point())
+            assert all(t.dtype == torch.float32 for ts in model._pending.values() for t in ts)
+
+    summary_model = {}
+    original_init = HyperAdaLoraModel.__init__
+
+    def init(self, *a, **k):  # catch the wrapped model to inspect it during training
+        original_init(self, *a, **k)
+        summary_model["model"] = self
+        for g in self.generators.values():
+            g.hypernet.register_forward_hook(hook)
+
+    HyperAdaLoraModel.__init__ = init
+    try:
+        _, fp32 = run(tmp_path, tokenizer, "fp32", method=method, max_steps=6)
+        seen.clear()
+        _, bf16 = run(tmp_path, tokenizer, "bf16", on_step=check, method=method, max_steps=6, precision="bf16")
+    finally:
+        HyperAdaLoraModel.__init__ = original_init
+    if method == "hyperadalora":
+        assert seen["dtypes"] == {torch.float32}   # the hypernetworks ran in fp32 under bf16 autocast
+    for a, b in zip(fp32, bf16):
+        assert b["task_loss"] == pytest.approx(a["task_loss"], abs=5e-3), (a["step"], a["task_loss"], b["task_loss"])
+    assert any(a["task_loss"] != b["task_loss"] for a, b in zip(fp32, bf16))  # bf16 did run
+
+
+def test_grad_accumulation_counts_optimizer_steps_in_the_budget_schedule(tmp_path, tokenizer):
+    """4 micro-batches x 2 = one optimizer step: the budget follows the optimizer steps (12 rows, the schedule of
+    12 steps), and the run equals one micro-batch of 8 per step."""
+    summary, accum = run(tmp_path, tokenizer, "accum", batch_size=2, grad_accum=4)
+    _, plain = run(tmp_path, tokenizer, "plain", batch_size=8, grad_accum=1)
+    n, r = 12, 3  # adapted layers of the tiny BERT, init_r
+    expected = [budget_at(s, r * n, 2 * n, 2, 3, 12) for s in range(1, 13)]
+    assert [row["step"] for row in accum] == list(range(1, 13))
+    assert [row["total_rank"] for row in accum] == expected
+    assert summary["model"].allocator.last_step == 12
+    for a, b in zip(accum, plain):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["total_rank"] == b["total_rank"]
