@@ -93,6 +93,8 @@ def cmd_train(ns) -> int:
         print(f"hyperadalora train: {e}", file=sys.stderr)
         return e.exit_code
     summary.pop("model", None)
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: process 0 reports
+        return 0
     print(json.dumps({k: summary[k] for k in ("method", "task", "steps", "final_eval", "final_loss", "train_time_s",
                                               "median_step_s", "total_rank", "metrics", "adapter")}, indent=2))
     return 0

@@ -379,6 +379,8 @@ def setup_distributed(device_arg: Optional[str]) -> tuple[Distributed, torch.dev
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_arg is None and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        device_arg = "cpu"  # accelerate launch --cpu
     use_cuda = device_arg != "cpu" and (torch.cuda.is_available() if device_arg is None
                                         else str(device_arg).startswith("cuda"))
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
