@@ -31,7 +31,10 @@ def train_steps(model, batch, steps, lr=1e-2, start=1):
 
 
 @pytest.mark.parametrize("options", [{}, {"hypernet": "mlp"}, {"hypernet": "cnn"}, {"attention": "full"},
-                                     {"tokens": "element"}, {"generation": "static"}, {"context": "none"}])
+                                     {"tokens": "element"}, {"generation": "static"}, {"context": "none"},
+                                    {"context": "feature"}, {"context": "feature", "tokens": "element", "element_chunk": 7},
+                                     {"init": "principal"}, {"generation": "static", "identity": "offset"},
+                                     {"generation": "static", "identity": "offset", "tokens": "element", "context": "feature"}])
 def test_identity_at_step_0(bert, batch, options):
     ref = bert(input_ids=batch["input_ids"]).logits
     model = ha.get_peft_model(bert, cfg(**options))

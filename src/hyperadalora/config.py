@@ -18,10 +18,11 @@ CONFIG_NAME = "hyperadalora_config.json"
 HYPERNETS = ("attention", "mlp", "cnn")
 GENERATIONS = ("recurrent", "static")
 TOKEN_LAYOUTS = ("row", "element")
-CONTEXTS = ("module", "none")
+CONTEXTS = ("module", "feature", "none")
 ATTENTIONS = ("full", "induced")
 IMPORTANCES = ("magnitude", "sensitivity")
-INITS = ("orthonormal", "normal")
+INITS = ("orthonormal", "principal", "normal")
+IDENTITIES = ("zero_output", "offset")
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # Heads that a task type trains in full, as peft does for SEQ_CLS (`classifier` / `score`).
@@ -74,10 +75,16 @@ class HyperAdaLoraConfig:
     tokens: str = field(default="row", metadata={"help": "'row' (a row of P / column of Q / one lambda per token) "
                                                          "or 'element' (every scalar a token, eq. 8)."})
     context: str = field(default="module", metadata={"help": "'module': tokens carry a learned embedding of their "
-                                                             "layer (and rank position); 'none': no context."})
+                                                             "layer (and rank position); 'feature': also of the "
+                                                             "feature (row of P, column of Q) they stand for, shared "
+                                                             "by all layers of that dimension; 'none': no context."})
     hypernet_dim: int = field(default=32, metadata={"help": "Width d_h of the hypernetworks."})
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim."})
+    identity: str = field(default="zero_output", metadata={"help": "How step 0 is made the identity: 'zero_output' "
+                                                                   "(zero-initialised output projection) or 'offset' "
+                                                                   "(random output projection, its initial output "
+                                                                   "subtracted; generation='static' only)."})
     output_scale: float = field(default=1.0, metadata={"help": "Scale of the generated increment H(X) - X."})
     momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
                                                            "increment carries over to the next step (1.0 = the paper's "
@@ -86,7 +93,9 @@ class HyperAdaLoraConfig:
                                                                     "the run's learning rate."})
     hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
                                                                          "in backward instead of storing them."})
-    init: str = field(default="orthonormal", metadata={"help": "Seed state of P and Q: 'orthonormal' or 'normal' "
+    init: str = field(default="orthonormal", metadata={"help": "Seed state of P and Q: 'orthonormal' (random), "
+                                                               "'principal' (top init_r singular vectors of the "
+                                                               "frozen weight) or 'normal' "
                                                                "(the paper's; lambda then also starts random)."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the 'normal' initialisation."})
     element_chunk: int = field(default=1024, metadata={"help": "tokens='element': attention runs within chunks of this "
@@ -151,6 +160,10 @@ class HyperAdaLoraConfig:
         _choice("context", self.context, CONTEXTS)
         _choice("importance", self.importance, IMPORTANCES)
         _choice("init", self.init, INITS)
+        _choice("identity", self.identity, IDENTITIES)
+        if self.identity == "offset" and self.generation != "static":
+            raise ValueError("identity='offset' subtracts the hypernetworks' initial output on the fixed seed state: it "
+                             "needs generation='static'. Set generation='static' or identity='zero_output'.")
         if self.hypernet_dim % self.hypernet_heads:
             raise ValueError(f"hypernet_dim={self.hypernet_dim} must be divisible by hypernet_heads={self.hypernet_heads}.")
         if self.task_type is not None:

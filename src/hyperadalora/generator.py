@@ -53,10 +53,11 @@ class RoleGenerator(nn.Module):
         width: ``w``, the token width in row layout (same for all layers).
         rank_axis: 1 if the columns of the ``(L, w)`` matrix are the ranks (P, Q), 0 if the rows are (lambda).
         init: ``orthonormal``, ``normal`` or ``zeros`` for the seed state.
+        initial: seed states given per layer (``(L_i, w)`` each) instead of ``init``.
     """
 
     def __init__(self, role: str, lengths: list[int], width: int, rank_axis: int, init: str, cfg,
-                 generator: torch.Generator):
+                 generator: torch.Generator, initial: Optional[list[torch.Tensor]] = None):
         super().__init__()
         self.role, self.width, self.rank_axis = role, width, rank_axis
         self.element = cfg.tokens == "element"
@@ -78,16 +79,34 @@ class RoleGenerator(nn.Module):
             for pos, i in enumerate(members):
                 self.layer_slot[i] = (g, pos)
             self.register_buffer(f"ids_{g}", torch.tensor(members, dtype=torch.long), persistent=False)
-            state = init_state(init, len(members), length, width, rank_axis, cfg.init_std, generator)
+            if initial is not None:  # given seed states, one (length, width) per layer
+                state = torch.stack([initial[i].detach().float().cpu() for i in members])
+            else:
+                state = init_state(init, len(members), length, width, rank_axis, cfg.init_std, generator)
             self.register_buffer(f"state_{g}", state)
         ranks = width if rank_axis == 1 else max(lengths)
         uses_positions = self.element or rank_axis == 0
         self.hypernet = Hypernetwork(
             token_width=1 if self.element else width, dim=cfg.hypernet_dim, arch=cfg.hypernet,
             heads=cfg.hypernet_heads, ffn_mult=cfg.hypernet_ffn_mult,
-            n_modules=n_layers if cfg.context == "module" else 0,
-            n_positions=ranks if (uses_positions and cfg.context == "module") else 0,
+            n_modules=n_layers if cfg.context != "none" else 0,
+            n_positions=ranks if (uses_positions and cfg.context != "none") else 0,
             attention=cfg.attention, n_induced=cfg.n_induced)
+        # context='feature': a learned embedding of each row of P / column of Q (the feature it reads or writes),
+        # one table per group of equal length, so that layers of the same dimension share what they learn about it
+        self.feature_embeddings = nn.ParameterList()
+        if cfg.context == "feature" and rank_axis == 1:
+            for length in self.group_lengths:
+                self.feature_embeddings.append(nn.Parameter(
+                    torch.randn(length, cfg.hypernet_dim, generator=generator)))
+        # identity='offset': a non-zero output projection from the start (every parameter gets a gradient at step 1),
+        # and the initial increment H_phi0(X_0) subtracted as a constant, so the first generation is still X_0
+        self.offset = getattr(cfg, "identity", "zero_output") == "offset"
+        if self.offset:
+            self.hypernet.out_proj.reset_parameters()
+            with torch.no_grad():
+                for g in range(len(self.group_lengths)):
+                    self.register_buffer(f"offset_{g}", self._increment(g).detach().clone())
         self._used_weight: Optional[torch.Tensor] = None  # output projection used by the last training pass
         self._used_bias: Optional[torch.Tensor] = None
 
@@ -110,6 +129,40 @@ class RoleGenerator(nn.Module):
             return torch.utils.checkpoint.checkpoint(self.hypernet, *inputs, use_reentrant=False)
         return self.hypernet(*inputs)
 
+    def _increment(self, g: int) -> torch.Tensor:
+        """The hypernetwork's raw increment for group ``g``: (n_g, L_g, w), before the output scale."""
+        length = self.group_lengths[g]
+        state = getattr(self, f"state_{g}")
+        ids = getattr(self, f"ids_{g}")
+        n = state.shape[0]
+        in_scale = math.sqrt(length) if self.rank_axis == 1 else 1.0  # unit-scale entries for the network
+        dtype = self.hypernet.in_proj.weight.dtype
+        x = state.to(dtype) * in_scale
+        pos = self._positions(length, state.device)
+        feat = self.feature_embeddings[g] if len(self.feature_embeddings) else None
+        if not self.element:
+            return self._run(x, ids, pos, None, feat)
+        tokens = x.reshape(n, length * self.width, 1)
+        n_tok = tokens.shape[1]
+        if feat is not None:  # element (j, k) of the (length, width) matrix stands for feature j
+            feat = feat.repeat_interleave(self.width, dim=0)
+        if n_tok > self.chunk:
+            chunks, padding, _ = chunk_tokens(tokens, self.chunk)
+            per = chunks.shape[0] // n
+            pos_c = None
+            if pos is not None:
+                pos_c = torch.nn.functional.pad(pos, (0, per * self.chunk - n_tok)).view(per, self.chunk)
+                pos_c = pos_c.repeat(n, 1)
+            feat_c = None
+            if feat is not None:
+                feat_c = torch.nn.functional.pad(feat, (0, 0, 0, per * self.chunk - n_tok))
+                feat_c = feat_c.view(per, self.chunk, -1).repeat(n, 1, 1)
+            inc = self._run(chunks, ids.repeat_interleave(per), pos_c, padding, feat_c)
+            inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
+        else:
+            inc = self._run(tokens, ids, pos, None, feat)
+        return inc.reshape(n, length, self.width)
+
     def generate(self, track: bool = False) -> list[torch.Tensor]:
         """One batched pass per group: returns [(n_g, L_g, w)] generated tensors.
 
@@ -121,29 +174,10 @@ class RoleGenerator(nn.Module):
         outs = []
         for g, length in enumerate(self.group_lengths):
             state = getattr(self, f"state_{g}")
-            ids = getattr(self, f"ids_{g}")
-            n = state.shape[0]
-            in_scale = math.sqrt(length) if self.rank_axis == 1 else 1.0  # unit-scale entries for the network
-            dtype = self.hypernet.in_proj.weight.dtype
-            x = state.to(dtype) * in_scale
-            pos = self._positions(length, state.device)
-            if not self.element:
-                inc = self._run(x, ids, pos)
-            else:
-                tokens = x.reshape(n, length * self.width, 1)
-                n_tok = tokens.shape[1]
-                if n_tok > self.chunk:
-                    chunks, padding, _ = chunk_tokens(tokens, self.chunk)
-                    per = chunks.shape[0] // n
-                    pos_c = None
-                    if pos is not None:
-                        pos_c = torch.nn.functional.pad(pos, (0, per * self.chunk - n_tok)).view(per, self.chunk)
-                        pos_c = pos_c.repeat(n, 1)
-                    inc = self._run(chunks, ids.repeat_interleave(per), pos_c, padding)
-                    inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
-                else:
-                    inc = self._run(tokens, ids, pos)
-                inc = inc.reshape(n, length, self.width)
+            inc = self._increment(g)
+            if self.offset:
+                inc = inc - getattr(self, f"offset_{g}").to(inc.dtype)
+            in_scale = math.sqrt(length) if self.rank_axis == 1 else 1.0
             outs.append(state + inc.to(state.dtype) * (self.output_scale / in_scale))
         return outs
 

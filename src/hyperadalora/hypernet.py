@@ -143,9 +143,13 @@ class Hypernetwork(nn.Module):
 
     def features(self, tokens: torch.Tensor, module_ids: Optional[torch.Tensor] = None,
                  position_ids: Optional[torch.Tensor] = None,
-                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (B, L, w); module_ids (B,) long; position_ids (L,) or (B, L) long -> (B, L, d_h)."""
+                 key_padding: Optional[torch.Tensor] = None,
+                 feature_context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, L, w); module_ids (B,) long; position_ids (L,) or (B, L) long; feature_context (L, d_h) or
+        (B, L, d_h), added to every token -> (B, L, d_h)."""
         h = self.in_proj(tokens)
+        if feature_context is not None:
+            h = h + (feature_context if feature_context.dim() == 3 else feature_context[None])
         if self.module_embedding is not None and module_ids is not None:
             h = h + self.module_embedding(module_ids)[:, None, :]
         if self.position_embedding is not None and position_ids is not None:
@@ -155,9 +159,10 @@ class Hypernetwork(nn.Module):
 
     def forward(self, tokens: torch.Tensor, module_ids: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
-                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_padding: Optional[torch.Tensor] = None,
+                feature_context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The increment (B, L, w), through the anchored output projection."""
-        h = self.features(tokens, module_ids, position_ids, key_padding)
+        h = self.features(tokens, module_ids, position_ids, key_padding, feature_context)
         return F.linear(h, self.out_proj.weight - self.anchor_weight, self.out_proj.bias - self.anchor_bias)
 
     def num_parameters(self) -> int:

@@ -123,6 +123,23 @@ def _with_signature_of(base_cls: type) -> type:
                 {"forward": forward, "__module__": __name__, "__qualname__": f"HyperAdaLoraModelFor{base_cls.__name__}"})
 
 
+def principal_subspaces(adapters: list, r: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Seed states of ``init='principal'``: the top-``r`` left (P, ``(out, r)``) and right (Q^T, ``(in, r)``) singular
+    vectors of each frozen weight ``W0`` (exact SVD up to 1024 on the short side, randomised above)."""
+    ps, qs = [], []
+    for layer in adapters:
+        w = layer.base_layer.weight.detach().float()
+        if min(w.shape) <= 1024:
+            u, _, vh = torch.linalg.svd(w, full_matrices=False)
+            u, v = u[:, :r], vh[:r].t()
+        else:
+            u, _, v = torch.svd_lowrank(w, q=r + 8, niter=4)
+            u, v = u[:, :r], v[:, :r]
+        ps.append(u.cpu())
+        qs.append(v.cpu())
+    return ps, qs
+
+
 # ---------------------------------------------------------------------------------------------- model
 class HyperAdaLoraModel(nn.Module):
     """A transformers model with HyperAdaLoRA adapters.
@@ -166,11 +183,16 @@ class HyperAdaLoraModel(nn.Module):
             torch.manual_seed(config.seed)  # hypernetwork initialisation independent of the caller's RNG
             try:
                 seed_pq = "normal" if config.init == "normal" else "orthonormal"
+                seeds_p = seeds_q = None
+                if config.init == "principal":
+                    seeds_p, seeds_q = principal_subspaces(self.adapters, r)
                 self.generators = nn.ModuleDict({
-                    "P": RoleGenerator("P", [a.out_features for a in self.adapters], r, 1, seed_pq, config, gen),
+                    "P": RoleGenerator("P", [a.out_features for a in self.adapters], r, 1, seed_pq, config, gen,
+                                       seeds_p),
                     "lambda": RoleGenerator("lambda", [r] * n, 1, 0, "normal" if config.init == "normal" else "zeros",
                                             config, gen),
-                    "Q": RoleGenerator("Q", [a.in_features for a in self.adapters], r, 1, seed_pq, config, gen),
+                    "Q": RoleGenerator("Q", [a.in_features for a in self.adapters], r, 1, seed_pq, config, gen,
+                                       seeds_q),
                 })
             finally:
                 torch.random.set_rng_state(torch_state)

@@ -50,6 +50,7 @@ class ExperimentOptions:
     max_length: Optional[int] = None        # tokens per example (efficiency: the sequence length)
     data_path: list = field(default_factory=list)  # nlg: extra instruction data files
     tasks: Optional[list] = None            # GLUE tasks (nlu-convergence; the first one for the others)
+    variants: Optional[list] = None         # formulation: labels of the variants to run
     batch_sizes: Optional[list] = None      # efficiency
     eval_every: Optional[int] = None
     max_train_examples: Optional[int] = None

@@ -8,6 +8,8 @@ import os
 from .ablation import run_ablation_hypernet
 from .common import ExperimentOptions, as_options
 from .efficiency import run_efficiency
+from .formulation import VARIANTS as FORMULATION_VARIANTS
+from .formulation import run_formulation
 from .extension import run_extension
 from .gamma import run_gamma
 from .nlg import run_nlg
@@ -36,6 +38,8 @@ DESCRIPTIONS = {
                   "adalora vs lora (benchmarks/step_time.py)",
     "rank-allocation": "per-layer rank over training (heatmaps) and the final rank pattern, adalora vs hyperadalora; "
                        "default SST-2, 300 steps",
+    "formulation": "every HyperAdaLoRA formulation tried (paper recurrence, damped, static, offset, feature context, "
+                   "principal seed) vs adalora: steps-to-target table; default SST-2, 200 steps, lr 3e-3",
     "extension": "lora vs hyperlora, dora vs hyperdora, hydralora vs hyperhydralora: loss curves, steps-to-target "
                  "ratio, final dev accuracy on RTE and SST-2; default MiniLM, 80 steps, batch 16, max_length 64",
 }
@@ -82,6 +86,8 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
                    help="nlg: extra instruction data files (Alpaca-style JSON / JSONL), besides the Alpaca demo set")
     p.add_argument("--tasks", type=_csv, help="comma-separated GLUE tasks (nlu-convergence, extension: all of them; "
                                               "ablation-hypernet, gamma, rank-allocation: the first)")
+    p.add_argument("--variants", type=_csv, help="formulation: comma-separated variant labels ("
+                                                 + ", ".join(FORMULATION_VARIANTS) + ")")
     p.add_argument("--batch-sizes", dest="batch_sizes", type=_int_csv, help="efficiency: e.g. 1,2,4,8,16,32")
     p.add_argument("--eval-every", dest="eval_every", type=int, help="nlu-convergence: dev evaluation interval")
     p.add_argument("--max-train-examples", dest="max_train_examples", type=int)

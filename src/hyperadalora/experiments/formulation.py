@@ -1,0 +1,124 @@
+"""``formulation``: the search for a HyperAdaLoRA formulation that converges faster than AdaLoRA.
+
+METHOD.md section 2 records that the paper's reading (recurrent ``X_{t+1} = H(X_t)`` with a zero-initialised
+output projection) runs away or learns slower than AdaLoRA. This experiment trains every formulation we tried,
+side by side with peft's AdaLoRA (same seeds, data order, learning rate, budget schedule and steps; only the
+way P, lambda and Q are produced differs), and reports per variant: the final smoothed training task loss,
+steps and wall-clock to AdaLoRA's final smoothed loss and their ratios, the dev metric, the median step time,
+and the largest orthogonal penalty and generated norm seen (a run-away shows there).
+
+``--variants a,b,c`` runs a subset (labels of `VARIANTS`); ``adalora`` (the reference) is always run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .common import (as_options, base_args, command_line, convergence, curves, default_glue_dir, environment,
+                     fmt_stat, glue_task_available, markdown_table, output_dir, pick, plot_loss_bands,
+                     primary_metric, report_header, run_variants, settings_of, window_for, write_outputs)
+
+NAME = "formulation"
+DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
+
+# label -> (TrainArgs overrides, what it tests). Every hyperadalora variant lists the options it changes from the
+# paper's reading (recurrent, zero-initialised output, module context, random orthonormal seed state).
+PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "module", "init": "orthonormal",
+         "momentum": 1.0}
+VARIANTS = {
+    "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
+    "paper": ({"hyper": dict(PAPER)},
+              "the paper's recurrence X_{t+1} = X_t + H(X_t), zero-initialised output projection"),
+    "damped": ({"hyper": {**PAPER, "momentum": 0.5}},
+               "recurrent, the carried-over increment damped by momentum 0.5"),
+    "static": ({"hyper": {**PAPER, "generation": "static"}}, "static X = X_0 + H(X_0)"),
+    "feature": ({"hyper": {**PAPER, "momentum": 0.5, "context": "feature"}},
+                "damped recurrent + a learned embedding of each row's feature, shared across layers"),
+    "offset": ({"hyper": {**PAPER, "generation": "static", "identity": "offset"}},
+               "static, random output projection with its initial output subtracted"),
+    "offset+feature": ({"hyper": {**PAPER, "generation": "static", "identity": "offset", "context": "feature"}},
+                       "offset + feature context"),
+    "offset+feature+principal": ({"hyper": {**PAPER, "generation": "static", "identity": "offset",
+                                            "context": "feature", "init": "principal"}},
+                                 "offset + feature context, seed state = top singular vectors of W0"),
+}
+
+FULL_SIZE = """\
+## Full-size run
+
+On a GPU with the paper's models (RoBERTa-base / DeBERTa-v3-base, batch 64) and all tasks:
+
+```
+hyperadalora experiment formulation --model /path/to/roberta-base --data-dir /path/to/glue --tasks mnli \\
+    --steps 3000 --batch-size 64 --max-length 256 --seeds 3 --device cuda --output-dir runs/experiments/formulation-full
+```
+"""
+
+
+def run_formulation(opts=None) -> dict:
+    opts = as_options(opts)
+    out = output_dir(opts, NAME)
+    data_dir = default_glue_dir(opts)
+    task = (opts.tasks or [DEFAULTS["task"]])[0].lower().replace("-", "")
+    ok, why = glue_task_available(task, data_dir)
+    if not ok:
+        raise FileNotFoundError(f"formulation: task {task!r}: {why}")
+    chosen = list(getattr(opts, "variants", None) or VARIANTS)
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"formulation: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
+    labels = ["adalora"] + [v for v in chosen if v != "adalora"]
+    variants = {label: VARIANTS[label][0] for label in labels}
+    steps = pick(opts.steps, DEFAULTS["steps"])
+    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
+    window = window_for(steps)
+    command, env = command_line(NAME, opts), environment()
+    base = base_args(opts, method="hyperadalora", task=task, data_dir=data_dir, max_steps=steps,
+                     batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], max_length=DEFAULTS["max_length"],
+                     max_eval_examples=DEFAULTS["max_eval_examples"], eval_every=0)
+    runs = run_variants(base, variants, out, seeds, reuse=opts.reuse)
+    conv = convergence(runs, window, reference="adalora")
+    metric = primary_metric(runs[seeds[0]]["adalora"]["summary"]["final_eval"]) or "accuracy"
+    health = {}
+    for label in labels:
+        rows = [r for seed in seeds for r in runs[seed][label]["rows"]]
+        health[label] = {"max_orth_penalty": max((r["orth_penalty"] for r in rows if "orth_penalty" in r), default=None),
+                         "max_gen_norm": max((r["gen_norm"] for r in rows if "gen_norm" in r), default=None)}
+    series = {label: curves(runs, label) for label in labels}
+    png = plot_loss_bands(series, os.path.join(out, "loss_curves.png"),
+                          f"HyperAdaLoRA formulations vs AdaLoRA on {task} ({steps} steps)", window,
+                          conv["target_loss"]["mean"],
+                          {label: conv["methods"][label]["steps_to_target"]["mean"] for label in labels})
+    rows = []
+    for label in labels:
+        m = conv["methods"][label]
+        h = health[label]
+        rows.append([f"`{label}`", VARIANTS[label][1], fmt_stat(m["final_smoothed_task_loss"]),
+                     fmt_stat(m["steps_to_target"], "{:.1f}"), fmt_stat(m["steps_ratio"], "{:.2f}"),
+                     fmt_stat(m["time_ratio"], "{:.2f}"), fmt_stat(m.get(f"dev_{metric}")),
+                     fmt_stat(m["median_step_s"], "{:.3f}"),
+                     "-" if h["max_orth_penalty"] is None else f"{h['max_orth_penalty']:.3g}",
+                     "-" if h["max_gen_norm"] is None else f"{h['max_gen_norm']:.3g}"])
+    results = {"experiment": NAME, "command": command, "env": env, "task": task, "seeds": seeds, "window": window,
+               "args": base, "variants": {label: {"overrides": VARIANTS[label][0], "what": VARIANTS[label][1]}
+                                          for label in labels},
+               "convergence": conv, "health": health, "plot": os.path.basename(png),
+               "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
+               "runs": {str(seed): {label: {"output_dir": r["args"].output_dir, "final_eval": r["summary"]["final_eval"],
+                                            "train_time_s": r["summary"]["train_time_s"]} for label, r in rs.items()}
+                        for seed, rs in runs.items()}}
+    settings = settings_of(base)
+    settings.update({"seeds": ", ".join(map(str, seeds)), "smoothing window": window, "data dir": data_dir})
+    lines = report_header(
+        "HyperAdaLoRA formulations vs AdaLoRA", command, env, settings,
+        "Every HyperAdaLoRA formulation we tried, each against peft's AdaLoRA with the same seeds, data order, "
+        "learning rate, budget schedule and steps. Target: AdaLoRA's final smoothed training task loss; "
+        "ratios are variant / AdaLoRA (below 1 = faster). A ratio of n/a means the variant never reached the target.")
+    lines += ["## Summary", "",
+              f"Target: AdaLoRA's final smoothed training task loss = {fmt_stat(conv['target_loss'])} "
+              f"(window {window}).", "",
+              markdown_table(["variant", "what it changes", "final smoothed loss", "steps to target", "steps ratio",
+                              "time ratio", f"dev {metric}", "median step (s)", "max orth penalty",
+                              "max generated norm"], rows), "",
+              "![loss curves](loss_curves.png)", "", FULL_SIZE]
+    return write_outputs(out, results, lines)
