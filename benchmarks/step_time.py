@@ -18,8 +18,12 @@ adapter is created; on the CPU, torch's profiler (`profile_memory=True`) records
 free with its address: the peak of the live bytes allocated inside that window (frees of older blocks are
 ignored). The memory steps are not timed (the profiler slows them down); they also count as warm-up.
 
+Targets (issue 4), checked at the end for every batch size >= 8: HyperAdaLoRA / AdaLoRA <= 1.00 in median
+step time and in peak memory; HyperAdaLoRA / LoRA <= 1.10 in median step time.
+
     python benchmarks/step_time.py --batch-sizes 1,2,4,8,16,32 --steps 20 --json step_time.json
     python benchmarks/step_time.py --device cuda --dtype bfloat16 --hyper attention=full --markdown out.md
+    python benchmarks/step_time.py --quick          # batch 1 and 8, 16 tokens, 2 steps: checks that it runs
 """
 
 from __future__ import annotations
@@ -72,9 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-init", action="store_true",
+                   help="build the model from its config with random weights (same timing; no weights file needed)")
+    p.add_argument("--quick", action="store_true", help="batch sizes 1,8, --seq-len 16, 2 steps, 1 warm-up")
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.add_argument("--markdown", default=None, metavar="OUT.md")
     a = p.parse_args(argv)
+    if a.quick:
+        a.batch_sizes, a.seq_len, a.steps, a.warmup = "1,8", 16, 2, 1
     a.batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in a.methods if m not in T.METHODS]
@@ -160,7 +169,16 @@ def cpu_peak_bytes(prof) -> int:
 def build_and_measure_memory(method: str, opts, device, batches) -> tuple[Runner, int, int, dict]:
     """A fresh base model wrapped with ``method``: (runner, base-weight bytes, peak bytes above them, info)."""
     T.set_seed(opts.seed)
-    base, _, path = load_model_and_tokenizer(opts.model, opts.kind, num_labels=2)
+    if opts.random_init:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        path = resolve_model_path(opts.model, opts.kind)
+        config = AutoConfig.from_pretrained(path, num_labels=2)
+        auto = AutoModelForCausalLM if opts.kind == "instruction" else AutoModelForSequenceClassification
+        base = auto.from_config(config)
+        path += " (random weights)"
+    else:
+        base, _, path = load_model_and_tokenizer(opts.model, opts.kind, num_labels=2)
     base.to(device)
     base_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
     targets = T.default_target_modules(base)
@@ -237,6 +255,33 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+TARGETS = {"time_vs_adalora": 1.00, "mem_vs_adalora": 1.00, "time_vs_lora": 1.10}   # at batch >= 8
+
+
+def summary(out: dict) -> tuple[str, dict]:
+    """One row per batch size (HyperAdaLoRA against both baselines) and the targets' verdicts."""
+    rows = ["| batch | hyperadalora (ms) | adalora (ms) | lora (ms) | time / adalora | time / lora | "
+            "memory hyperadalora / adalora / lora (MiB) | memory / adalora | targets (batch >= 8) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    verdicts = {}
+    fmt = lambda r, k, f: format(r[k], f) if r.get(k) is not None else "-"  # noqa: E731
+    for batch, results in out["results"].items():
+        h = results.get("hyperadalora")
+        if h is None:
+            continue
+        a, lo = results.get("adalora", {}), results.get("lora", {})
+        checks = {k: h.get(k) <= v for k, v in TARGETS.items() if h.get(k) is not None} if int(batch) >= 8 else {}
+        if checks:
+            verdicts[batch] = checks
+        verdict = ("-" if not checks else "all met" if all(checks.values())
+                   else "missed: " + ", ".join(k for k, ok in checks.items() if not ok))
+        mems = " / ".join(format(r["peak_mib"], ".0f") for r in (h, a, lo) if r)
+        rows.append(f"| {batch} | {h['median_ms']:.1f} | {fmt(a, 'median_ms', '.1f')} | {fmt(lo, 'median_ms', '.1f')} | "
+                    f"{fmt(h, 'time_vs_adalora', '.2f')} | {fmt(h, 'time_vs_lora', '.2f')} | {mems} | "
+                    f"{fmt(h, 'mem_vs_adalora', '.2f')} | {verdict} |")
+    return "\n".join(rows), verdicts
+
+
 def main(argv=None) -> dict:
     opts = parse_args(argv)
     if opts.threads:
@@ -263,6 +308,12 @@ def main(argv=None) -> dict:
         lines += [f"\n### batch size {batch_size}\n", table(results)]
         print(lines[-2] + "\n" + lines[-1], flush=True)
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    overview, verdicts = summary(out)
+    out["targets"] = {"limits": TARGETS, "verdicts": verdicts}
+    lines = ["\n## All batch sizes\n", overview,
+             f"\nTargets at batch >= 8: time / adalora <= {TARGETS['time_vs_adalora']:.2f}, memory / adalora <= "
+             f"{TARGETS['mem_vs_adalora']:.2f}, time / lora <= {TARGETS['time_vs_lora']:.2f}.\n"] + lines
+    print("\n" + "\n".join(lines[:3]))
     print("\n" + header)
     if opts.json:
         with open(opts.json, "w") as f:
