@@ -53,7 +53,8 @@ def logits(model, batch):
     ("hyperlora", {"hypernet": "mlp", "generation": "static"}),
     ("hyperlora", {"tokens": "element", "element_chunk": 64}),
     ("hyperdora", {"context": "none", "init": "normal"}), ("hyperhydralora", {"n_heads": 1, "hypernet": "cnn"}),
-    ("hydralora", {"n_heads": 5, "lora_dropout": 0.1})])
+    ("hydralora", {"n_heads": 5, "lora_dropout": 0.1}), ("hyperlora", {"init": "principal"}),
+    ("hyperdora", {"context": "feature"}), ("hyperhydralora", {"identity": "offset", "generation": "static"})])
 def test_identity_at_step_0(bert, batch, method, options):
     ref = logits(bert, batch)
     model = ha.get_peft_model(bert, cfg(method, **options))
@@ -175,6 +176,16 @@ def test_generated_B_is_zero_at_start_but_not_degenerate(batch):
     model.materialize()
     B = model.adapters[0].tensors("B")[0]
     assert torch.linalg.matrix_rank(B).item() == B.shape[1]
+
+
+def test_principal_init_seeds_A_with_the_top_right_singular_vectors(batch):
+    model = ha.get_peft_model(make_bert(), cfg("hyperhydralora", init="principal", r=2))
+    model.eval()
+    model.materialize()
+    for layer in model.adapters[:3]:
+        _, _, vh = torch.linalg.svd(layer.base_layer.weight.detach(), full_matrices=False)
+        assert torch.allclose(layer.tensors("A")[0].abs(), vh[:2].abs(), atol=1e-5)
+        assert all(torch.count_nonzero(B) == 0 for B in layer.tensors("B"))
 
 
 def test_drop_hypernetworks_keeps_outputs(batch):

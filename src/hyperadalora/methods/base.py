@@ -416,6 +416,11 @@ class GeneratedAdapterModel(nn.Module):
     def _build_generators(self, config, generated) -> None:
         hcfg = config.hypernet_config()
         seed = "normal" if hcfg.init == "normal" else "orthonormal"
+        principal = None
+        if hcfg.init == "principal":  # seeds: W0's top-r left (for (d_out, r) roles) / right ((r, d_in)) singular vectors
+            from ..model import principal_subspaces
+
+            principal = principal_subspaces(self.adapters, config.r)
         gen = torch.Generator().manual_seed(config.seed)
         self.slots: dict[str, list[tuple[int, int]]] = {}  # role -> [(layer, k)] in the generator's entry order
         generators, seeds = {}, {}
@@ -430,7 +435,13 @@ class GeneratedAdapterModel(nn.Module):
             if len(widths) != 1:
                 raise ValueError(f"Role {role!r} has tensors of different ranks {sorted(widths)}: one hypernetwork "
                                  f"generates tokens of one width.")
-            generators[role] = RoleGenerator(role, lengths, widths.pop(), 1, seed, hcfg, gen)
+            initial = None
+            if principal is not None:
+                initial = [principal[1 if spec.rank_axis == 0 else 0][i] for i, _ in slots]
+                if any(t.shape[0] != length for t, length in zip(initial, lengths)):
+                    raise ValueError(f"init='principal' seeds a role from W0's singular vectors, but role {role!r} "
+                                     f"of {self.method.name} is not (r, d_in) or (d_out, r): use init='orthonormal'.")
+            generators[role] = RoleGenerator(role, lengths, widths.pop(), 1, seed, hcfg, gen, initial)
             self.slots[role] = slots
             if spec.zero_start:
                 seeds[role] = _Buffers(generators[role].states())
