@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "efficiency": run_efficiency,
     "rank-allocation": run_rank_allocation,
     "extension": run_extension,
+    "formulation": run_formulation,
 }
 
 DESCRIPTIONS = {
