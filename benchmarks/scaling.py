@@ -61,12 +61,15 @@ class Output:
 
 
 class Stack(nn.Module):
-    """n frozen width x width linear layers, x <- layer_norm(x + layer(x)); loss = mean(out^2)."""
+    """n frozen width x width linear layers, x <- layer_norm(x + layer(x)); loss = mean(out^2).
+
+    ``device="meta"``: weights without storage (only their shapes), for timing the generation alone."""
 
     TARGETS = r"layers\.\d+"
 
     def __init__(self, n_layers: int, width: int, device=None, dtype=None):
         super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)  # a real tensor first: the adapter's device
         self.layers = nn.ModuleList(nn.Linear(width, width, device=device, dtype=dtype) for _ in range(n_layers))
 
     def forward(self, x, **_):
@@ -97,6 +100,7 @@ class LlamaShaped(nn.Module):
 
     def __init__(self, blocks, hidden, kv, inter, device=None, dtype=None):
         super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
         self.layers = nn.ModuleList(Block(hidden, kv, inter, device, dtype) for _ in range(blocks))
 
     def forward(self, x, **_):
@@ -152,7 +156,13 @@ def measure(make_base, rank: int, tokens: str, opts, device, x, methods=("gen", 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     torch.manual_seed(opts.seed)
     base = make_base()
-    hyper = ha.get_peft_model(base, hyper_config(rank, tokens, base.TARGETS, opts)).to(device).train()
+    hyper = ha.get_peft_model(base, hyper_config(rank, tokens, base.TARGETS, opts))
+    if methods == ("gen",):  # the base weights may be shape-only (meta): move the generation only
+        hyper.generators.to(device)
+        hyper.allocator.mask = hyper.allocator.mask.to(device)
+    else:
+        hyper.to(device)
+    hyper.train()
     opt_h = torch.optim.AdamW(hyper.optimizer_param_groups(1e-4))
     upstream = {role: [torch.randn_like(s) for s in hyper.generators[role].states()] for role in hyper.ROLES}
     result = {"tokens": hypernet_tokens(hyper), "n_layers": hyper.n_layers,
@@ -233,20 +243,23 @@ def run_sweeps(opts, device) -> list[dict]:
     base = {"layers": opts.layers, "width": opts.width, "rank": opts.rank}
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     rows = []
+    methods = ("gen",) if opts.gen_only else ("gen", "step", "adalora")
+    base_device = "meta" if opts.gen_only else device
     for sweep, values in sweeps.items():
         for layout in opts.layouts:
             for value in values:
                 point = {**base, sweep: value}
                 g = torch.Generator().manual_seed(opts.seed)
                 x = torch.randn(opts.batch, opts.seq, point["width"], generator=g).to(device)
-                make = lambda p=point: Stack(p["layers"], p["width"], device=device, dtype=dtype)  # noqa: E731
-                r = measure(make, point["rank"], layout, opts, device, x, bf16=opts.bf16)
+                make = lambda p=point: Stack(p["layers"], p["width"], device=base_device, dtype=dtype)  # noqa: E731
+                r = measure(make, point["rank"], layout, opts, device, x, methods=methods, bf16=opts.bf16)
                 row = {"sweep": sweep, "layout": layout, **point, **r}
                 rows.append(row)
+                steps = (f"  step={r['step_ms']:8.2f} ms  adalora={r['adalora_ms']:8.2f} ms  share={r['share']:.3f}  "
+                         f"overhead={r['overhead']:.2f}" if "step_ms" in r else "")
                 print(f"{sweep:>6} {layout:>7} layers={point['layers']:>3} width={point['width']:>5} "
-                      f"rank={point['rank']:>2}  tokens={r['tokens']:>9,}  gen={r['gen_ms']:8.2f} ms  "
-                      f"step={r['step_ms']:8.2f} ms  adalora={r['adalora_ms']:8.2f} ms  share={r['share']:.3f}  "
-                      f"overhead={r['overhead']:.2f}", flush=True)
+                      f"rank={point['rank']:>2}  tokens={r['tokens']:>9,}  gen={r['gen_ms']:8.2f} ms" + steps,
+                      flush=True)
     return rows
 
 
@@ -257,17 +270,28 @@ def fits(rows: list[dict]) -> dict:
             sel = [r for r in rows if r["sweep"] == sweep and r["layout"] == layout]
             if len(sel) > 1:
                 xs = [r[sweep] for r in sel]
-                out[f"{sweep}/{layout}"] = {"gen": slope(xs, [r["gen_ms"] for r in sel]),
-                                           "step": slope(xs, [r["step_ms"] for r in sel]),
-                                           "adalora": slope(xs, [r["adalora_ms"] for r in sel]),
-                                           "share": slope(xs, [r["share"] for r in sel]),
-                                           "tokens": slope(xs, [r["tokens"] for r in sel])}
-    # cost per token: gen_ms = a * tokens^b over every configuration (per device)
-    t = np.log([r["tokens"] for r in rows])
-    g = np.log([r["gen_ms"] for r in rows])
-    b, log_a = np.polyfit(t, g, 1) if len(rows) > 1 else (float("nan"), float("nan"))
+                out[f"{sweep}/{layout}"] = {k: slope(xs, [r[col] for r in sel]) if col in sel[0] else float("nan")
+                                           for k, col in (("gen", "gen_ms"), ("step", "step_ms"),
+                                                          ("adalora", "adalora_ms"), ("share", "share"),
+                                                          ("tokens", "tokens"))}
+    # cost per token over every configuration: a power law gen_ms = a * tokens^b, and the cost model
+    # gen_ms = fixed + per_token * tokens (a fixed cost of the bounded number of launches, and the work per token)
+    tokens = np.asarray([r["tokens"] for r in rows], float)
+    gen = np.asarray([r["gen_ms"] for r in rows], float)
+    b, log_a = np.polyfit(np.log(tokens), np.log(gen), 1) if len(rows) > 1 else (float("nan"), float("nan"))
     out["gen_vs_tokens"] = {"exponent": float(b), "ms_at_1M_tokens": float(math.exp(log_a) * 1e6 ** b)}
+    if len(rows) > 1:
+        (per_token, fixed), *_ = np.linalg.lstsq(np.stack([tokens, np.ones_like(tokens)], 1), gen, rcond=None)
+        out["gen_vs_tokens"].update(fixed_ms=float(fixed), ms_per_1M_tokens=float(per_token * 1e6))
     return out
+
+
+def predict_gen_ms(fit: dict, tokens: int) -> float:
+    """The affine cost model where fitted (fixed + per-token), else the power law."""
+    g = fit["gen_vs_tokens"]
+    if "ms_per_1M_tokens" in g:
+        return g["fixed_ms"] + g["ms_per_1M_tokens"] * tokens / 1e6
+    return g["ms_at_1M_tokens"] * (tokens / 1e6) ** g["exponent"]
 
 
 def llama_tokens(shape: dict, rank: int, layout: str) -> int:
@@ -285,10 +309,11 @@ def model_scale(opts, device, fit: dict) -> list[dict]:
     for layout in opts.layouts:
         g = torch.Generator().manual_seed(opts.seed)
         x = torch.randn(opts.model_batch, opts.model_seq, shape["hidden"], generator=g).to(device, dtype)
-        make = lambda: LlamaShaped(**shape, device=device, dtype=dtype)  # noqa: E731
-        methods = ("gen", "step", "adalora") if opts.model_steps else ("gen",)
+        methods = ("gen", "step", "adalora") if opts.model_steps and not opts.gen_only else ("gen",)
+        base_device = device if "step" in methods else "meta"
+        make = lambda: LlamaShaped(**shape, device=base_device, dtype=dtype)  # noqa: E731
         r = measure(make, opts.rank, layout, opts, device, x, methods=methods, bf16=dtype == torch.bfloat16)
-        predicted = fit["gen_vs_tokens"]["ms_at_1M_tokens"] * (r["tokens"] / 1e6) ** fit["gen_vs_tokens"]["exponent"]
+        predicted = predict_gen_ms(fit, r["tokens"])
         row = {"model": opts.model_shapes, "layout": layout, "rank": opts.rank, **shape,
                "batch": opts.model_batch, "seq": opts.model_seq, "dtype": str(dtype).replace("torch.", ""),
                "tokens_formula": llama_tokens(shape, opts.rank, layout), "predicted_gen_ms": predicted, **r}
@@ -308,9 +333,10 @@ def markdown(env: dict, rows: list[dict], fit: dict, big: list[dict]) -> str:
                                                                      else ""),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if "gen_peak_mib" in rows[0] else "")]
     for r in rows:
+        fmt = lambda k, f=".2f": format(r[k], f) if k in r else "-"  # noqa: E731
         lines.append(f"| {r['sweep']} | {r['layout']} | {r['layers']} | {r['width']} | {r['rank']} | {r['tokens']:,} | "
-                     f"{r['gen_ms']:.2f} | {r['step_ms']:.2f} | {r['adalora_ms']:.2f} | {r['share']:.3f} | "
-                     f"{r['overhead']:.2f} |" + (f" {r['gen_peak_mib']:.1f} |" if "gen_peak_mib" in r else ""))
+                     f"{r['gen_ms']:.2f} | {fmt('step_ms')} | {fmt('adalora_ms')} | {fmt('share', '.3f')} | "
+                     f"{fmt('overhead')} |" + (f" {r['gen_peak_mib']:.1f} |" if "gen_peak_mib" in r else ""))
     lines += ["", "Fitted log-log exponents (slope of log(time) against log(the swept variable)):", "",
               "| sweep / layout | gen | HyperAdaLoRA step | AdaLoRA step | share | tokens |", "|---|---:|---:|---:|---:|---:|"]
     for key, f in fit.items():
@@ -318,10 +344,13 @@ def markdown(env: dict, rows: list[dict], fit: dict, big: list[dict]) -> str:
             lines.append(f"| {key} | {f['gen']:.2f} | {f['step']:.2f} | {f['adalora']:.2f} | {f['share']:.2f} | "
                          f"{f['tokens']:.2f} |")
     g = fit["gen_vs_tokens"]
-    lines += ["", f"Generation time against tokens over all configurations: gen_ms = {g['ms_at_1M_tokens']:.2f} * "
-                  f"(tokens / 1e6)^{g['exponent']:.2f}."]
+    lines += ["", f"Generation time against tokens over all configurations: power law gen_ms = "
+                  f"{g['ms_at_1M_tokens']:.2f} * (tokens / 1e6)^{g['exponent']:.2f}"
+              + (f"; cost model gen_ms = {g['fixed_ms']:.2f} + {g['ms_per_1M_tokens']:.1f} * tokens / 1e6 "
+                 f"(fixed + per token)." if "fixed_ms" in g else ".")]
     if big:
-        lines += ["", "Model-scale check (adapted-layer shapes of the named model; every projection adapted):", "",
+        lines += ["", "Model-scale check (adapted-layer shapes of the named model; every projection adapted; the "
+                      "prediction is the cost model fitted on the sweeps above):", "",
                   "| model | layout | rank | layers | tokens/step | gen (ms) | predicted by the fit (ms) | step (ms) | "
                   "AdaLoRA step (ms) | share | gen peak (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in big:
@@ -350,13 +379,17 @@ def plot(rows: list[dict], fit: dict, path: str) -> None:
             style = "-" if layout == "row" else "--"
             axes[0, j].plot(xs, [r["gen_ms"] for r in sel], style, marker="o", color="C0",
                             label=f"gen, {layout} (slope {f.get('gen', float('nan')):.2f})")
-            axes[0, j].plot(xs, [r["step_ms"] for r in sel], style, marker="s", color="C1",
-                            label=f"HyperAdaLoRA step, {layout} ({f.get('step', float('nan')):.2f})")
-            if k == 0:
-                axes[0, j].plot(xs, [r["adalora_ms"] for r in sel], ":", marker="^", color="C2",
-                                label=f"AdaLoRA step ({f.get('adalora', float('nan')):.2f})")
-            axes[1, j].plot(xs, [r["share"] for r in sel], style, marker="o", color="C3",
-                            label=f"share gen/step, {layout} ({f.get('share', float('nan')):.2f})")
+            if "step_ms" in sel[0]:
+                axes[0, j].plot(xs, [r["step_ms"] for r in sel], style, marker="s", color="C1",
+                                label=f"HyperAdaLoRA step, {layout} ({f.get('step', float('nan')):.2f})")
+                if k == 0:
+                    axes[0, j].plot(xs, [r["adalora_ms"] for r in sel], ":", marker="^", color="C2",
+                                    label=f"AdaLoRA step ({f.get('adalora', float('nan')):.2f})")
+                axes[1, j].plot(xs, [r["share"] for r in sel], style, marker="o", color="C3",
+                                label=f"share gen/step, {layout} ({f.get('share', float('nan')):.2f})")
+            else:  # generation only: time per token instead of the share
+                axes[1, j].plot(xs, [r["gen_ms"] * 1e3 / r["tokens"] for r in sel], style, marker="o", color="C3",
+                                label=f"gen per token (us), {layout}")
         for i in (0, 1):
             axes[i, j].set_xscale("log", base=2)
             axes[i, j].set_yscale("log")
@@ -364,7 +397,7 @@ def plot(rows: list[dict], fit: dict, path: str) -> None:
             axes[i, j].legend(fontsize=7)
             axes[i, j].set_xlabel(sweep)
         axes[0, j].set_ylabel("ms per step")
-        axes[1, j].set_ylabel("hypernetwork share of the step")
+        axes[1, j].set_ylabel("hypernetwork share of the step" if "step_ms" in rows[0] else "gen us per token")
     fig.suptitle("HyperAdaLoRA: hypernetwork cost vs. layers, width, rank (log-log)")
     fig.tight_layout()
     fig.savefig(path)
@@ -392,6 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--model-seq", type=int, default=512)
     p.add_argument("--no-model-steps", dest="model_steps", action="store_false",
                    help="model scale: time the generation only (no base weights needed beyond their shapes)")
+    p.add_argument("--gen-only", action="store_true",
+                   help="time the generation alone (base weights are shape-only: any width fits in memory)")
     p.add_argument("--bf16", action="store_true", help="sweeps with a bf16 stack under bf16 autocast")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
@@ -423,7 +458,8 @@ def main(argv=None) -> dict:
            "threads": torch.get_num_threads(), "batch x seq": f"{opts.batch} x {opts.seq}",
            "base point": f"layers={opts.layers}, width={opts.width}, rank={opts.rank}",
            "dtype": "bf16 autocast" if opts.bf16 else "float32", "repeats": opts.repeats, "warmup": opts.warmup,
-           "hypernetworks": "defaults (attention, induced, d_h=32, recurrent, hypernet_checkpointing)"}
+           "hypernetworks": "defaults (attention, induced, d_h=32, recurrent, hypernet_checkpointing)",
+           "measured": "generation only" if opts.gen_only else "generation, HyperAdaLoRA step, AdaLoRA step"}
     rows = run_sweeps(opts, device)
     fit = fits(rows)
     big = model_scale(opts, device, fit) if opts.model_shapes else []

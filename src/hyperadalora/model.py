@@ -263,7 +263,7 @@ class HyperAdaLoraModel(nn.Module):
     # ------------------------------------------------------------------ generation
     def _generate(self, track: bool) -> dict:
         """One batched pass per role and distinct matrix length, over all layers (independent of their number)."""
-        with _full_precision(self.adapters[0].base_layer.weight.device):
+        with _full_precision(self.generators["lambda"].states()[0].device):
             return {role: self.generators[role].generate(track=track) for role in self.ROLES}
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache and move the rank masks along
