@@ -425,6 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--model-seq", type=int, default=512)
     p.add_argument("--no-model-steps", dest="model_steps", action="store_false",
                    help="model scale: time the generation only (no base weights needed beyond their shapes)")
+    p.add_argument("--fit-from", default=None, metavar="EARLIER.json",
+                   help="skip the sweeps; take the rows and the cost-model fit from an earlier --json output")
     p.add_argument("--gen-only", action="store_true",
                    help="time the generation alone (base weights are shape-only: any width fits in memory)")
     p.add_argument("--bf16", action="store_true", help="sweeps with a bf16 stack under bf16 autocast")
@@ -460,8 +462,14 @@ def main(argv=None) -> dict:
            "dtype": "bf16 autocast" if opts.bf16 else "float32", "repeats": opts.repeats, "warmup": opts.warmup,
            "hypernetworks": "defaults (attention, induced, d_h=32, recurrent, hypernet_checkpointing)",
            "measured": "generation only" if opts.gen_only else "generation, HyperAdaLoRA step, AdaLoRA step"}
-    rows = run_sweeps(opts, device)
-    fit = fits(rows)
+    if opts.fit_from:  # no sweeps: the fit (and rows) of an earlier run, for the model-scale check only
+        with open(opts.fit_from) as f:
+            earlier = json.load(f)
+        rows, fit = earlier["rows"], earlier["fits"]
+        env["fit"] = f"from {opts.fit_from} ({earlier['env'].get('device')}, {earlier['env'].get('threads')} threads)"
+    else:
+        rows = run_sweeps(opts, device)
+        fit = fits(rows)
     big = model_scale(opts, device, fit) if opts.model_shapes else []
     text = markdown(env, rows, fit, big)
     print("\n" + text)
