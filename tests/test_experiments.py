@@ -13,6 +13,7 @@ from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experi
                                       run_experiment, steps_to_target, summarize)
 from hyperadalora.experiments import common, nlg
 from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
+from hyperadalora.experiments.formulation import VARIANTS
 
 POS = ["good", "great", "fine", "happy", "nice"]
 NEG = ["bad", "awful", "poor", "sad", "ugly"]
@@ -138,7 +139,7 @@ def test_command_line_round_trips_through_the_parser():
     with pytest.raises(ValueError, match="Unknown experiment"):
         run_experiment("nope")
     assert set(EXPERIMENTS) == {"nlu-convergence", "nlg", "ablation-hypernet", "gamma", "efficiency",
-                                "rank-allocation", "extension"}
+                                "rank-allocation", "extension", "formulation"}
 
 
 def test_split_name():
@@ -219,6 +220,25 @@ def test_gamma_tiny(tmp_path, tiny_bert_dir, glue_dir):
         args = json.load(open(f"{tmp_path}/out/seed0/{label}/summary.json"))["args"]
         assert args["orth_reg_weight"] == float(label.split("=")[1]) and args["method"] == "hyperadalora"
     assert data["final_orth_penalty"]["gamma=0.1"]["mean"] is not None
+
+
+def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
+    opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=5)
+    opts.variants = ["paper", "offset+feature"]
+    res = run_experiment("formulation", opts)
+    report, data = check_outputs(res)
+    methods = data["convergence"]["methods"]
+    assert list(methods) == ["adalora", "paper", "offset+feature"]          # the reference is always run first
+    assert methods["adalora"]["steps_ratio"]["mean"] == 1.0
+    for label in ("paper", "offset+feature"):
+        args = json.load(open(f"{tmp_path}/out/seed0/{label}/summary.json"))["args"]
+        expected = {k: v for k, v in VARIANTS[label][0]["hyper"].items()}
+        assert {k: args["hyper"][k] for k in expected} == expected and args["method"] == "hyperadalora"
+        assert data["health"][label]["max_orth_penalty"] is not None
+    assert "what it changes" in report
+    opts.variants = ["nope"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_experiment("formulation", opts)
 
 
 def test_rank_allocation_tiny(tmp_path, tiny_bert_dir, glue_dir):

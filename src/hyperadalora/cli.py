@@ -43,7 +43,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "hypernet_ffn_mult": (int, "feed-forward multiplier"), "output_scale": (float, "increment scale"),
     "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),
     "init": (str, "orthonormal | principal | normal"),
-    "identity": (str, "zero_output | offset (static generation)"), "element_chunk": (int, "element tokens per attention chunk"),
+    "identity": (str, "zero_output | offset (static generation)"),
+    "increment_scale": (str, "state | width (units of the generated increment)"), "element_chunk": (int, "element tokens per attention chunk"),
     # HydraLoRA
     "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),
 }

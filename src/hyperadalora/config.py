@@ -23,6 +23,7 @@ ATTENTIONS = ("full", "induced")
 IMPORTANCES = ("magnitude", "sensitivity")
 INITS = ("orthonormal", "principal", "normal")
 IDENTITIES = ("zero_output", "offset")
+INCREMENT_SCALES = ("state", "width")
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # Heads that a task type trains in full, as peft does for SEQ_CLS (`classifier` / `score`).
@@ -85,6 +86,11 @@ class HyperAdaLoraConfig:
                                                                    "(zero-initialised output projection) or 'offset' "
                                                                    "(random output projection, its initial output "
                                                                    "subtracted; generation='static' only)."})
+    increment_scale: str = field(default="state", metadata={"help": "Units of the generated increment: 'state' (the "
+                                                                    "state's typical entry: 1/sqrt(rows) for P and Q, "
+                                                                    "1 for lambda) or 'width' (1/hypernet_dim, so that "
+                                                                    "one Adam step moves each generated entry by about "
+                                                                    "the learning rate, as AdaLoRA's own step does)."})
     output_scale: float = field(default=1.0, metadata={"help": "Scale of the generated increment H(X) - X."})
     momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
                                                            "increment carries over to the next step (1.0 = the paper's "
@@ -161,6 +167,7 @@ class HyperAdaLoraConfig:
         _choice("importance", self.importance, IMPORTANCES)
         _choice("init", self.init, INITS)
         _choice("identity", self.identity, IDENTITIES)
+        _choice("increment_scale", self.increment_scale, INCREMENT_SCALES)
         if self.identity == "offset" and self.generation != "static":
             raise ValueError("identity='offset' subtracts the hypernetworks' initial output on the fixed seed state: it "
                              "needs generation='static'. Set generation='static' or identity='zero_output'.")

@@ -63,6 +63,8 @@ class RoleGenerator(nn.Module):
         self.element = cfg.tokens == "element"
         self.generation = cfg.generation
         self.output_scale = cfg.output_scale
+        self.increment_scale = getattr(cfg, "increment_scale", "state")
+        self.hypernet_dim = cfg.hypernet_dim
         self.chunk = cfg.element_chunk
         self.checkpoint = cfg.hypernet_checkpointing
         n_layers = len(lengths)
@@ -177,8 +179,11 @@ class RoleGenerator(nn.Module):
             inc = self._increment(g)
             if self.offset:
                 inc = inc - getattr(self, f"offset_{g}").to(inc.dtype)
-            in_scale = math.sqrt(length) if self.rank_axis == 1 else 1.0
-            outs.append(state + inc.to(state.dtype) * (self.output_scale / in_scale))
+            if self.increment_scale == "width":  # an Adam step then moves every entry by about the learning rate
+                factor = self.output_scale / self.hypernet_dim
+            else:                                 # in units of the state's typical entry
+                factor = self.output_scale / (math.sqrt(length) if self.rank_axis == 1 else 1.0)
+            outs.append(state + inc.to(state.dtype) * factor)
         return outs
 
     @torch.no_grad()
