@@ -91,22 +91,22 @@ def test_recurrent_state_commits_and_static_does_not(bert, batch):
 
 def test_momentum_one_is_the_paper_recurrence(bert, batch):
     """momentum=1: the anchor stays 0, so the state after a step is exactly X + s * H(X; phi)."""
-    model = ha.get_peft_model(bert, cfg(momentum=1.0))
+    model = ha.get_peft_model(bert, cfg(momentum=1.0, generation="recurrent"))
     train_steps(model, batch, 3)
     for g in model.generators.values():
         assert torch.count_nonzero(g.hypernet.anchor_weight) == 0
-    damped = ha.get_peft_model(make_bert(), cfg(momentum=0.5))
+    damped = ha.get_peft_model(make_bert(), cfg(momentum=0.5, generation="recurrent"))
     train_steps(damped, batch, 3)
     assert torch.count_nonzero(damped.generators["P"].hypernet.anchor_weight) > 0
 
 
 def test_context_breaks_layer_symmetry(bert, batch):
     """A shared H_lambda fed identical inputs gives identical outputs: without context all layers' lambda stay equal."""
-    sym = ha.get_peft_model(make_bert(), cfg(context="none", total_step=50, tinit=40, tfinal=5))
+    sym = ha.get_peft_model(make_bert(), cfg(context="none", generation="recurrent", total_step=50, tinit=40, tfinal=5))
     train_steps(sym, batch, 3)
     lam = sym.generators["lambda"].states()[0][..., 0]
     assert torch.allclose(lam, lam[:1].expand_as(lam))
-    ctx = ha.get_peft_model(make_bert(), cfg(context="module", total_step=50, tinit=40, tfinal=5))
+    ctx = ha.get_peft_model(make_bert(), cfg(context="module", generation="recurrent", total_step=50, tinit=40, tfinal=5))
     train_steps(ctx, batch, 3)
     lam = ctx.generators["lambda"].states()[0][..., 0]
     assert not torch.allclose(lam, lam[:1].expand_as(lam))
@@ -273,7 +273,7 @@ def test_moves_with_the_model(batch):
 
 def test_one_commit_per_optimizer_step(batch):
     """The anchor moves exactly once per step: anchor_t = (1 - m) * sum_k m^(t-1-k) W_k."""
-    model = ha.get_peft_model(make_bert(), cfg(momentum=0.5))
+    model = ha.get_peft_model(make_bert(), cfg(momentum=0.5, generation="recurrent"))
     opt = torch.optim.SGD(model.optimizer_param_groups(1e-2), lr=1e-2)
     model.train()
     expected = torch.zeros_like(model.generators["lambda"].hypernet.anchor_weight)

@@ -35,8 +35,9 @@ def tokenizer():
 
 @pytest.mark.parametrize("method", ["hyperadalora", "adalora", "lora"])
 def test_short_run_lowers_the_loss(tmp_path, tokenizer, method):
-    # AdaLoRA starts from lambda = 0 and moves it by ~lr per step: it needs a larger lr to move in 30 steps.
-    lr = 5e-2 if method == "adalora" else 5e-3
+    # AdaLoRA and HyperAdaLoRA (increment_scale='width') start from lambda = 0 and move it by ~lr per step: they need
+    # a larger lr to move in 30 steps.
+    lr = 5e-3 if method == "lora" else 5e-2
     args = TrainArgs(method=method, task="sst2", max_steps=30, batch_size=8, lr=lr, max_length=16, seed=0,
                      output_dir=str(tmp_path / method), progress=False, tinit=3, tfinal=5, deltaT=2)
     model = make_bert(vocab=tokenizer.vocab_size, hidden=32)

@@ -72,21 +72,22 @@ class HyperAdaLoraConfig:
                                                                  "the tokens of a matrix (eq. 8, O(L^2)) or 'induced' "
                                                                  "attention through n_induced learned slots (O(L))."})
     n_induced: int = field(default=16, metadata={"help": "Learned slots of attention='induced'."})
-    generation: str = field(default="recurrent", metadata={"help": "'recurrent' (X_{t+1} = H(X_t)) or 'static' (X = H(X_0))."})
+    generation: str = field(default="static", metadata={"help": "'recurrent' (X_{t+1} = H(X_t)) or 'static' (X = H(X_0))."})
     tokens: str = field(default="row", metadata={"help": "'row' (a row of P / column of Q / one lambda per token) "
                                                          "or 'element' (every scalar a token, eq. 8)."})
-    context: str = field(default="module", metadata={"help": "'module': tokens carry a learned embedding of their "
+    context: str = field(default="feature", metadata={"help": "'module': tokens carry a learned embedding of their "
                                                              "layer (and rank position); 'feature': also of the "
                                                              "feature (row of P, column of Q) they stand for, shared "
                                                              "by all layers of that dimension; 'none': no context."})
     hypernet_dim: int = field(default=32, metadata={"help": "Width d_h of the hypernetworks."})
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim."})
-    identity: str = field(default="zero_output", metadata={"help": "How step 0 is made the identity: 'zero_output' "
-                                                                   "(zero-initialised output projection) or 'offset' "
-                                                                   "(random output projection, its initial output "
-                                                                   "subtracted; generation='static' only)."})
-    increment_scale: str = field(default="state", metadata={"help": "Units of the generated increment: 'state' (the "
+    identity: Optional[str] = field(default=None, metadata={"help": "How step 0 is made the identity: 'zero_output' "
+                                                                     "(zero-initialised output projection) or 'offset' "
+                                                                     "(random output projection, its initial output "
+                                                                     "subtracted; static generation only). Default: "
+                                                                     "'offset' for static, 'zero_output' for recurrent."})
+    increment_scale: str = field(default="width", metadata={"help": "Units of the generated increment: 'state' (the "
                                                                     "state's typical entry: 1/sqrt(rows) for P and Q, "
                                                                     "1 for lambda) or 'width' (1/hypernet_dim, so that "
                                                                     "one Adam step moves each generated entry by about "
@@ -99,7 +100,7 @@ class HyperAdaLoraConfig:
                                                                     "the run's learning rate."})
     hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
                                                                          "in backward instead of storing them."})
-    init: str = field(default="orthonormal", metadata={"help": "Seed state of P and Q: 'orthonormal' (random), "
+    init: str = field(default="principal", metadata={"help": "Seed state of P and Q: 'orthonormal' (random), "
                                                                "'principal' (top init_r singular vectors of the "
                                                                "frozen weight) or 'normal' "
                                                                "(the paper's; lambda then also starts random)."})
@@ -166,6 +167,8 @@ class HyperAdaLoraConfig:
         _choice("context", self.context, CONTEXTS)
         _choice("importance", self.importance, IMPORTANCES)
         _choice("init", self.init, INITS)
+        if self.identity is None:
+            self.identity = "offset" if self.generation == "static" else "zero_output"
         _choice("identity", self.identity, IDENTITIES)
         _choice("increment_scale", self.increment_scale, INCREMENT_SCALES)
         if self.identity == "offset" and self.generation != "static":

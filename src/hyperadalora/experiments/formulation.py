@@ -21,26 +21,30 @@ from .common import (as_options, base_args, command_line, convergence, curves, d
 NAME = "formulation"
 DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
 
-# label -> (TrainArgs overrides, what it tests). Every hyperadalora variant lists the options it changes from the
-# paper's reading (recurrent, zero-initialised output, module context, random orthonormal seed state).
+# label -> (TrainArgs overrides, what it tests). Every hyperadalora variant sets all formulation options explicitly,
+# starting from the paper's reading (recurrent, zero-initialised output, module context, random orthonormal seed
+# state, increment in the state's units).
 PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "module", "init": "orthonormal",
-         "momentum": 1.0}
+         "increment_scale": "state", "momentum": 1.0}
+OFFSET = {**PAPER, "generation": "static", "identity": "offset"}
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
     "paper": ({"hyper": dict(PAPER)},
               "the paper's recurrence X_{t+1} = X_t + H(X_t), zero-initialised output projection"),
     "damped": ({"hyper": {**PAPER, "momentum": 0.5}},
                "recurrent, the carried-over increment damped by momentum 0.5"),
+    "damped+width": ({"hyper": {**PAPER, "momentum": 0.5, "increment_scale": "width"}},
+                     "damped, increment in units of 1/hypernet_dim (an Adam step moves an entry by ~lr)"),
     "static": ({"hyper": {**PAPER, "generation": "static"}}, "static X = X_0 + H(X_0)"),
     "feature": ({"hyper": {**PAPER, "momentum": 0.5, "context": "feature"}},
-                "damped recurrent + a learned embedding of each row's feature, shared across layers"),
-    "offset": ({"hyper": {**PAPER, "generation": "static", "identity": "offset"}},
-               "static, random output projection with its initial output subtracted"),
-    "offset+feature": ({"hyper": {**PAPER, "generation": "static", "identity": "offset", "context": "feature"}},
-                       "offset + feature context"),
-    "offset+feature+principal": ({"hyper": {**PAPER, "generation": "static", "identity": "offset",
-                                            "context": "feature", "init": "principal"}},
-                                 "offset + feature context, seed state = top singular vectors of W0"),
+                "damped + a learned embedding of each row's feature, shared by layers of that dimension"),
+    "offset+feature": ({"hyper": {**OFFSET, "context": "feature"}},
+                       "static, random output projection with its initial output subtracted, feature context"),
+    "offset+feature+width": ({"hyper": {**OFFSET, "context": "feature", "increment_scale": "width"}},
+                             "offset + feature context + width-scaled increment"),
+    "offset+feature+width+principal": ({"hyper": {**OFFSET, "context": "feature", "increment_scale": "width",
+                                                  "init": "principal"}},
+                                       "the library default: + seed state = top singular vectors of W0"),
 }
 
 FULL_SIZE = """\
