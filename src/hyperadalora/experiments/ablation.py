@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, base_args, command_line, convergence, convergence_table, curves, default_glue_dir,
-                     environment, fmt_stat, glue_task_available, markdown_table, output_dir, pick, plot_loss_bands,
-                     primary_metric, report_header, run_variants, settings_of, window_for, write_outputs)
+from .common import (as_options, base_args, command_line, convergence, convergence_table, curves, environment,
+                     fmt_stat, markdown_table, output_dir, pick, plot_loss_bands, primary_metric, report_header,
+                     run_index, run_variants, settings_of, single_task, window_for, write_outputs)
 
 NAME = "ablation-hypernet"
 DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -61,11 +61,7 @@ def parameter_counts(args, kind: str = "classification") -> dict:
 def run_ablation_hypernet(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    data_dir = default_glue_dir(opts)
-    task = (opts.tasks or [DEFAULTS["task"]])[0].lower().replace("-", "")
-    ok, why = glue_task_available(task, data_dir)
-    if not ok:
-        raise FileNotFoundError(f"ablation-hypernet: task {task!r}: {why}")
+    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
     steps = pick(opts.steps, DEFAULTS["steps"])
     seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
     window = window_for(steps)
@@ -91,9 +87,7 @@ def run_ablation_hypernet(opts=None) -> dict:
                "args": base, "variants": VARIANTS, "convergence_vs_attention": conv_attn,
                "convergence_vs_adalora": conv_ada, "parameter_counts": counts, "plot": os.path.basename(png),
                "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
-               "runs": {str(seed): {label: {"output_dir": r["args"].output_dir, "final_eval": r["summary"]["final_eval"],
-                                            "train_time_s": r["summary"]["train_time_s"]} for label, r in rs.items()}
-                        for seed, rs in runs.items()}}
+               "runs": run_index(runs)}
     count_rows = [[label, *(f"{c[k]:,}" if c[k] is not None else "-" for k in ("P", "lambda", "Q", "hypernetworks")),
                    f"{c['adapter']:,}", f"{c['heads']:,}"] for label, c in counts.items()]
     summary_rows = []

@@ -127,6 +127,23 @@ def glue_task_available(task: str, data_dir: Optional[str]) -> tuple[bool, str]:
     return True, ""
 
 
+def single_task(opts: ExperimentOptions, name: str, default: str) -> tuple[str, Optional[str]]:
+    """(task, data dir) of an experiment that runs on one GLUE task (the first of --tasks); a clear error if its
+    files are missing."""
+    data_dir = default_glue_dir(opts)
+    task = (opts.tasks or [default])[0].lower().replace("-", "")
+    ok, why = glue_task_available(task, data_dir)
+    if not ok:
+        raise FileNotFoundError(f"{name}: task {task!r}: {why}")
+    return task, data_dir
+
+
+def run_index(runs_by_seed: dict, keys: Iterable[str] = ("final_eval", "train_time_s")) -> dict:
+    """{seed: {label: {output_dir, summary values}}}: where each run is and its headline numbers (results.json)."""
+    return {str(seed): {label: {"output_dir": r["args"].output_dir, **{k: r["summary"].get(k) for k in keys}}
+                        for label, r in runs.items()} for seed, runs in runs_by_seed.items()}
+
+
 def output_dir(opts: ExperimentOptions, name: str) -> str:
     """Create the experiment's output directory (default runs/experiments/NAME), apply --threads; returns it."""
     if opts.threads:

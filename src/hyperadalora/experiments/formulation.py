@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, base_args, command_line, convergence, curves, default_glue_dir, environment,
-                     fmt_stat, glue_task_available, markdown_table, output_dir, pick, plot_loss_bands,
-                     primary_metric, report_header, run_variants, settings_of, window_for, write_outputs)
+from .common import (as_options, base_args, command_line, convergence, curves, environment, fmt_stat, markdown_table,
+                     output_dir, pick, plot_loss_bands, primary_metric, report_header, run_index, run_variants,
+                     settings_of, single_task, window_for, write_outputs)
 
 NAME = "formulation"
 DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -62,11 +62,7 @@ hyperadalora experiment formulation --model /path/to/roberta-base --data-dir /pa
 def run_formulation(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    data_dir = default_glue_dir(opts)
-    task = (opts.tasks or [DEFAULTS["task"]])[0].lower().replace("-", "")
-    ok, why = glue_task_available(task, data_dir)
-    if not ok:
-        raise FileNotFoundError(f"formulation: task {task!r}: {why}")
+    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
     chosen = list(getattr(opts, "variants", None) or VARIANTS)
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
@@ -108,9 +104,7 @@ def run_formulation(opts=None) -> dict:
                                           for label in labels},
                "convergence": conv, "health": health, "plot": os.path.basename(png),
                "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
-               "runs": {str(seed): {label: {"output_dir": r["args"].output_dir, "final_eval": r["summary"]["final_eval"],
-                                            "train_time_s": r["summary"]["train_time_s"]} for label, r in rs.items()}
-                        for seed, rs in runs.items()}}
+               "runs": run_index(runs)}
     settings = settings_of(base)
     settings.update({"seeds": ", ".join(map(str, seeds)), "smoothing window": window, "data dir": data_dir})
     lines = report_header(

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 from ..plotting import smooth
-from .common import (as_options, base_args, command_line, convergence, convergence_table, curves, default_glue_dir,
-                     environment, final_smoothed, fmt_stat, glue_task_available, markdown_table, output_dir, pick,
-                     plot_loss_bands, primary_metric, report_header, run_variants, settings_of, stats, window_for,
+from .common import (as_options, base_args, command_line, convergence, convergence_table, curves, environment,
+                     final_smoothed, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands, primary_metric,
+                     report_header, run_index, run_variants, settings_of, single_task, stats, window_for,
                      write_outputs)
 
 NAME = "gamma"
@@ -42,11 +42,7 @@ def label_of(gamma: float) -> str:
 def run_gamma(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    data_dir = default_glue_dir(opts)
-    task = (opts.tasks or [DEFAULTS["task"]])[0].lower().replace("-", "")
-    ok, why = glue_task_available(task, data_dir)
-    if not ok:
-        raise FileNotFoundError(f"gamma: task {task!r}: {why}")
+    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
     steps = pick(opts.steps, DEFAULTS["steps"])
     seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
     window = window_for(steps)
@@ -75,9 +71,7 @@ def run_gamma(opts=None) -> dict:
                "gammas": list(GAMMAS), "args": base, "convergence": conv, "final_orth_penalty": penalty,
                "plot": os.path.basename(png),
                "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
-               "runs": {str(seed): {k: {"output_dir": r["args"].output_dir, "final_eval": r["summary"]["final_eval"],
-                                        "train_time_s": r["summary"]["train_time_s"]} for k, r in rs.items()}
-                        for seed, rs in runs.items()}}
+               "runs": run_index(runs)}
     rows = [[label, *(fmt_stat(conv["methods"][label].get(f"dev_{k}")) for k in metric_keys),
              fmt_stat(conv["methods"][label]["final_smoothed_task_loss"]), fmt_stat(penalty[label], "{:.4g}"),
              fmt_stat(conv["methods"][label]["steps_to_target"], "{:.1f}"),

@@ -19,7 +19,7 @@ from .common import (as_options, base_args, command_line, convergence, convergen
 
 NAME = "nlu-convergence"
 TASKS = ("rte", "wnli", "sst2", "mnli")
-DEFAULTS = dict(steps=200, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
+DEFAULTS = dict(steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
 METHODS = {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}}
 
 FULL_SIZE = """\

@@ -14,10 +14,9 @@ import re
 
 import numpy as np
 
-from .common import (as_options, base_args, capture_adapter_models, command_line, convergence, convergence_table,
-                     curves, default_glue_dir, environment, glue_task_available, markdown_table, output_dir,
-                     pick, plot_loss_bands, primary_metric, report_header, run_variants, settings_of, window_for,
-                     write_outputs, _plt)
+from .common import (_plt, as_options, base_args, capture_adapter_models, command_line, convergence,
+                     convergence_table, curves, environment, markdown_table, output_dir, pick, plot_loss_bands,
+                     primary_metric, report_header, run_variants, settings_of, single_task, window_for, write_outputs)
 
 NAME = "rank-allocation"
 DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -115,11 +114,7 @@ def _total_plot(totals: dict, steps: np.ndarray, path: str, title: str) -> str:
 def run_rank_allocation(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    data_dir = default_glue_dir(opts)
-    task = (opts.tasks or [DEFAULTS["task"]])[0].lower().replace("-", "")
-    ok, why = glue_task_available(task, data_dir)
-    if not ok:
-        raise FileNotFoundError(f"rank-allocation: task {task!r}: {why}")
+    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
     steps = pick(opts.steps, DEFAULTS["steps"])
     seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
     window = window_for(steps)
