@@ -32,6 +32,7 @@ from .allocator import RankAllocator
 from .config import CONFIG_NAME, HyperAdaLoraConfig
 from .generator import RoleGenerator
 from .layer import SVDLinear
+from .wrapper import AdapterWrapper
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 HYPERNET_WEIGHTS_NAME = "hypernetworks.safetensors"
@@ -141,7 +142,7 @@ def principal_subspaces(adapters: list, r: int) -> tuple[list[torch.Tensor], lis
 
 
 # ---------------------------------------------------------------------------------------------- model
-class HyperAdaLoraModel(nn.Module):
+class HyperAdaLoraModel(AdapterWrapper):
     """A transformers model with HyperAdaLoRA adapters.
 
     Attributes:
@@ -151,6 +152,7 @@ class HyperAdaLoraModel(nn.Module):
     """
 
     ROLES = ("P", "lambda", "Q")
+    ADAPTER_LAYER = SVDLinear
 
     def __init__(self, model: nn.Module, config: HyperAdaLoraConfig, *, _fixed: bool = False):
         super().__init__()
@@ -211,26 +213,6 @@ class HyperAdaLoraModel(nn.Module):
         self.__class__ = _with_signature_of(type(model))
 
     # ------------------------------------------------------------------ set-up helpers
-    def _mark_modules_to_save(self) -> list[str]:
-        names = []
-        for target in self.peft_config.modules_to_save or ():
-            for name, module in self.base_model.named_modules():
-                if (name == target or name.endswith("." + target)) and not isinstance(module, SVDLinear):
-                    module.requires_grad_(True)
-                    names.append(name)
-        return names
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_model", "generators"):
-                raise
-            return getattr(self.base_model, name)
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model
-
     @property
     def n_layers(self) -> int:
         return len(self.adapters)
@@ -248,15 +230,6 @@ class HyperAdaLoraModel(nn.Module):
             groups.append({"params": heads, "lr": lr, "weight_decay": weight_decay, "name": "modules_to_save"})
         return [g for g in groups if g["params"]]
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        t, a = self.get_nb_trainable_parameters()
-        print(f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}")
-
     def _phi_version(self) -> int:
         return sum(p._version for p in self.generators.parameters())
 
@@ -266,8 +239,7 @@ class HyperAdaLoraModel(nn.Module):
         with _full_precision(self.generators["lambda"].states()[0].device):
             return {role: self.generators[role].generate(track=track) for role in self.ROLES}
 
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache and move the rank masks along
-        self._cache_key = None
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda(): also move the rank masks along
         result = super()._apply(fn, *args, **kwargs)
         alloc = self.__dict__.get("allocator")
         if alloc is not None:
@@ -377,11 +349,6 @@ class HyperAdaLoraModel(nn.Module):
         elif isinstance(loss, torch.Tensor):
             self.last_task_loss = loss.detach()
         return output
-
-    def generate(self, *args, **kwargs):
-        """Text generation with the current adapter (generated once, cached)."""
-        self.materialize(training_pass=False)
-        return self.base_model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ rank allocation
     def _sensitivity(self) -> Optional[torch.Tensor]:
@@ -528,10 +495,6 @@ class HyperAdaLoraModel(nn.Module):
         self.fixed = True
         self._pending = None
         return self
-
-    def _modules_to_save_state(self) -> dict:
-        return {f"modules_to_save.{name}.{k}": v for name in self.saved_module_names
-                for k, v in self.base_model.get_submodule(name).state_dict().items()}
 
     def save_pretrained(self, directory: str, save_hypernetworks: bool = False) -> None:
         """Write ``adapter_model.safetensors`` (P, lambda, Q per layer sliced to its rank, and the trained heads)
