@@ -63,7 +63,7 @@ class RoleGenerator(nn.Module):
         self.element = cfg.tokens == "element"
         self.generation = cfg.generation
         self.output_scale = cfg.output_scale
-        self.increment_scale = getattr(cfg, "increment_scale", "state")
+        self.increment_scale = cfg.increment_scale
         self.hypernet_dim = cfg.hypernet_dim
         self.chunk = cfg.element_chunk
         self.checkpoint = cfg.hypernet_checkpointing
@@ -103,7 +103,7 @@ class RoleGenerator(nn.Module):
                     torch.randn(length, cfg.hypernet_dim, generator=generator)))
         # identity='offset': a non-zero output projection from the start (every parameter gets a gradient at step 1),
         # and the initial increment H_phi0(X_0) subtracted as a constant, so the first generation is still X_0
-        self.offset = getattr(cfg, "identity", "zero_output") == "offset"
+        self.offset = cfg.identity == "offset"
         if self.offset:
             self.hypernet.out_proj.reset_parameters()
             with torch.no_grad():

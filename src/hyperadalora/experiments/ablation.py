@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, base_args, command_line, convergence, convergence_table, curves, environment,
-                     fmt_stat, markdown_table, output_dir, pick, plot_loss_bands, primary_metric, report_header,
-                     run_index, run_variants, settings_of, single_task, window_for, write_outputs)
+from .common import (as_options, convergence, convergence_table, curves, fmt_stat, markdown_table, output_dir,
+                     plot_loss_bands, primary_metric, report_header, run_index, run_variants, settings_of,
+                     single_task_setup, write_outputs)
 
 NAME = "ablation-hypernet"
 DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -61,14 +61,9 @@ def parameter_counts(args, kind: str = "classification") -> dict:
 def run_ablation_hypernet(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
-    steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
-    window = window_for(steps)
-    command, env = command_line(NAME, opts), environment()
-    base = base_args(opts, method="hyperadalora", task=task, data_dir=data_dir, max_steps=steps,
-                     batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], max_length=DEFAULTS["max_length"],
-                     max_eval_examples=DEFAULTS["max_eval_examples"], eval_every=0)
+    setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
+    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
+    command, env, base = setup.command, setup.env, setup.base
     runs = run_variants(base, VARIANTS, out, seeds, reuse=opts.reuse)
     conv_attn = convergence(runs, window, reference="attention")
     conv_ada = convergence(runs, window, reference="adalora")

@@ -138,6 +138,32 @@ def single_task(opts: ExperimentOptions, name: str, default: str) -> tuple[str, 
     return task, data_dir
 
 
+@dataclass
+class SingleTaskSetup:
+    """What an experiment on one GLUE task derives from its options: the task, the data, the run length, the
+    seeds, the smoothing window, the command line and environment for the report, and the base TrainArgs."""
+
+    task: str
+    data_dir: Optional[str]
+    steps: int
+    seeds: list
+    window: int
+    command: str
+    env: dict
+    base: TrainArgs
+
+
+def single_task_setup(opts: ExperimentOptions, name: str, defaults: dict, method: str) -> SingleTaskSetup:
+    """`single_task` + the run length, seeds, window and base arguments (``method`` for the overrides to change)."""
+    task, data_dir = single_task(opts, name, defaults["task"])
+    steps = pick(opts.steps, defaults["steps"])
+    base = base_args(opts, method=method, task=task, data_dir=data_dir, max_steps=steps,
+                     batch_size=defaults["batch_size"], lr=defaults["lr"], max_length=defaults["max_length"],
+                     max_eval_examples=defaults["max_eval_examples"], eval_every=0)
+    return SingleTaskSetup(task, data_dir, steps, list(range(pick(opts.seeds, defaults["seeds"]))),
+                           window_for(steps), command_line(name, opts), environment(), base)
+
+
 def run_index(runs_by_seed: dict, keys: Iterable[str] = ("final_eval", "train_time_s")) -> dict:
     """{seed: {label: {output_dir, summary values}}}: where each run is and its headline numbers (results.json)."""
     return {str(seed): {label: {"output_dir": r["args"].output_dir, **{k: r["summary"].get(k) for k in keys}}

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, base_args, command_line, convergence, curves, environment, fmt_stat, markdown_table,
-                     output_dir, pick, plot_loss_bands, primary_metric, report_header, run_index, run_variants,
-                     settings_of, single_task, window_for, write_outputs)
+from .common import (as_options, convergence, curves, fmt_stat, markdown_table, output_dir, plot_loss_bands,
+                     primary_metric, report_header, run_index, run_variants, settings_of, single_task_setup,
+                     write_outputs)
 
 NAME = "formulation"
 DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -62,20 +62,15 @@ hyperadalora experiment formulation --model /path/to/roberta-base --data-dir /pa
 def run_formulation(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
-    chosen = list(getattr(opts, "variants", None) or VARIANTS)
+    setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
+    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
+    command, env, base = setup.command, setup.env, setup.base
+    chosen = list(opts.variants or VARIANTS)
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         raise ValueError(f"formulation: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
     labels = ["adalora"] + [v for v in chosen if v != "adalora"]
     variants = {label: VARIANTS[label][0] for label in labels}
-    steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
-    window = window_for(steps)
-    command, env = command_line(NAME, opts), environment()
-    base = base_args(opts, method="hyperadalora", task=task, data_dir=data_dir, max_steps=steps,
-                     batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], max_length=DEFAULTS["max_length"],
-                     max_eval_examples=DEFAULTS["max_eval_examples"], eval_every=0)
     runs = run_variants(base, variants, out, seeds, reuse=opts.reuse)
     conv = convergence(runs, window, reference="adalora")
     metric = primary_metric(runs[seeds[0]]["adalora"]["summary"]["final_eval"]) or "accuracy"

@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 
 from ..plotting import smooth
-from .common import (as_options, base_args, command_line, convergence, convergence_table, curves, environment,
-                     final_smoothed, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands, primary_metric,
-                     report_header, run_index, run_variants, settings_of, single_task, stats, window_for,
-                     write_outputs)
+from .common import (as_options, convergence, convergence_table, curves, final_smoothed, fmt_stat, markdown_table,
+                     output_dir, plot_loss_bands, report_header, run_index, run_variants,
+                     settings_of, single_task_setup, stats, write_outputs)
 
 NAME = "gamma"
 GAMMAS = (0.1, 0.15, 0.2)
@@ -42,20 +41,14 @@ def label_of(gamma: float) -> str:
 def run_gamma(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
-    steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
-    window = window_for(steps)
-    command, env = command_line(NAME, opts), environment()
-    base = base_args(opts, method="hyperadalora", task=task, data_dir=data_dir, max_steps=steps,
-                     batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], max_length=DEFAULTS["max_length"],
-                     max_eval_examples=DEFAULTS["max_eval_examples"], eval_every=0)
+    setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
+    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
+    command, env, base = setup.command, setup.env, setup.base
     variants = {label_of(g): {"orth_reg_weight": g} for g in GAMMAS}
     runs = run_variants(base, variants, out, seeds, reuse=opts.reuse)
     reference = label_of(GAMMAS[0])
     conv = convergence(runs, window, reference=reference,
                        target_fn=lambda rs: max(final_smoothed(r["rows"], window) for r in rs.values()))
-    metric = primary_metric(runs[seeds[0]][reference]["summary"]["final_eval"]) or "accuracy"
     metric_keys = [k for k in ("accuracy", "f1", "matthews") if f"dev_{k}" in conv["methods"][reference]]
     penalty = {}
     for label in variants:

@@ -14,9 +14,9 @@ import re
 
 import numpy as np
 
-from .common import (_plt, as_options, base_args, capture_adapter_models, command_line, convergence,
-                     convergence_table, curves, environment, markdown_table, output_dir, pick, plot_loss_bands,
-                     primary_metric, report_header, run_variants, settings_of, single_task, window_for, write_outputs)
+from .common import (_plt, as_options, capture_adapter_models, convergence, convergence_table, curves,
+                     markdown_table, output_dir, plot_loss_bands, primary_metric, report_header, run_variants,
+                     settings_of, single_task_setup, write_outputs)
 
 NAME = "rank-allocation"
 DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -114,14 +114,9 @@ def _total_plot(totals: dict, steps: np.ndarray, path: str, title: str) -> str:
 def run_rank_allocation(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    task, data_dir = single_task(opts, NAME, DEFAULTS["task"])
-    steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
-    window = window_for(steps)
-    command, env = command_line(NAME, opts), environment()
-    base = base_args(opts, method="adalora", task=task, data_dir=data_dir, max_steps=steps,
-                     batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], max_length=DEFAULTS["max_length"],
-                     max_eval_examples=DEFAULTS["max_eval_examples"], eval_every=0)
+    setup = single_task_setup(opts, NAME, DEFAULTS, method="adalora")
+    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
+    command, env, base = setup.command, setup.env, setup.base
     records = {label: {} for label in METHODS}   # label -> seed -> [(step, {name: rank})]
 
     with capture_adapter_models() as built:
