@@ -16,8 +16,6 @@ once that rank allocation is not running (peft #1327): use `RankAllocationCallba
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import json
 import os
 import re
@@ -32,7 +30,7 @@ from .allocator import RankAllocator
 from .config import CONFIG_NAME, HyperAdaLoraConfig
 from .generator import RoleGenerator
 from .layer import SVDLinear
-from .wrapper import AdapterWrapper
+from .wrapper import AdapterWrapper, with_signature_of
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 HYPERNET_WEIGHTS_NAME = "hypernetworks.safetensors"
@@ -104,24 +102,6 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@functools.lru_cache(maxsize=None)
-def _with_signature_of(base_cls: type) -> type:
-    """A subclass of HyperAdaLoraModel whose ``forward`` has the signature of ``base_cls.forward`` (like peft's
-    task classes), so that `transformers.Trainer` keeps the right dataset columns and finds the labels."""
-    try:
-        signature = inspect.signature(base_cls.forward)
-    except (TypeError, ValueError):
-        return HyperAdaLoraModel
-
-    def forward(self, *args, **kwargs):
-        return HyperAdaLoraModel.forward(self, *args, **kwargs)
-
-    forward.__signature__ = signature
-    forward.__doc__ = HyperAdaLoraModel.forward.__doc__
-    return type(f"HyperAdaLoraModelFor{base_cls.__name__}", (HyperAdaLoraModel,),
-                {"forward": forward, "__module__": __name__, "__qualname__": f"HyperAdaLoraModelFor{base_cls.__name__}"})
 
 
 def principal_subspaces(adapters: list, r: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -210,7 +190,7 @@ class HyperAdaLoraModel(AdapterWrapper):
         self.last_task_loss: Optional[torch.Tensor] = None
         self.last_orth_penalty: Optional[torch.Tensor] = None
         # Trainer reads the forward's signature (columns to keep, label names): show the base model's.
-        self.__class__ = _with_signature_of(type(model))
+        self.__class__ = with_signature_of(HyperAdaLoraModel, type(model))
 
     # ------------------------------------------------------------------ set-up helpers
     @property

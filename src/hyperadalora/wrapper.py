@@ -7,6 +7,9 @@ of ``SEQ_CLS``) in full, and caches generated tensors that ``.to()`` / ``.cuda()
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from torch import nn
 
 
@@ -62,3 +65,21 @@ class AdapterWrapper(nn.Module):
         """Text generation with the current adapter (generated once, cached)."""
         self.materialize(training_pass=False)
         return self.base_model.generate(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def with_signature_of(wrapper_cls: type, base_cls: type) -> type:
+    """A subclass of ``wrapper_cls`` whose ``forward`` has the signature of ``base_cls.forward`` (like peft's task
+    classes), so that `transformers.Trainer` keeps the right dataset columns and finds the labels."""
+    try:
+        signature = inspect.signature(base_cls.forward)
+    except (TypeError, ValueError):
+        return wrapper_cls
+
+    def forward(self, *args, **kwargs):
+        return wrapper_cls.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = wrapper_cls.forward.__doc__
+    name = f"{wrapper_cls.__name__}For{base_cls.__name__}"
+    return type(name, (wrapper_cls,), {"forward": forward, "__module__": wrapper_cls.__module__, "__qualname__": name})

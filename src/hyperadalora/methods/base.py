@@ -23,8 +23,6 @@ non-zero tokens (an all-zero seed would give every row the same token, and so th
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import json
 import math
 import os
@@ -37,7 +35,7 @@ from torch import nn
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator
 from ..model import ADAPTER_WEIGHTS_NAME, _replace, _save_safetensors, find_target_modules
-from ..wrapper import AdapterWrapper
+from ..wrapper import AdapterWrapper, with_signature_of
 
 METHOD_CONFIG_NAME = "method_config.json"
 METHODS: dict[str, "Method"] = {}
@@ -342,24 +340,6 @@ class _Buffers(nn.Module):
         return [getattr(self, f"t{i}") for i in range(self.n)]
 
 
-@functools.lru_cache(maxsize=None)
-def _with_signature_of(base_cls: type) -> type:
-    """A subclass of GeneratedAdapterModel whose ``forward`` has the signature of ``base_cls.forward``, so that
-    `transformers.Trainer` keeps the right dataset columns and finds the labels."""
-    try:
-        signature = inspect.signature(base_cls.forward)
-    except (TypeError, ValueError):
-        return GeneratedAdapterModel
-
-    def forward(self, *args, **kwargs):
-        return GeneratedAdapterModel.forward(self, *args, **kwargs)
-
-    forward.__signature__ = signature
-    forward.__doc__ = GeneratedAdapterModel.forward.__doc__
-    name = f"GeneratedAdapterModelFor{base_cls.__name__}"
-    return type(name, (GeneratedAdapterModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
-
-
 class GeneratedAdapterModel(AdapterWrapper):
     """A transformers model with the adapters of a `Method`, some of whose tensors may be generated.
 
@@ -415,7 +395,7 @@ class GeneratedAdapterModel(AdapterWrapper):
         self._pending_committed = False
         self._cache_key = None
         self.last_task_loss: Optional[torch.Tensor] = None
-        self.__class__ = _with_signature_of(type(model))
+        self.__class__ = with_signature_of(GeneratedAdapterModel, type(model))
 
     def _build_generators(self, config, generated) -> None:
         hcfg = config.hypernet_config()
