@@ -127,6 +127,23 @@ def glue_task_available(task: str, data_dir: Optional[str]) -> tuple[bool, str]:
     return True, ""
 
 
+def available_tasks(opts: ExperimentOptions, default: Iterable[str]) -> tuple[Optional[str], list, dict]:
+    """(data dir, tasks to run, {skipped task: why}) of an experiment over several GLUE tasks (--tasks or
+    ``default``); a clear error if none of them has its files."""
+    data_dir = default_glue_dir(opts)
+    tasks = [t.lower().replace("-", "") for t in (opts.tasks or default)]
+    skipped = {}
+    for task in tasks:
+        ok, why = glue_task_available(task, data_dir)
+        if not ok:
+            skipped[task] = why
+    todo = [t for t in tasks if t not in skipped]
+    if not todo:
+        raise FileNotFoundError(f"No GLUE task has its files under data dir {data_dir!r}: "
+                                + "; ".join(f"{t}: {w}" for t, w in skipped.items()))
+    return data_dir, todo, skipped
+
+
 def single_task(opts: ExperimentOptions, name: str, default: str) -> tuple[str, Optional[str]]:
     """(task, data dir) of an experiment that runs on one GLUE task (the first of --tasks); a clear error if its
     files are missing."""

@@ -15,10 +15,9 @@ import os
 
 import numpy as np
 
-from .common import (_plt, as_options, base_args, command_line, convergence, convergence_table, curves,
-                     default_glue_dir, environment, fmt_stat, glue_task_available, markdown_table, output_dir, pick,
-                     plot_loss_bands, primary_metric, report_header, run_variants, settings_of, window_for,
-                     write_outputs)
+from .common import (_plt, as_options, available_tasks, base_args, command_line, convergence, convergence_table,
+                     curves, environment, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands,
+                     primary_metric, report_header, run_variants, settings_of, window_for, write_outputs)
 
 NAME = "extension"
 TASKS = ("rte", "sst2")
@@ -88,20 +87,10 @@ def plot_dev(summary: dict, metric: str, path: str, title: str) -> str:
 def run_extension(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    data_dir = default_glue_dir(opts)
+    data_dir, todo, skipped = available_tasks(opts, TASKS)
     steps = pick(opts.steps, DEFAULTS["steps"])
     seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
     window = window_for(steps)
-    tasks = [t.lower().replace("-", "") for t in (opts.tasks or TASKS)]
-    skipped = {}
-    for task in tasks:
-        ok, why = glue_task_available(task, data_dir)
-        if not ok:
-            skipped[task] = why
-    todo = [t for t in tasks if t not in skipped]
-    if not todo:
-        raise FileNotFoundError(f"No GLUE task has its files under data dir {data_dir!r}: "
-                                + "; ".join(f"{t}: {w}" for t, w in skipped.items()))
     methods = [m for pair in PAIRS for m in pair]
     command = command_line(NAME, opts)
     env = environment()
@@ -151,7 +140,7 @@ def run_extension(opts=None) -> dict:
         results["tasks"][task] = task_result
     counts = count_parameters(base, methods)
     results["parameters"] = counts
-    dev_png = plot_dev(dev_summary, metric, os.path.join(out, "dev_accuracy.png"),
+    plot_dev(dev_summary, metric, os.path.join(out, "dev_accuracy.png"),
                        f"final dev {metric}: base method vs hypernetwork variant ({steps} steps)")
     results["plots"] = ["dev_accuracy.png"] + [p["plot"] for t in results["tasks"].values()
                                                for p in t["pairs"].values()]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, base_args, command_line, convergence, convergence_table, curves,
-                     default_glue_dir, environment, eval_by_step, fmt_stat, glue_task_available, markdown_table,
-                     output_dir, pick, plot_eval_points, plot_loss_bands, primary_metric, report_header, run_variants,
-                     settings_of, stats, window_for, write_outputs)
+from .common import (as_options, available_tasks, base_args, command_line, convergence, convergence_table, curves,
+                     environment, eval_by_step, fmt_stat, markdown_table, output_dir, pick, plot_eval_points,
+                     plot_loss_bands, primary_metric, report_header, run_variants, settings_of, stats, window_for,
+                     write_outputs)
 
 NAME = "nlu-convergence"
 TASKS = ("rte", "wnli", "sst2", "mnli")
@@ -44,20 +44,10 @@ of the steps, deltaT = 10) fits the run length.
 def run_nlu_convergence(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    data_dir = default_glue_dir(opts)
+    data_dir, todo, skipped = available_tasks(opts, TASKS)
     steps = pick(opts.steps, DEFAULTS["steps"])
     seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
     window = window_for(steps)
-    tasks = [t.lower().replace("-", "") for t in (opts.tasks or TASKS)]
-    skipped = {}
-    for task in tasks:
-        ok, why = glue_task_available(task, data_dir)
-        if not ok:
-            skipped[task] = why
-    todo = [t for t in tasks if t not in skipped]
-    if not todo:
-        raise FileNotFoundError(f"No GLUE task has its files under data dir {data_dir!r}: "
-                                + "; ".join(f"{t}: {w}" for t, w in skipped.items()))
     command = command_line(NAME, opts)
     env = environment()
     results = {"experiment": NAME, "command": command, "env": env, "data_dir": data_dir, "seeds": seeds,
