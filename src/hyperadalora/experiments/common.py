@@ -493,6 +493,19 @@ def convergence_table(conv: dict, metric_keys: Iterable[str] = ()) -> str:
     return markdown_table(header, rows)
 
 
+def save_line_plot(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> str:
+    """Label, grid, legend and save a line plot the way every experiment's plots look; returns ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def plot_loss_bands(series: dict, path: str, title: str, window: int, target: Optional[float] = None,
                     marks: Optional[dict] = None, ylabel: str = "training task loss") -> str:
     """series: {label: (steps, values[seed, step])}: raw mean (faint), smoothed mean (bold), min-max band of the
@@ -511,15 +524,7 @@ def plot_loss_bands(series: dict, path: str, title: str, window: int, target: Op
             ax.axvline(marks[label], color=color, linestyle=":", linewidth=1.2)
     if target is not None:
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.4f}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path, "optimizer step", ylabel, title)
 
 
 def plot_eval_points(series: dict, path: str, title: str, ylabel: str) -> str:
@@ -532,15 +537,7 @@ def plot_eval_points(series: dict, path: str, title: str, ylabel: str) -> str:
         lo = [points[s]["mean"] - points[s]["min"] for s in steps]
         hi = [points[s]["max"] - points[s]["mean"] for s in steps]
         ax.errorbar(steps, mean, yerr=[lo, hi], color=f"C{i}", marker="o", capsize=3, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path, "optimizer step", ylabel, title)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -12,8 +12,8 @@ import importlib.util
 import os
 import sys
 
-from .common import (REPO_ROOT, as_options, command_line, environment, fmt, markdown_table, output_dir, pick,
-                     report_header, write_outputs, _plt)
+from .common import (REPO_ROOT, as_options, command_line, environment, fmt, markdown_table, output_dir, pick, _plt,
+                     report_header, save_line_plot, write_outputs)
 
 NAME = "efficiency"
 METHODS = ("hyperadalora", "adalora", "lora")
@@ -77,15 +77,7 @@ def _plot(results: dict, path: str, key: str, err: str, ylabel: str, title: str)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path, "batch size", ylabel, title)
 
 
 def run_efficiency(opts=None) -> dict:

@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 
-from .common import (_plt, as_options, capture_adapter_models, convergence, convergence_table, curves,
-                     markdown_table, output_dir, plot_loss_bands, primary_metric, report_header, run_variants,
+from .common import (as_options, capture_adapter_models, convergence, convergence_table, curves, markdown_table,
+                     output_dir, plot_loss_bands, _plt, primary_metric, report_header, run_variants, save_line_plot,
                      settings_of, single_task_setup, write_outputs)
 
 NAME = "rank-allocation"
@@ -100,15 +100,7 @@ def _total_plot(totals: dict, steps: np.ndarray, path: str, title: str) -> str:
     for i, (label, t) in enumerate(totals.items()):
         ax.plot(steps, t, color=f"C{i}", linewidth=2 if i == 0 else 1.2, linestyle="-" if i == 0 else "--",
                 label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("total rank (all adapted layers)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path, "optimizer step", "total rank (all adapted layers)", title)
 
 
 def run_rank_allocation(opts=None) -> dict:
