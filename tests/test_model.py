@@ -34,7 +34,9 @@ def train_steps(model, batch, steps, lr=1e-2, start=1):
                                      {"tokens": "element"}, {"generation": "static"}, {"context": "none"},
                                     {"context": "feature"}, {"context": "feature", "tokens": "element", "element_chunk": 7},
                                      {"init": "principal"}, {"generation": "static", "identity": "offset"},
-                                     {"generation": "static", "identity": "offset", "tokens": "element", "context": "feature"}])
+                                     {"generation": "static", "identity": "offset", "tokens": "element", "context": "feature"},
+                                     {"context": "layer_feature"},
+                                     {"context": "layer_feature", "tokens": "element", "element_chunk": 7}])
 def test_identity_at_step_0(bert, batch, options):
     ref = bert(input_ids=batch["input_ids"]).logits
     model = ha.get_peft_model(bert, cfg(**options))
@@ -286,3 +288,23 @@ def test_one_commit_per_optimizer_step(batch):
         expected = 0.5 * expected + 0.5 * used
         model(**batch)  # the next forward must not commit again
         assert torch.allclose(model.generators["lambda"].hypernet.anchor_weight, expected)
+
+
+def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, batch):
+    """context='layer_feature': every row of every layer's P (column of Q) has its own learned embedding, so two
+    layers of the same shape get different increments from the same gradient; 'feature' shares one table."""
+    shared = ha.get_peft_model(copy.deepcopy(bert), cfg(context="feature"))
+    own = ha.get_peft_model(copy.deepcopy(bert), cfg(context="layer_feature"))
+    for role in ("P", "Q"):
+        gen_s, gen_o = shared.generators[role], own.generators[role]
+        for g, length in enumerate(gen_o.group_lengths):
+            n_g = getattr(gen_o, f"ids_{g}").numel()
+            assert tuple(gen_s.feature_embeddings[g].shape) == (length, 32)
+            assert tuple(gen_o.feature_embeddings[g].shape) == (n_g, length, 32)
+    assert len(own.generators["lambda"].feature_embeddings) == 0  # lambda tokens are ranks, not features
+    table = own.generators["P"].feature_embeddings[0]
+    before = table.detach().clone()
+    train_steps(own, batch, 3)
+    moved = (table.detach() - before).flatten(1)
+    assert moved.shape[0] >= 2 and moved.abs().sum(1).min() > 0       # every layer's rows are trained
+    assert not torch.allclose(moved[0], moved[1])                     # and not as one shared table

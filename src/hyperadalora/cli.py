@@ -38,7 +38,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     # HyperAdaLoRA
     "hypernet": (str, "attention | mlp | cnn"), "attention": (str, "full | induced"),
     "n_induced": (int, "slots of induced attention"), "generation": (str, "recurrent | static"),
-    "tokens": (str, "row | element"), "context": (str, "module | feature | none"), "importance": (str, "magnitude | sensitivity"),
+    "tokens": (str, "row | element"), "context": (str, "module | feature | layer_feature | none"), "importance": (str, "magnitude | sensitivity"),
     "hypernet_dim": (int, "hypernetwork width"), "hypernet_heads": (int, "attention heads"),
     "hypernet_ffn_mult": (int, "feed-forward multiplier"), "output_scale": (float, "increment scale"),
     "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),

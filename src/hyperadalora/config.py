@@ -18,7 +18,7 @@ CONFIG_NAME = "hyperadalora_config.json"
 HYPERNETS = ("attention", "mlp", "cnn")
 GENERATIONS = ("recurrent", "static")
 TOKEN_LAYOUTS = ("row", "element")
-CONTEXTS = ("module", "feature", "none")
+CONTEXTS = ("module", "feature", "layer_feature", "none")
 ATTENTIONS = ("full", "induced")
 IMPORTANCES = ("magnitude", "sensitivity")
 INITS = ("orthonormal", "principal", "normal")
@@ -78,7 +78,10 @@ class HyperAdaLoraConfig:
     context: str = field(default="feature", metadata={"help": "'module': tokens carry a learned embedding of their "
                                                              "layer (and rank position); 'feature': also of the "
                                                              "feature (row of P, column of Q) they stand for, shared "
-                                                             "by all layers of that dimension; 'none': no context."})
+                                                             "by all layers of that dimension; 'layer_feature': "
+                                                             "a learned embedding of every row of every layer "
+                                                             "(n_rows * hypernet_dim parameters per layer and "
+                                                             "role); 'none': no context."})
     hypernet_dim: int = field(default=32, metadata={"help": "Width d_h of the hypernetworks."})
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim."})

@@ -96,11 +96,13 @@ class RoleGenerator(nn.Module):
             attention=cfg.attention, n_induced=cfg.n_induced)
         # context='feature': a learned embedding of each row of P / column of Q (the feature it reads or writes),
         # one table per group of equal length, so that layers of the same dimension share what they learn about it
+        # context='layer_feature': one embedding per row of every layer (n_g, L_g, d_h), nothing shared
         self.feature_embeddings = nn.ParameterList()
-        if cfg.context == "feature" and rank_axis == 1:
-            for length in self.group_lengths:
-                self.feature_embeddings.append(nn.Parameter(
-                    torch.randn(length, cfg.hypernet_dim, generator=generator)))
+        if cfg.context in ("feature", "layer_feature") and rank_axis == 1:
+            for length, members in groups.items():
+                shape = (length, cfg.hypernet_dim) if cfg.context == "feature" else \
+                    (len(members), length, cfg.hypernet_dim)
+                self.feature_embeddings.append(nn.Parameter(torch.randn(*shape, generator=generator)))
         # identity='offset': a non-zero output projection from the start (every parameter gets a gradient at step 1),
         # and the initial increment H_phi0(X_0) subtracted as a constant, so the first generation is still X_0
         self.offset = cfg.identity == "offset"
@@ -147,7 +149,7 @@ class RoleGenerator(nn.Module):
         tokens = x.reshape(n, length * self.width, 1)
         n_tok = tokens.shape[1]
         if feat is not None:  # element (j, k) of the (length, width) matrix stands for feature j
-            feat = feat.repeat_interleave(self.width, dim=0)
+            feat = feat.repeat_interleave(self.width, dim=-2)
         if n_tok > self.chunk:
             chunks, padding, _ = chunk_tokens(tokens, self.chunk)
             per = chunks.shape[0] // n
@@ -158,7 +160,10 @@ class RoleGenerator(nn.Module):
             feat_c = None
             if feat is not None:
                 feat_c = torch.nn.functional.pad(feat, (0, 0, 0, per * self.chunk - n_tok))
-                feat_c = feat_c.view(per, self.chunk, -1).repeat(n, 1, 1)
+                if feat_c.dim() == 2:  # shared by the layers of the group
+                    feat_c = feat_c.view(per, self.chunk, -1).repeat(n, 1, 1)
+                else:                  # one per layer: (n, per * chunk, d) -> (n * per, chunk, d)
+                    feat_c = feat_c.reshape(n * per, self.chunk, -1)
             inc = self._run(chunks, ids.repeat_interleave(per), pos_c, padding, feat_c)
             inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
         else:
