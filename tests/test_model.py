@@ -36,7 +36,9 @@ def train_steps(model, batch, steps, lr=1e-2, start=1):
                                      {"init": "principal"}, {"generation": "static", "identity": "offset"},
                                      {"generation": "static", "identity": "offset", "tokens": "element", "context": "feature"},
                                      {"context": "layer_feature"},
-                                     {"context": "layer_feature", "tokens": "element", "element_chunk": 7}])
+                                     {"context": "layer_feature", "tokens": "element", "element_chunk": 7},
+                                     {"context": "layer_feature", "center_increment": True},
+                                     {"center_increment": True, "tokens": "element", "element_chunk": 7}])
 def test_identity_at_step_0(bert, batch, options):
     ref = bert(input_ids=batch["input_ids"]).logits
     model = ha.get_peft_model(bert, cfg(**options))
@@ -308,3 +310,22 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
     moved = (table.detach() - before).flatten(1)
     assert moved.shape[0] >= 2 and moved.abs().sum(1).min() > 0       # every layer's rows are trained
     assert not torch.allclose(moved[0], moved[1])                     # and not as one shared table
+
+
+@pytest.mark.parametrize("tokens", ["row", "element"])
+def test_center_increment_removes_the_row_mean_of_p_and_q(bert, batch, tokens):
+    model = ha.get_peft_model(bert, cfg(center_increment=True, tokens=tokens, context="layer_feature"))
+    train_steps(model, batch, 3)
+    for role in ("P", "Q"):
+        gen = model.generators[role]
+        with torch.no_grad():
+            outs = gen.generate()
+        for out, state in zip(outs, gen.states()):
+            inc = out - state
+            assert inc.abs().max() > 0                                   # trained: the increment is not zero
+            assert inc.mean(dim=1).abs().max() < 1e-6 * (1 + inc.abs().max())  # and its mean over the rows is
+
+
+def test_center_increment_must_be_a_bool():
+    with pytest.raises(TypeError, match="center_increment must be true or false"):
+        cfg(center_increment="yes")

@@ -116,3 +116,16 @@ def test_cli_bad_input_gives_a_clear_message(argv, message, capsys, tmp_path):
     code = cli.main(argv + ["--output-dir", str(tmp_path / "o")])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("False", False), ("1", True), ("off", False)])
+def test_cli_boolean_hypernetwork_option(value, expected):
+    ns = cli.build_parser().parse_args(["train", "--center-increment", value])
+    assert ns.center_increment is expected
+
+
+def test_cli_boolean_option_rejects_other_words(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["train", "--center-increment", "maybe"])
+    assert e.value.code == 2
+    assert "--center-increment takes true or false, got 'maybe'" in capsys.readouterr().err

@@ -44,10 +44,21 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),
     "init": (str, "orthonormal | principal | normal"),
     "identity": (str, "zero_output | offset (static generation)"),
-    "increment_scale": (str, "state | width (units of the generated increment)"), "element_chunk": (int, "element tokens per attention chunk"),
+    "increment_scale": (str, "state | width (units of the generated increment)"),
+    "center_increment": (lambda v: _flag(v, "--center-increment"), "true | false: remove the row mean of P/Q increments"), "element_chunk": (int, "element tokens per attention chunk"),
     # HydraLoRA
     "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),
 }
+
+
+def _flag(value: str, name: str) -> bool:
+    """A true/false command-line value."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}.")
 
 
 def load_yaml(path: str) -> dict:

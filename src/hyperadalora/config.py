@@ -95,6 +95,10 @@ class HyperAdaLoraConfig:
                                                                     "1 for lambda) or 'width' (1/hypernet_dim, so that "
                                                                     "one Adam step moves each generated entry by about "
                                                                     "the learning rate, as AdaLoRA's own step does)."})
+    center_increment: bool = field(default=False, metadata={"help": "Subtract from each generated P (Q) increment "
+                                                                    "its mean over the rows (columns): the shared "
+                                                                    "hypernetwork then cannot move all rows of a "
+                                                                    "matrix the same way."})
     output_scale: float = field(default=1.0, metadata={"help": "Scale of the generated increment H(X) - X."})
     momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
                                                            "increment carries over to the next step (1.0 = the paper's "
@@ -126,8 +130,9 @@ class HyperAdaLoraConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
             setattr(self, name, float(value))
-        if not isinstance(self.hypernet_checkpointing, bool):
-            raise TypeError(f"hypernet_checkpointing must be true or false, got {self.hypernet_checkpointing!r}.")
+        for name in ("hypernet_checkpointing", "center_increment"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         for name in ("hypernet_dim", "hypernet_heads", "hypernet_ffn_mult", "element_chunk", "max_element_tokens",
                      "n_induced"):
             if getattr(self, name) < 1:

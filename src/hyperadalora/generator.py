@@ -64,6 +64,7 @@ class RoleGenerator(nn.Module):
         self.generation = cfg.generation
         self.output_scale = cfg.output_scale
         self.increment_scale = cfg.increment_scale
+        self.center = cfg.center_increment
         self.hypernet_dim = cfg.hypernet_dim
         self.chunk = cfg.element_chunk
         self.checkpoint = cfg.hypernet_checkpointing
@@ -145,7 +146,7 @@ class RoleGenerator(nn.Module):
         pos = self._positions(length, state.device)
         feat = self.feature_embeddings[g] if len(self.feature_embeddings) else None
         if not self.element:
-            return self._run(x, ids, pos, None, feat)
+            return self._centred(self._run(x, ids, pos, None, feat))
         tokens = x.reshape(n, length * self.width, 1)
         n_tok = tokens.shape[1]
         if feat is not None:  # element (j, k) of the (length, width) matrix stands for feature j
@@ -168,7 +169,13 @@ class RoleGenerator(nn.Module):
             inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
         else:
             inc = self._run(tokens, ids, pos, None, feat)
-        return inc.reshape(n, length, self.width)
+        return self._centred(inc.reshape(n, length, self.width))
+
+    def _centred(self, inc: torch.Tensor) -> torch.Tensor:
+        """``center_increment``: remove the part of a P / Q increment shared by all rows of the matrix."""
+        if self.center and self.rank_axis == 1:
+            return inc - inc.mean(dim=1, keepdim=True)
+        return inc
 
     def generate(self, track: bool = False) -> list[torch.Tensor]:
         """One batched pass per group: returns [(n_g, L_g, w)] generated tensors.
