@@ -1,12 +1,15 @@
 """The experiment suite on a tiny BERT / Llama and tiny GLUE / instruction files (no network, no shared data)."""
 
 import argparse
+import dataclasses
 import json
 import shlex
 
 import numpy as np
 import pytest
 import torch
+
+import hyperadalora as ha
 
 from conftest import make_bert, make_llama
 from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experiment_parser, cmd_experiment,
@@ -189,6 +192,23 @@ def test_nlu_convergence_reuse(tmp_path, tiny_bert_dir, glue_dir, capsys):
     assert first["tasks"]["wnli"]["curves"] == second["tasks"]["wnli"]["curves"]
 
 
+def test_reuse_refuses_a_run_made_with_other_library_defaults(tmp_path, tiny_bert_dir, glue_dir, capsys,
+                                                              monkeypatch):
+    """A finished run is reused only if every hypernetwork option it used (defaults included) is the same."""
+    from hyperadalora import config as config_mod
+    opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, tasks=["wnli"], steps=4)
+    run_experiment("nlu-convergence", opts)
+    summary = json.load(open(next((tmp_path).rglob("hyperadalora/summary.json"))))
+    assert summary["hypernetwork_options"]["hypernet"] == ha.HyperAdaLoraConfig.hypernet
+    field = next(f for f in dataclasses.fields(config_mod.HyperAdaLoraConfig) if f.name == "hypernet")
+    monkeypatch.setattr(field, "default", "mlp")   # as if a later version changed the default
+    capsys.readouterr()
+    opts.reuse = True
+    run_experiment("nlu-convergence", opts)
+    out = capsys.readouterr().out
+    assert "reusing" in out and out.count("reusing") == 1   # adalora is reused, hyperadalora is trained again
+
+
 def test_nlu_convergence_without_data_is_a_clear_error(tmp_path, tiny_bert_dir):
     empty = tmp_path / "glue"
     empty.mkdir()
@@ -224,11 +244,14 @@ def test_gamma_tiny(tmp_path, tiny_bert_dir, glue_dir):
 
 def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
     opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=5)
-    opts.variants = ["paper", "offset+feature"]
+    opts.variants = ["paper", "offset+feature", "adalora-lr3x"]
     res = run_experiment("formulation", opts)
     report, data = check_outputs(res)
     methods = data["convergence"]["methods"]
-    assert list(methods) == ["adalora", "paper", "offset+feature"]          # the reference is always run first
+    assert list(methods) == ["adalora", "paper", "offset+feature", "adalora-lr3x"]  # the reference runs first
+    lrs = {label: json.load(open(f"{tmp_path}/out/seed0/{label}/summary.json"))["args"]["lr"]
+           for label in ("adalora", "adalora-lr3x")}
+    assert lrs["adalora-lr3x"] == pytest.approx(3 * lrs["adalora"])         # lr_scale is relative to --lr
     assert methods["adalora"]["steps_ratio"]["mean"] == 1.0
     for label in ("paper", "offset+feature"):
         args = json.load(open(f"{tmp_path}/out/seed0/{label}/summary.json"))["args"]

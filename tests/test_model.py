@@ -69,17 +69,22 @@ def test_generated_tensors_are_not_parameters_and_change(bert, batch):
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_one_shared_hypernetwork_per_role(layers):
-    model = ha.get_peft_model(make_bert(num_layers=layers), cfg())
-    assert set(model.generators) == {"P", "lambda", "Q"}
-    hypernets = [m for m in model.modules() if isinstance(m, ha.Hypernetwork)]
-    assert len(hypernets) == 3
-    assert model.n_layers == 6 * layers
-    n_params = sum(p.numel() for p in model.hypernetwork_parameters())
-    other = ha.get_peft_model(make_bert(num_layers=layers + 1), cfg())
-    # only the module embedding grows with the number of layers
-    grow = sum(g.hypernet.module_embedding.weight.numel() for g in other.generators.values()) - \
-        sum(g.hypernet.module_embedding.weight.numel() for g in model.generators.values())
-    assert sum(p.numel() for p in other.hypernetwork_parameters()) - n_params == grow
+    for context in ("feature", "layer_feature"):
+        model = ha.get_peft_model(make_bert(num_layers=layers), cfg(context=context))
+        assert set(model.generators) == {"P", "lambda", "Q"}
+        hypernets = [m for m in model.modules() if isinstance(m, ha.Hypernetwork)]
+        assert len(hypernets) == 3
+        assert model.n_layers == 6 * layers
+        n_params = sum(p.numel() for p in model.hypernetwork_parameters())
+        other = ha.get_peft_model(make_bert(num_layers=layers + 1), cfg(context=context))
+        # context='feature': only the module embedding grows with the number of layers;
+        # 'layer_feature': also one embedding per row of P and column of Q of the added layers
+        grow = sum(g.hypernet.module_embedding.weight.numel() for g in other.generators.values()) - \
+            sum(g.hypernet.module_embedding.weight.numel() for g in model.generators.values())
+        if context == "layer_feature":
+            added = other.adapters[-6:]
+            grow += sum(a.out_features + a.in_features for a in added) * 32
+        assert sum(p.numel() for p in other.hypernetwork_parameters()) - n_params == grow
 
 
 def test_recurrent_state_commits_and_static_does_not(bert, batch):

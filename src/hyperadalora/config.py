@@ -67,7 +67,8 @@ class HyperAdaLoraConfig:
     beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty (importance='sensitivity')."})
     orth_reg_weight: float = field(default=0.1, metadata={"help": "gamma: weight of ||P^T P - I||^2 + ||Q Q^T - I||^2."})
     # --- the hypernetworks ---
-    hypernet: str = field(default="attention", metadata={"help": "'attention' (one BERT layer), 'mlp' or 'cnn'."})
+    hypernet: str = field(default="cnn", metadata={"help": "'cnn' (a residual 1-D convolution over the tokens), "
+                                                      "'attention' (one BERT layer, the paper's) or 'mlp'."})
     attention: str = field(default="induced", metadata={"help": "hypernet='attention': 'full' self-attention among "
                                                                  "the tokens of a matrix (eq. 8, O(L^2)) or 'induced' "
                                                                  "attention through n_induced learned slots (O(L))."})
@@ -75,7 +76,7 @@ class HyperAdaLoraConfig:
     generation: str = field(default="static", metadata={"help": "'recurrent' (X_{t+1} = H(X_t)) or 'static' (X = H(X_0))."})
     tokens: str = field(default="row", metadata={"help": "'row' (a row of P / column of Q / one lambda per token) "
                                                          "or 'element' (every scalar a token, eq. 8)."})
-    context: str = field(default="feature", metadata={"help": "'module': tokens carry a learned embedding of their "
+    context: str = field(default="layer_feature", metadata={"help": "'module': tokens carry a learned embedding of their "
                                                              "layer (and rank position); 'feature': also of the "
                                                              "feature (row of P, column of Q) they stand for, shared "
                                                              "by all layers of that dimension; 'layer_feature': "
@@ -95,7 +96,7 @@ class HyperAdaLoraConfig:
                                                                     "1 for lambda) or 'width' (1/hypernet_dim, so that "
                                                                     "one Adam step moves each generated entry by about "
                                                                     "the learning rate, as AdaLoRA's own step does)."})
-    center_increment: bool = field(default=False, metadata={"help": "Subtract from each generated P (Q) increment "
+    center_increment: bool = field(default=True, metadata={"help": "Subtract from each generated P (Q) increment "
                                                                     "its mean over the rows (columns): the shared "
                                                                     "hypernetwork then cannot move all rows of a "
                                                                     "matrix the same way."})
@@ -103,7 +104,7 @@ class HyperAdaLoraConfig:
     momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
                                                            "increment carries over to the next step (1.0 = the paper's "
                                                            "X_{t+1} = H(X_t); < 1 damps the recurrence)."})
-    hypernet_lr_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the hypernetworks relative to "
+    hypernet_lr_ratio: float = field(default=10.0, metadata={"help": "Learning rate of the hypernetworks relative to "
                                                                     "the run's learning rate."})
     hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
                                                                          "in backward instead of storing them."})

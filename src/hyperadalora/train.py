@@ -60,6 +60,16 @@ HYPER_FIELDS = ("hypernet", "attention", "n_induced", "generation", "tokens", "c
                 "hypernet_checkpointing")
 
 
+def hypernetwork_options(args: "TrainArgs") -> dict:
+    """Every hypernetwork option a run used: the library defaults of `HyperAdaLoraConfig` overridden by
+    ``args.hyper`` (empty for methods without hypernetworks). Recorded in summary.json, so that a run stays
+    identifiable when a default changes."""
+    if not args.method.startswith("hyper"):
+        return {}
+    defaults = {f.name: f.default for f in dataclasses.fields(HyperAdaLoraConfig) if f.name in HYPER_FIELDS}
+    return json.loads(json.dumps({**defaults, **args.hyper}, default=str))
+
+
 @dataclass
 class TrainArgs:
     """Arguments of `train` (the CLI flags and YAML keys have the same names)."""
@@ -692,7 +702,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                "rank_pattern": _rank_pattern(unwrapped), "metrics": metrics_path,
                "adapter": adapter_dir if args.save_adapter else None,
                "checkpoint": _latest_checkpoint(args.output_dir), "resumed_from": ckpt["path"] if ckpt else None,
-               "args": asdict(args), "processes": dist_info.world}
+               "args": asdict(args), "hypernetwork_options": hypernetwork_options(args),
+               "processes": dist_info.world}
     if dist_info.main:
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)

@@ -254,10 +254,15 @@ def capture_adapter_models():
         train_lib.build_adapter_model = original
 
 
-def _same_args(saved: dict, args: TrainArgs) -> bool:
+def _same_args(summary: dict, args: TrainArgs) -> bool:
+    """Whether a finished run's summary.json was made with ``args`` and with the same hypernetwork options
+    (the library defaults included: a run from before a default changed is not reused)."""
+    saved = summary.get("args", {})
     current = json.loads(json.dumps(dataclasses.asdict(args), default=str))
     free = set(train_lib.RESUME_FREE_ARGS) - {"data_dir", "data_path", "model", "max_eval_examples",
                                                "gen_eval_examples", "max_new_tokens", "eval_every"}
+    if summary.get("hypernetwork_options", {}) != train_lib.hypernetwork_options(args):
+        return False
     return all(saved.get(k) == v for k, v in current.items() if k not in free)
 
 
@@ -272,7 +277,7 @@ def train_run(args: TrainArgs, *, reuse: bool = False, on_step: Optional[Callabl
     if reuse and on_step is None and not keep_model and os.path.isfile(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-        if _same_args(summary.get("args", {}), args) and os.path.isfile(summary.get("metrics", "")):
+        if _same_args(summary, args) and os.path.isfile(summary.get("metrics", "")):
             rows, evals = read_metrics(summary["metrics"])
             if len(rows) == args.max_steps:
                 print(f"  reusing {args.output_dir}", flush=True)
@@ -305,6 +310,8 @@ def run_variants(base: TrainArgs, variants: dict, out_dir: str, seeds: Iterable[
                  keep_model: bool = False, on_step_factory: Optional[Callable] = None) -> dict:
     """Train every variant ({label: TrainArgs overrides}) for every seed: {seed: {label: run}}.
 
+    An override ``lr_scale`` sets the variant's learning rate to ``base.lr * lr_scale``.
+
     Runs go to ``out_dir/seed<k>/<label>``. Everything but the overrides and the seed is ``base``.
     ``on_step_factory(label, seed)`` -> on_step callback, or None.
     """
@@ -314,6 +321,8 @@ def run_variants(base: TrainArgs, variants: dict, out_dir: str, seeds: Iterable[
         for label, overrides in variants.items():
             overrides = dict(overrides)
             hyper = {**base.hyper, **overrides.pop("hyper", {})}
+            if "lr_scale" in overrides:  # relative to the experiment's learning rate
+                overrides["lr"] = base.lr * overrides.pop("lr_scale")
             args = dataclasses.replace(base, seed=seed, hyper=hyper,
                                        output_dir=os.path.join(out_dir, f"seed{seed}", label), **overrides)
             print(f"[{label} seed={seed}] {args.method} on {args.task}: {args.max_steps} steps -> {args.output_dir}",

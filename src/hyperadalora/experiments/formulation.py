@@ -25,8 +25,11 @@ DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, m
 # starting from the paper's reading (recurrent, zero-initialised output, module context, random orthonormal seed
 # state, increment in the state's units).
 PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "module", "init": "orthonormal",
-         "increment_scale": "state", "momentum": 1.0}
+         "increment_scale": "state", "momentum": 1.0, "hypernet": "attention", "center_increment": False,
+         "hypernet_lr_ratio": 1.0}
 OFFSET = {**PAPER, "generation": "static", "identity": "offset"}
+PREVIOUS = {**OFFSET, "context": "feature", "increment_scale": "width", "init": "principal"}  # the default until v0.3
+LAYER = {**PREVIOUS, "context": "layer_feature"}
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
     "paper": ({"hyper": dict(PAPER)},
@@ -42,9 +45,25 @@ VARIANTS = {
                        "static, random output projection with its initial output subtracted, feature context"),
     "offset+feature+width": ({"hyper": {**OFFSET, "context": "feature", "increment_scale": "width"}},
                              "offset + feature context + width-scaled increment"),
-    "offset+feature+width+principal": ({"hyper": {**OFFSET, "context": "feature", "increment_scale": "width",
-                                                  "init": "principal"}},
-                                       "the library default: + seed state = top singular vectors of W0"),
+    "offset+feature+width+principal": ({"hyper": dict(PREVIOUS)},
+                                       "+ seed state = top singular vectors of W0 (the previous default)"),
+    "previous+lr10": ({"hyper": {**PREVIOUS, "hypernet_lr_ratio": 10.0}},
+                      "the previous default, hypernetworks at 10x the learning rate"),
+    "layer-feature": ({"hyper": dict(LAYER)},
+                      "previous default, but a learned embedding of every row of every layer (not shared)"),
+    "layer-feature+center": ({"hyper": {**LAYER, "center_increment": True}},
+                             "layer-feature, the row mean of each P / Q increment removed"),
+    "layer-feature+center+cnn": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn"}},
+                                 "layer-feature+center with the CNN hypernetwork"),
+    "layer-feature+center+cnn+lr3": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn",
+                                                "hypernet_lr_ratio": 3.0}},
+                                     "+ hypernetworks at 3x the learning rate"),
+    "default": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}},
+                "the library default: layer-feature+center+cnn, hypernetworks at 10x the learning rate"),
+    "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
+                     "check: AdaLoRA itself at 3x the learning rate (is a larger step all it takes?)"),
+    "adalora-lr10x": ({"method": "adalora", "lr_scale": 10.0},
+                      "check: AdaLoRA itself at 10x the learning rate"),
 }
 
 FULL_SIZE = """\
