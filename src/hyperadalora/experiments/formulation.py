@@ -28,7 +28,7 @@ PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "modul
          "increment_scale": "state", "momentum": 1.0, "hypernet": "attention", "center_increment": False,
          "hypernet_lr_ratio": 1.0}
 OFFSET = {**PAPER, "generation": "static", "identity": "offset"}
-PREVIOUS = {**OFFSET, "context": "feature", "increment_scale": "width", "init": "principal"}  # the default until v0.3
+PREVIOUS = {**OFFSET, "context": "feature", "increment_scale": "width", "init": "principal"}  # the default until commit c075bb0
 LAYER = {**PREVIOUS, "context": "layer_feature"}
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
