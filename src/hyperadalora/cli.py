@@ -45,7 +45,9 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "init": (str, "orthonormal | principal | normal"),
     "identity": (str, "zero_output | offset (static generation)"),
     "increment_scale": (str, "state | width (units of the generated increment)"),
-    "center_increment": (lambda v: _flag(v, "--center-increment"), "true | false: remove the row mean of P/Q increments"), "element_chunk": (int, "element tokens per attention chunk"),
+    "center_increment": (lambda v: _flag(v, "--center-increment"),
+                         "true | false: remove the row mean of P/Q increments"),
+    "element_chunk": (int, "element tokens per attention chunk"),
     # HydraLoRA
     "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),
 }
