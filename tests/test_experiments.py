@@ -343,3 +343,10 @@ def test_cli_subcommand(tmp_path, tiny_bert_dir, glue_dir, capsys):
     assert "report.md" in out and "steps ratio" in out
     report = (tmp_path / "cli" / "report.md").read_text()
     assert "--steps 4" in report
+
+
+def test_single_task_experiments_accept_the_embedded_sentiment_task(tmp_path):
+    """The embedded sentiment task needs no GLUE folder; a GLUE task without its files is a clear error."""
+    assert common.glue_task_available("sentiment", None) == (True, "")
+    ok, why = common.glue_task_available("rte", str(tmp_path))
+    assert not ok and "RTE" in why
