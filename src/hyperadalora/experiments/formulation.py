@@ -30,6 +30,8 @@ PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "modul
 OFFSET = {**PAPER, "generation": "static", "identity": "offset"}
 PREVIOUS = {**OFFSET, "context": "feature", "increment_scale": "width", "init": "principal"}  # the default until commit c075bb0
 LAYER = {**PREVIOUS, "context": "layer_feature"}
+CENTRED = {**LAYER, "center_increment": True}
+DEFAULT = {**CENTRED, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}  # = HyperAdaLoraConfig's defaults
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
     "paper": ({"hyper": dict(PAPER)},
@@ -51,19 +53,16 @@ VARIANTS = {
                       "the previous default, hypernetworks at 10x the learning rate"),
     "layer-feature": ({"hyper": dict(LAYER)},
                       "previous default, but a learned embedding of every row of every layer (not shared)"),
-    "layer-feature+center": ({"hyper": {**LAYER, "center_increment": True}},
+    "layer-feature+center": ({"hyper": dict(CENTRED)},
                              "layer-feature, the row mean of each P / Q increment removed"),
-    "layer-feature+center+cnn": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn"}},
+    "layer-feature+center+cnn": ({"hyper": {**CENTRED, "hypernet": "cnn"}},
                                  "layer-feature+center with the CNN hypernetwork"),
-    "layer-feature+center+cnn+lr3": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn",
-                                                "hypernet_lr_ratio": 3.0}},
+    "layer-feature+center+cnn+lr3": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0}},
                                      "+ hypernetworks at 3x the learning rate"),
-    "default": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}},
+    "default": ({"hyper": dict(DEFAULT)},
                 "the library default: layer-feature+center+cnn, hypernetworks at 10x the learning rate"),
-    "default-lr3x": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn", "hypernet_lr_ratio": 10.0},
-                      "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
-    "default-lr10x": ({"hyper": {**LAYER, "center_increment": True, "hypernet": "cnn", "hypernet_lr_ratio": 10.0},
-                       "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
+    "default-lr3x": ({"hyper": dict(DEFAULT), "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
+    "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
                      "check: AdaLoRA itself at 3x the learning rate (is a larger step all it takes?)"),
     "adalora-lr10x": ({"method": "adalora", "lr_scale": 10.0},
