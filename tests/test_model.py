@@ -1,6 +1,7 @@
 """The method's contract: identity at step 0, generation, sharing, allocation, penalty, save/load/export/merge."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -38,7 +39,9 @@ def train_steps(model, batch, steps, lr=1e-2, start=1):
                                      {"context": "layer_feature"},
                                      {"context": "layer_feature", "tokens": "element", "element_chunk": 7},
                                      {"context": "layer_feature", "center_increment": True},
-                                     {"center_increment": True, "tokens": "element", "element_chunk": 7}])
+                                     {"center_increment": True, "tokens": "element", "element_chunk": 7},
+                                     {"context": "layer_feature", "feature_dim": 4},
+                                     {"context": "feature", "feature_dim": 3, "tokens": "element", "element_chunk": 7}])
 def test_identity_at_step_0(bert, batch, options):
     ref = bert(input_ids=batch["input_ids"]).logits
     model = ha.get_peft_model(bert, cfg(**options))
@@ -315,6 +318,54 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
     moved = (table.detach() - before).flatten(1)
     assert moved.shape[0] >= 2 and moved.abs().sum(1).min() > 0       # every layer's rows are trained
     assert not torch.allclose(moved[0], moved[1])                     # and not as one shared table
+
+
+@pytest.mark.parametrize("context", ["feature", "layer_feature"])
+def test_feature_dim_stores_narrow_embeddings_and_maps_them_to_the_hypernet_width(bert, batch, context):
+    """feature_dim < hypernet_dim: the row embeddings are stored at feature_dim and one linear map per P / Q
+    hypernetwork (trained with it) takes them to hypernet_dim: fewer parameters, and the layers still learn."""
+    wide = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context))
+    narrow = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, feature_dim=4))
+    saved = 0
+    for role in ("P", "Q"):
+        gen_w, gen_n = wide.generators[role], narrow.generators[role]
+        assert gen_w.hypernet.feature_proj is None
+        assert tuple(gen_n.hypernet.feature_proj.weight.shape) == (32, 4)
+        for emb_w, emb_n in zip(gen_w.feature_embeddings, gen_n.feature_embeddings):
+            assert emb_n.shape[:-1] == emb_w.shape[:-1] and emb_n.shape[-1] == 4 and emb_w.shape[-1] == 32
+            saved += emb_w.numel() - emb_n.numel()
+        saved -= gen_n.hypernet.feature_proj.weight.numel()
+    assert narrow.generators["lambda"].hypernet.feature_proj is None  # lambda has no row embeddings
+    n_wide = sum(p.numel() for p in wide.hypernetwork_parameters())
+    assert sum(p.numel() for p in narrow.hypernetwork_parameters()) == n_wide - saved
+    proj = narrow.generators["P"].hypernet.feature_proj.weight
+    before, table = proj.detach().clone(), narrow.generators["P"].feature_embeddings[0].detach().clone()
+    losses = train_steps(narrow, batch, 3)
+    assert all(math.isfinite(v) for v in losses)
+    assert not torch.equal(proj, before) and not torch.equal(narrow.generators["P"].feature_embeddings[0], table)
+
+
+def test_feature_lr_ratio_gives_the_row_embeddings_their_own_optimizer_group(bert):
+    model = ha.get_peft_model(bert, cfg(context="layer_feature", hypernet_lr_ratio=3.0, feature_lr_ratio=30.0))
+    groups = {g["name"]: g for g in model.optimizer_param_groups(1e-3)}
+    assert groups["hypernetworks"]["lr"] == pytest.approx(3e-3)
+    assert groups["feature_embeddings"]["lr"] == pytest.approx(3e-2)
+    embeddings = [p for g in model.generators.values() for p in g.feature_embeddings]
+    assert {id(p) for p in groups["feature_embeddings"]["params"]} == {id(p) for p in embeddings}
+    every = [p for g in groups.values() for p in g["params"]]
+    assert len(every) == len({id(p) for p in every})                           # no parameter in two groups
+    assert {id(p) for p in model.hypernetwork_parameters()} <= {id(p) for p in every}
+    same = ha.get_peft_model(make_bert(), cfg(context="layer_feature", hypernet_lr_ratio=3.0, feature_lr_ratio=None))
+    assert {g["name"]: g["lr"] for g in same.optimizer_param_groups(1e-3)}["feature_embeddings"] == pytest.approx(3e-3)
+    with pytest.raises(ValueError, match=r"feature_lr_ratio=0.0 must be > 0"):
+        ha.HyperAdaLoraConfig(feature_lr_ratio=0)
+
+
+def test_feature_dim_is_validated():
+    with pytest.raises(ValueError, match=r"feature_dim=0 must be >= 1 \(or None: hypernet_dim\)"):
+        ha.HyperAdaLoraConfig(feature_dim=0)
+    with pytest.raises(TypeError, match="feature_dim must be an integer or None"):
+        ha.HyperAdaLoraConfig(feature_dim=2.5)
 
 
 @pytest.mark.parametrize("tokens", ["row", "element"])

@@ -84,6 +84,13 @@ class HyperAdaLoraConfig:
                                                              "(n_rows * hypernet_dim parameters per layer and "
                                                              "role); 'none': no context."})
     hypernet_dim: int = field(default=32, metadata={"help": "Width d_h of the hypernetworks."})
+    feature_dim: Optional[int] = field(default=None, metadata={"help": "context 'feature' / 'layer_feature': width of "
+                                                                        "the learned row embeddings. None: "
+                                                                        "hypernet_dim; smaller: the embeddings are "
+                                                                        "stored at this width and mapped to "
+                                                                        "hypernet_dim by a linear map of the "
+                                                                        "hypernetwork (fewer parameters and "
+                                                                        "optimizer state)."})
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim."})
     identity: Optional[str] = field(default=None, metadata={"help": "How step 0 is made the identity: 'zero_output' "
@@ -104,8 +111,16 @@ class HyperAdaLoraConfig:
     momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
                                                            "increment carries over to the next step (1.0 = the paper's "
                                                            "X_{t+1} = H(X_t); < 1 damps the recurrence)."})
-    hypernet_lr_ratio: float = field(default=10.0, metadata={"help": "Learning rate of the hypernetworks relative to "
-                                                                    "the run's learning rate."})
+    hypernet_lr_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the hypernetworks (bodies, "
+                                                                   "module and rank embeddings) relative to the run's "
+                                                                   "learning rate."})
+    feature_lr_ratio: Optional[float] = field(default=30.0, metadata={"help": "Learning rate of the row embeddings "
+                                                                           "(context 'feature' / 'layer_feature') "
+                                                                           "relative to the run's learning rate: one "
+                                                                           "code per row of a layer, they act like "
+                                                                           "per-layer parameters and want a large "
+                                                                           "step, the shared bodies a small one. "
+                                                                           "None: hypernet_lr_ratio."})
     hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
                                                                          "in backward instead of storing them."})
     init: str = field(default="principal", metadata={"help": "Seed state of P and Q: 'orthonormal' (random), "
@@ -134,6 +149,17 @@ class HyperAdaLoraConfig:
         for name in ("hypernet_checkpointing", "center_increment"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.feature_lr_ratio is not None:
+            if isinstance(self.feature_lr_ratio, bool) or not isinstance(self.feature_lr_ratio, (int, float)):
+                raise TypeError(f"feature_lr_ratio must be a number or None, got {self.feature_lr_ratio!r}.")
+            self.feature_lr_ratio = float(self.feature_lr_ratio)
+            if self.feature_lr_ratio <= 0:
+                raise ValueError(f"feature_lr_ratio={self.feature_lr_ratio} must be > 0 (or None: hypernet_lr_ratio).")
+        if self.feature_dim is not None:
+            if isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, int):
+                raise TypeError(f"feature_dim must be an integer or None, got {self.feature_dim!r}.")
+            if self.feature_dim < 1:
+                raise ValueError(f"feature_dim={self.feature_dim} must be >= 1 (or None: hypernet_dim).")
         for name in ("hypernet_dim", "hypernet_heads", "hypernet_ffn_mult", "element_chunk", "max_element_tokens",
                      "n_induced"):
             if getattr(self, name) < 1:

@@ -94,15 +94,16 @@ class RoleGenerator(nn.Module):
             heads=cfg.hypernet_heads, ffn_mult=cfg.hypernet_ffn_mult,
             n_modules=n_layers if cfg.context != "none" else 0,
             n_positions=ranks if (uses_positions and cfg.context != "none") else 0,
-            attention=cfg.attention, n_induced=cfg.n_induced)
+            attention=cfg.attention, n_induced=cfg.n_induced,
+            feature_dim=cfg.feature_dim if cfg.context in ("feature", "layer_feature") and rank_axis == 1 else None)
         # context='feature': a learned embedding of each row of P / column of Q (the feature it reads or writes),
         # one table per group of equal length, so that layers of the same dimension share what they learn about it
         # context='layer_feature': one embedding per row of every layer (n_g, L_g, d_h), nothing shared
         self.feature_embeddings = nn.ParameterList()
         if cfg.context in ("feature", "layer_feature") and rank_axis == 1:
+            feature_dim = cfg.feature_dim or cfg.hypernet_dim
             for length, members in groups.items():
-                shape = (length, cfg.hypernet_dim) if cfg.context == "feature" else \
-                    (len(members), length, cfg.hypernet_dim)
+                shape = (length, feature_dim) if cfg.context == "feature" else (len(members), length, feature_dim)
                 self.feature_embeddings.append(nn.Parameter(torch.randn(*shape, generator=generator)))
         # identity='offset': a non-zero output projection from the start (every parameter gets a gradient at step 1),
         # and the initial increment H_phi0(X_0) subtracted as a constant, so the first generation is still X_0
@@ -215,3 +216,17 @@ class RoleGenerator(nn.Module):
     def per_layer(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the generated group tensors, one (L_i, w) per layer, in layer order."""
         return [outs[g][pos] for g, pos in self.layer_slot]
+
+
+def hypernetwork_param_groups(generators: nn.ModuleDict, cfg, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer groups of the hypernetworks: their bodies (and module / position embeddings) at
+    ``lr * hypernet_lr_ratio``; the row embeddings of context 'feature' / 'layer_feature', which hold one code
+    per row of a layer and act like per-layer parameters, at ``lr * feature_lr_ratio`` (None: the same ratio)."""
+    features = [p for g in generators.values() for p in g.feature_embeddings]
+    ids = {id(p) for p in features}
+    body = [p for p in generators.parameters() if id(p) not in ids]
+    feature_ratio = cfg.feature_lr_ratio if cfg.feature_lr_ratio is not None else cfg.hypernet_lr_ratio
+    groups = [{"params": body, "lr": lr * cfg.hypernet_lr_ratio, "weight_decay": weight_decay, "name": "hypernetworks"},
+              {"params": features, "lr": lr * feature_ratio, "weight_decay": weight_decay,
+               "name": "feature_embeddings"}]
+    return [g for g in groups if g["params"]]

@@ -122,10 +122,13 @@ class Hypernetwork(nn.Module):
         n_modules: number of adapted modules (size of the module embedding); 0 disables it.
         n_positions: number of rank positions (size of the rank-position embedding); 0 disables it.
         attention: ``full`` or ``induced`` self-attention (``arch='attention'`` only), see `AttentionBody`.
+        feature_dim: width of the feature context the caller passes, if not ``dim``: a linear map (no bias) takes it
+            to ``dim`` inside the pass (so the ``dim``-wide context is recomputed, not stored, under checkpointing).
     """
 
     def __init__(self, token_width: int, dim: int, arch: str = "attention", heads: int = 4, ffn_mult: int = 2,
-                 n_modules: int = 0, n_positions: int = 0, attention: str = "full", n_induced: int = 16):
+                 n_modules: int = 0, n_positions: int = 0, attention: str = "full", n_induced: int = 16,
+                 feature_dim: Optional[int] = None):
         super().__init__()
         self.token_width = token_width
         self.in_proj = nn.Linear(token_width, dim)
@@ -134,6 +137,9 @@ class Hypernetwork(nn.Module):
         for emb in (self.module_embedding, self.position_embedding):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=1.0)
+        self.feature_proj = nn.Linear(feature_dim, dim, bias=False) if feature_dim and feature_dim != dim else None
+        if self.feature_proj is not None:  # unit-variance context entries from unit-variance embeddings
+            nn.init.normal_(self.feature_proj.weight, std=1.0 / math.sqrt(feature_dim))
         self.body = BODIES[arch](dim, heads, ffn_mult * dim, attention=attention, n_induced=n_induced)
         self.out_proj = nn.Linear(dim, token_width)
         nn.init.zeros_(self.out_proj.weight)
@@ -145,9 +151,11 @@ class Hypernetwork(nn.Module):
                  position_ids: Optional[torch.Tensor] = None,
                  key_padding: Optional[torch.Tensor] = None,
                  feature_context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (B, L, w); module_ids (B,) long; position_ids (L,) or (B, L) long; feature_context (L, d_h) or
-        (B, L, d_h), added to every token -> (B, L, d_h)."""
+        """tokens (B, L, w); module_ids (B,) long; position_ids (L,) or (B, L) long; feature_context (L, f) or
+        (B, L, f) (f = feature_dim or d_h), added to every token -> (B, L, d_h)."""
         h = self.in_proj(tokens)
+        if feature_context is not None and self.feature_proj is not None:
+            feature_context = self.feature_proj(feature_context)
         if feature_context is not None:
             h = h + (feature_context if feature_context.dim() == 3 else feature_context[None])
         if self.module_embedding is not None and module_ids is not None:

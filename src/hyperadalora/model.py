@@ -28,7 +28,7 @@ from torch import nn
 
 from .allocator import RankAllocator
 from .config import CONFIG_NAME, HyperAdaLoraConfig
-from .generator import RoleGenerator
+from .generator import RoleGenerator, hypernetwork_param_groups
 from .layer import SVDLinear
 from .wrapper import AdapterWrapper, with_signature_of
 
@@ -202,9 +202,9 @@ class HyperAdaLoraModel(AdapterWrapper):
         return [] if self.fixed else list(self.generators.parameters())
 
     def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """Parameter groups for an optimizer: the hypernetworks at ``lr * hypernet_lr_ratio``, the heads at ``lr``."""
-        groups = [{"params": self.hypernetwork_parameters(), "lr": lr * self.peft_config.hypernet_lr_ratio,
-                   "weight_decay": weight_decay, "name": "hypernetworks"}]
+        """Parameter groups for an optimizer: the hypernetworks at ``lr * hypernet_lr_ratio`` (their row embeddings
+        at ``lr * feature_lr_ratio``, see `generator.hypernetwork_param_groups`), the heads at ``lr``."""
+        groups = [] if self.fixed else hypernetwork_param_groups(self.generators, self.peft_config, lr, weight_decay)
         heads = [p for p in self.base_model.parameters() if p.requires_grad]
         if heads:
             groups.append({"params": heads, "lr": lr, "weight_decay": weight_decay, "name": "modules_to_save"})

@@ -26,12 +26,13 @@ DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, m
 # state, increment in the state's units).
 PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "module", "init": "orthonormal",
          "increment_scale": "state", "momentum": 1.0, "hypernet": "attention", "center_increment": False,
-         "hypernet_lr_ratio": 1.0}
+         "hypernet_lr_ratio": 1.0, "feature_lr_ratio": None}
 OFFSET = {**PAPER, "generation": "static", "identity": "offset"}
 PREVIOUS = {**OFFSET, "context": "feature", "increment_scale": "width", "init": "principal"}  # the default until commit c075bb0
 LAYER = {**PREVIOUS, "context": "layer_feature"}
 CENTRED = {**LAYER, "center_increment": True}
-DEFAULT = {**CENTRED, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}  # = HyperAdaLoraConfig's defaults
+CNN_LR10 = {**CENTRED, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}  # the default until the split learning rates
+DEFAULT = {**CNN_LR10, "hypernet_lr_ratio": 1.0, "feature_lr_ratio": 30.0}  # = HyperAdaLoraConfig's defaults
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
     "paper": ({"hyper": dict(PAPER)},
@@ -57,10 +58,23 @@ VARIANTS = {
                              "layer-feature, the row mean of each P / Q increment removed"),
     "layer-feature+center+cnn": ({"hyper": {**CENTRED, "hypernet": "cnn"}},
                                  "layer-feature+center with the CNN hypernetwork"),
-    "layer-feature+center+cnn+lr3": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0}},
+    "layer-feature+center+cnn+lr3": ({"hyper": {**CNN_LR10, "hypernet_lr_ratio": 3.0}},
                                      "+ hypernetworks at 3x the learning rate"),
+    "layer-feature+center+cnn+lr10": ({"hyper": dict(CNN_LR10)},
+                                      "+ hypernetworks at 10x the learning rate (the default before the split below)"),
+    "split-body1-rows10": ({"hyper": {**CNN_LR10, "hypernet_lr_ratio": 1.0, "feature_lr_ratio": 10.0}},
+                           "split learning rates: hypernetwork bodies at 1x, the per-row embeddings at 10x"),
+    "split-body3-rows30": ({"hyper": {**CNN_LR10, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 30.0}},
+                           "bodies at 3x, per-row embeddings at 30x"),
+    "split-body10-rows30": ({"hyper": {**CNN_LR10, "hypernet_lr_ratio": 10.0, "feature_lr_ratio": 30.0}},
+                            "bodies at 10x, per-row embeddings at 30x"),
+    "split-body3-rows100": ({"hyper": {**CNN_LR10, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 100.0}},
+                            "bodies at 3x, per-row embeddings at 100x"),
     "default": ({"hyper": dict(DEFAULT)},
-                "the library default: layer-feature+center+cnn, hypernetworks at 10x the learning rate"),
+                "the library default: layer-feature+center+cnn, hypernetwork bodies at 1x the learning rate, "
+                "per-row embeddings at 30x"),
+    "default+feature-dim8": ({"hyper": {**DEFAULT, "feature_dim": 8}},
+                             "the default with 8-wide per-row embeddings mapped to the width 32 (memory)"),
     "default-lr3x": ({"hyper": dict(DEFAULT), "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
     "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},

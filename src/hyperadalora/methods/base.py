@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
-from ..generator import RoleGenerator
+from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..model import ADAPTER_WEIGHTS_NAME, _replace, _save_safetensors, find_target_modules
 from ..wrapper import AdapterWrapper, with_signature_of
 
@@ -459,11 +459,9 @@ class GeneratedAdapterModel(AdapterWrapper):
                 if not n.startswith("base_layer.") and p.requires_grad]
 
     def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """The hypernetworks at ``lr * hypernet_lr_ratio``; the layers' trained parameters and the heads at ``lr``."""
-        groups = []
-        if self.generated:
-            groups.append({"params": self.hypernetwork_parameters(), "lr": lr * self.peft_config.hypernet_lr_ratio,
-                           "weight_decay": weight_decay, "name": "hypernetworks"})
+        """The hypernetworks at ``lr * hypernet_lr_ratio`` (their row embeddings at ``lr * feature_lr_ratio``, see
+        `generator.hypernetwork_param_groups`); the layers' trained parameters and the heads at ``lr``."""
+        groups = hypernetwork_param_groups(self.generators, self.peft_config, lr, weight_decay) if self.generated else []
         adapter = self.adapter_parameters()
         groups.append({"params": adapter, "lr": lr, "weight_decay": weight_decay, "name": "adapters"})
         in_adapters = {id(p) for p in adapter}
