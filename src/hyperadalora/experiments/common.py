@@ -271,7 +271,9 @@ def _same_args(summary: dict, args: TrainArgs) -> bool:
         return False
     if not recorded and options:
         return False
-    return all(saved.get(k) == v for k, v in current.items() if k not in free)
+    # `hyper` (the options given) is covered by the resolved options above, which record every option, defaults
+    # included; comparing the given dicts too would refuse a run whose dict lacked an option now given as None
+    return all(saved.get(k) == v for k, v in current.items() if k not in free and k != "hyper")
 
 
 def train_run(args: TrainArgs, *, reuse: bool = False, on_step: Optional[Callable] = None,
