@@ -86,7 +86,7 @@ def test_one_shared_hypernetwork_per_role(layers):
             sum(g.hypernet.module_embedding.weight.numel() for g in model.generators.values())
         if context == "layer_feature":
             added = other.adapters[-6:]
-            grow += sum(a.out_features + a.in_features for a in added) * 32
+            grow += sum(a.out_features + a.in_features for a in added) * model.peft_config.hypernet_dim
         assert sum(p.numel() for p in other.hypernetwork_parameters()) - n_params == grow
 
 
@@ -309,8 +309,9 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
         gen_s, gen_o = shared.generators[role], own.generators[role]
         for g, length in enumerate(gen_o.group_lengths):
             n_g = getattr(gen_o, f"ids_{g}").numel()
-            assert tuple(gen_s.feature_embeddings[g].shape) == (length, 32)
-            assert tuple(gen_o.feature_embeddings[g].shape) == (n_g, length, 32)
+            d = own.peft_config.hypernet_dim
+            assert tuple(gen_s.feature_embeddings[g].shape) == (length, d)
+            assert tuple(gen_o.feature_embeddings[g].shape) == (n_g, length, d)
     assert len(own.generators["lambda"].feature_embeddings) == 0  # lambda tokens are ranks, not features
     table = own.generators["P"].feature_embeddings[0]
     before = table.detach().clone()
@@ -324,8 +325,8 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
 def test_feature_dim_stores_narrow_embeddings_and_maps_them_to_the_hypernet_width(bert, batch, context):
     """feature_dim < hypernet_dim: the row embeddings are stored at feature_dim and one linear map per P / Q
     hypernetwork (trained with it) takes them to hypernet_dim: fewer parameters, and the layers still learn."""
-    wide = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context))
-    narrow = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, feature_dim=4))
+    wide = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32))
+    narrow = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32, feature_dim=4))
     saved = 0
     for role in ("P", "Q"):
         gen_w, gen_n = wide.generators[role], narrow.generators[role]

@@ -26,13 +26,14 @@ DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, m
 # state, increment in the state's units).
 PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "module", "init": "orthonormal",
          "increment_scale": "state", "momentum": 1.0, "hypernet": "attention", "center_increment": False,
-         "hypernet_lr_ratio": 1.0, "feature_lr_ratio": None}
+         "hypernet_lr_ratio": 1.0, "feature_lr_ratio": None, "hypernet_dim": 32}
 OFFSET = {**PAPER, "generation": "static", "identity": "offset"}
 PREVIOUS = {**OFFSET, "context": "feature", "increment_scale": "width", "init": "principal"}  # the default until commit c075bb0
 LAYER = {**PREVIOUS, "context": "layer_feature"}
 CENTRED = {**LAYER, "center_increment": True}
 CNN_LR10 = {**CENTRED, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}  # the default until the split learning rates
-DEFAULT = {**CNN_LR10, "hypernet_lr_ratio": 1.0, "feature_lr_ratio": 30.0}  # = HyperAdaLoraConfig's defaults
+SPLIT = {**CNN_LR10, "hypernet_lr_ratio": 1.0, "feature_lr_ratio": 30.0}  # the default until hypernet_dim 8
+DEFAULT = {**SPLIT, "hypernet_dim": 8}  # = HyperAdaLoraConfig's defaults
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
     "paper": ({"hyper": dict(PAPER)},
@@ -70,11 +71,15 @@ VARIANTS = {
                             "bodies at 10x, per-row embeddings at 30x"),
     "split-body3-rows100": ({"hyper": {**CNN_LR10, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 100.0}},
                             "bodies at 3x, per-row embeddings at 100x"),
+    "split-width32": ({"hyper": dict(SPLIT)},
+                      "layer-feature+center+cnn, hypernetwork bodies at 1x the learning rate, per-row embeddings at "
+                      "30x, width 32 (the default before hypernet_dim 8)"),
+    "split-width32+feature-dim8": ({"hyper": {**SPLIT, "feature_dim": 8}},
+                                   "split-width32 with 8-wide per-row embeddings mapped to the width 32 (memory)"),
+    "split-width16": ({"hyper": {**SPLIT, "hypernet_dim": 16}},
+                      "split-width32 with hypernetworks (and per-row embeddings) of width 16"),
     "default": ({"hyper": dict(DEFAULT)},
-                "the library default: layer-feature+center+cnn, hypernetwork bodies at 1x the learning rate, "
-                "per-row embeddings at 30x"),
-    "default+feature-dim8": ({"hyper": {**DEFAULT, "feature_dim": 8}},
-                             "the default with 8-wide per-row embeddings mapped to the width 32 (memory)"),
+                "the library default: split-width32 with hypernetworks (and per-row embeddings) of width 8"),
     "default-lr3x": ({"hyper": dict(DEFAULT), "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
     "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
