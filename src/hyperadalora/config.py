@@ -83,7 +83,9 @@ class HyperAdaLoraConfig:
                                                              "a learned embedding of every row of every layer "
                                                              "(n_rows * hypernet_dim parameters per layer and "
                                                              "role); 'none': no context."})
-    hypernet_dim: int = field(default=8, metadata={"help": "Width d_h of the hypernetworks (8: as fast to converge as 16 or 32 in docs/results/width, and the cheapest per step)."})
+    hypernet_dim: int = field(default=8, metadata={"help": "Width d_h of the hypernetworks (8: converges in as few "
+                                                           "steps as 16 or 32, docs/results/width, and costs least "
+                                                           "per step)."})
     feature_dim: Optional[int] = field(default=None, metadata={"help": "context 'feature' / 'layer_feature': width of "
                                                                         "the learned row embeddings. None: "
                                                                         "hypernet_dim; smaller: the embeddings are "
