@@ -50,14 +50,23 @@ def test_invalid_values(kwargs, pattern):
         HyperAdaLoraConfig(**kwargs)
 
 
-@pytest.mark.parametrize("field", ["hypernet_dim", "hypernet_heads", "hypernet_ffn_mult", "n_induced", "element_chunk"])
+@pytest.mark.parametrize("field", ["hypernet_dim", "hypernet_heads", "n_induced", "element_chunk"])
 @pytest.mark.parametrize("value", [0, -4])
 def test_size_fields_must_be_positive(field, value):
     # Otherwise: hypernet_heads=0 -> bare ZeroDivisionError in the config; hypernet_dim<=0 -> obscure reshape /
     # negative-dimension errors at model build; element_chunk=0 -> ZeroDivisionError at the first forward;
-    # hypernet_ffn_mult=0 / n_induced=0 -> silently degenerate hypernetworks.
+    # n_induced=0 -> silently degenerate hypernetworks.
     with pytest.raises(ValueError, match=rf"{field}={value}"):
         HyperAdaLoraConfig(**{field: value})
+
+
+def test_ffn_mult_zero_drops_the_feed_forward_block_except_for_the_mlp():
+    assert HyperAdaLoraConfig(hypernet_ffn_mult=0, hypernet="cnn").hypernet_ffn_mult == 0
+    assert HyperAdaLoraConfig(hypernet_ffn_mult=0, hypernet="attention").hypernet_ffn_mult == 0
+    with pytest.raises(ValueError, match=r"hypernet_ffn_mult=-1 must be >= 0"):
+        HyperAdaLoraConfig(hypernet_ffn_mult=-1)
+    with pytest.raises(ValueError, match=r"hypernet='mlp' is made of feed-forward blocks"):
+        HyperAdaLoraConfig(hypernet_ffn_mult=0, hypernet="mlp")
 
 
 @pytest.mark.parametrize("field, value, choices", [

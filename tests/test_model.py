@@ -41,7 +41,8 @@ def train_steps(model, batch, steps, lr=1e-2, start=1):
                                      {"context": "layer_feature", "center_increment": True},
                                      {"center_increment": True, "tokens": "element", "element_chunk": 7},
                                      {"context": "layer_feature", "feature_dim": 4},
-                                     {"context": "feature", "feature_dim": 3, "tokens": "element", "element_chunk": 7}])
+                                     {"context": "feature", "feature_dim": 3, "tokens": "element", "element_chunk": 7},
+                                     {"hypernet_ffn_mult": 0}, {"hypernet": "attention", "hypernet_ffn_mult": 0}])
 def test_identity_at_step_0(bert, batch, options):
     ref = bert(input_ids=batch["input_ids"]).logits
     model = ha.get_peft_model(bert, cfg(**options))
@@ -50,6 +51,20 @@ def test_identity_at_step_0(bert, batch, options):
     assert (out.logits - ref).abs().max().item() == 0.0
     model.eval()
     assert (model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("hypernet", ["cnn", "attention"])
+def test_ffn_mult_zero_has_no_feed_forward_block_and_trains(bert, batch, hypernet):
+    with_ffn = ha.get_peft_model(copy.deepcopy(bert), cfg(hypernet=hypernet))
+    model = ha.get_peft_model(bert, cfg(hypernet=hypernet, hypernet_ffn_mult=0))
+    for role, gen in model.generators.items():
+        body = gen.hypernet.body
+        assert body.ffn is None and body.norm2 is None, role
+        assert not any(".ffn." in n or ".norm2." in n for n, _ in gen.named_parameters()), role
+    n_params = lambda m: sum(p.numel() for p in m.generators.parameters())  # noqa: E731
+    assert n_params(model) < n_params(with_ffn)
+    losses = train_steps(model, batch, 8)
+    assert all(math.isfinite(x) for x in losses) and min(losses[1:]) < losses[0]
 
 
 def test_generated_tensors_are_not_parameters_and_change(bert, batch):

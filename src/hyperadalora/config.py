@@ -94,7 +94,9 @@ class HyperAdaLoraConfig:
                                                                         "hypernetwork (fewer parameters and "
                                                                         "optimizer state)."})
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
-    hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim."})
+    hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim; "
+                                                               "0: no feed-forward block (cnn and attention "
+                                                               "bodies; about half the body's cost)."})
     identity: Optional[str] = field(default=None, metadata={"help": "How step 0 is made the identity: 'zero_output' "
                                                                      "(zero-initialised output projection) or 'offset' "
                                                                      "(random output projection, its initial output "
@@ -162,10 +164,11 @@ class HyperAdaLoraConfig:
                 raise TypeError(f"feature_dim must be an integer or None, got {self.feature_dim!r}.")
             if self.feature_dim < 1:
                 raise ValueError(f"feature_dim={self.feature_dim} must be >= 1 (or None: hypernet_dim).")
-        for name in ("hypernet_dim", "hypernet_heads", "hypernet_ffn_mult", "element_chunk", "max_element_tokens",
-                     "n_induced"):
+        for name in ("hypernet_dim", "hypernet_heads", "element_chunk", "max_element_tokens", "n_induced"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.hypernet_ffn_mult < 0:
+            raise ValueError(f"hypernet_ffn_mult={self.hypernet_ffn_mult} must be >= 0 (0: no feed-forward block).")
         if self.init_r < 1:
             raise ValueError(f"init_r={self.init_r} must be >= 1.")
         if self.target_r < 0:
@@ -198,6 +201,9 @@ class HyperAdaLoraConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
         _choice("hypernet", self.hypernet, HYPERNETS)
+        if self.hypernet == "mlp" and self.hypernet_ffn_mult == 0:
+            raise ValueError("hypernet='mlp' is made of feed-forward blocks: hypernet_ffn_mult=0 would leave it empty. "
+                             "Use hypernet_ffn_mult >= 1, or hypernet='cnn' / 'attention'.")
         _choice("generation", self.generation, GENERATIONS)
         _choice("attention", self.attention, ATTENTIONS)
         _choice("tokens", self.tokens, TOKEN_LAYOUTS)

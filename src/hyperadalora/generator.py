@@ -128,12 +128,16 @@ class RoleGenerator(nn.Module):
             return k % self.width if self.rank_axis == 1 else k // self.width
         return torch.arange(length, device=device)
 
-    def _run(self, *inputs):
-        """The hypernetwork pass; with gradients, its activations are recomputed in backward instead of stored
-        (tens of thousands of tokens per step: activation memory would otherwise exceed AdaLoRA's)."""
+    def _pass(self, tokens: torch.Tensor, scale: float, *rest):
+        return self.hypernet(tokens * scale if scale != 1.0 else tokens, *rest)
+
+    def _run(self, tokens: torch.Tensor, scale: float, *rest):
+        """The hypernetwork pass on ``tokens * scale``; with gradients, its activations are recomputed in backward
+        instead of stored (tens of thousands of tokens per step: activation memory would otherwise exceed
+        AdaLoRA's). The scaling happens inside the pass, so only the unscaled state (a buffer) is kept for it."""
         if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.hypernet, *inputs, use_reentrant=False)
-        return self.hypernet(*inputs)
+            return torch.utils.checkpoint.checkpoint(self._pass, tokens, scale, *rest, use_reentrant=False)
+        return self._pass(tokens, scale, *rest)
 
     def _increment(self, g: int) -> torch.Tensor:
         """The hypernetwork's increment for group ``g``: (n_g, L_g, w), before the output scale; with
@@ -151,11 +155,11 @@ class RoleGenerator(nn.Module):
         n = state.shape[0]
         in_scale = math.sqrt(length) if self.rank_axis == 1 else 1.0  # unit-scale entries for the network
         dtype = self.hypernet.in_proj.weight.dtype
-        x = state.to(dtype) * in_scale
+        x = state.to(dtype)
         pos = self._positions(length, state.device)
         feat = self.feature_embeddings[g] if len(self.feature_embeddings) else None
         if not self.element:
-            return self._run(x, ids, pos, None, feat)
+            return self._run(x, in_scale, ids, pos, None, feat)
         tokens = x.reshape(n, length * self.width, 1)
         n_tok = tokens.shape[1]
         if feat is not None:  # element (j, k) of the (length, width) matrix stands for feature j
@@ -174,10 +178,10 @@ class RoleGenerator(nn.Module):
                     feat_c = feat_c.view(per, self.chunk, -1).repeat(n, 1, 1)
                 else:                  # one per layer: (n, per * chunk, d) -> (n * per, chunk, d)
                     feat_c = feat_c.reshape(n * per, self.chunk, -1)
-            inc = self._run(chunks, ids.repeat_interleave(per), pos_c, padding, feat_c)
+            inc = self._run(chunks, in_scale, ids.repeat_interleave(per), pos_c, padding, feat_c)
             inc = inc.reshape(n, per * self.chunk, 1)[:, :n_tok]
         else:
-            inc = self._run(tokens, ids, pos, None, feat)
+            inc = self._run(tokens, in_scale, ids, pos, None, feat)
         return inc.reshape(n, length, self.width)
 
     def generate(self, track: bool = False) -> list[torch.Tensor]:

@@ -13,6 +13,8 @@ Bodies (METHOD.md section 2), of comparable parameter count:
 - ``mlp``: two residual feed-forward blocks, token-wise (no mixing across tokens).
 - ``cnn``: a residual 1-D convolution over the token sequence (kernel 3) + a feed-forward block.
 
+``ffn_mult=0`` drops the feed-forward block of the ``attention`` and ``cnn`` bodies (about half their cost).
+
 The output projection carries an *anchor* (`anchor_weight`, `anchor_bias`, buffers): the increment uses
 ``W - W_anchor``. With the anchor at zero this is the plain projection (the paper's recurrence); the
 generator moves the anchor towards the weights used at each step to damp the recurrence (`momentum`).
@@ -53,8 +55,8 @@ class AttentionBody(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.attn_out = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = FeedForward(dim, hidden)
-        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, hidden) if hidden else None  # hidden 0: no feed-forward block
+        self.norm2 = nn.LayerNorm(dim) if hidden else None
         if attention == "induced":
             self.inducing = nn.Parameter(torch.randn(n_induced, dim))
             self.slot_kv = nn.Linear(dim, 2 * dim)
@@ -77,7 +79,7 @@ class AttentionBody(nn.Module):
             sk, sv = (self._split(t) for t in self.slot_kv(slots).chunk(2, dim=-1))
             a = F.scaled_dot_product_attention(q, sk, sv)
         x = self.norm1(x + self.attn_out(a.transpose(1, 2).reshape(b, n, d)))
-        return self.norm2(x + self.ffn(x))
+        return x if self.ffn is None else self.norm2(x + self.ffn(x))
 
 
 class MLPBody(nn.Module):
@@ -100,13 +102,14 @@ class CNNBody(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2)
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn, self.norm2 = FeedForward(dim, hidden), nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, hidden) if hidden else None  # hidden 0: no feed-forward block
+        self.norm2 = nn.LayerNorm(dim) if hidden else None
 
     def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
         if key_padding is not None:
             x = x * key_padding[..., None]
         x = self.norm1(x + F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2))
-        return self.norm2(x + self.ffn(x))
+        return x if self.ffn is None else self.norm2(x + self.ffn(x))
 
 
 BODIES = {"attention": AttentionBody, "mlp": MLPBody, "cnn": CNNBody}
