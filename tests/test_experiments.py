@@ -211,22 +211,22 @@ def test_reuse_refuses_a_run_made_with_other_library_defaults(tmp_path, tiny_ber
 
 def test_reuse_accepts_a_run_recorded_before_an_option_was_added_only_if_the_run_now_sets_it_to_none(
         tmp_path, tiny_bert_dir, glue_dir, capsys):
-    """An option added later with None meaning "as before" (feature_dim, feature_lr_ratio) does not invalidate an older
-    run whose record lacks it, as long as the current run sets it to None; a non-None value (feature_lr_ratio's
-    default, 30) or any other difference makes the run train again."""
+    """An option absent from an older run's record matches only a current value of None ("as before"): identity
+    (default None) is reused; feature_dim (default 4 since the feature-dim study; the runs before it had no such
+    option and 8-wide row embeddings) or any other difference makes the run train again."""
     opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, tasks=["wnli"], steps=4)
     run_experiment("nlu-convergence", opts)
     path = next(tmp_path.rglob("hyperadalora/summary.json"))
     summary = json.load(open(path))
-    assert summary["hypernetwork_options"].pop("feature_dim") is None
-    summary["args"]["hyper"] = {"feature_dim": None}           # options given differently, resolved the same
+    assert summary["hypernetwork_options"].pop("identity") is None
+    summary["args"]["hyper"] = {"identity": None}              # options given differently, resolved the same
     json.dump(summary, open(path, "w"))
     capsys.readouterr()
     opts.reuse = True
     run_experiment("nlu-convergence", opts)
     assert capsys.readouterr().out.count("reusing") == 2        # both runs reused
     summary = json.load(open(path))
-    assert summary["hypernetwork_options"].pop("feature_lr_ratio") == ha.HyperAdaLoraConfig.feature_lr_ratio != None
+    assert summary["hypernetwork_options"].pop("feature_dim") == ha.HyperAdaLoraConfig.feature_dim == 4
     json.dump(summary, open(path, "w"))
     run_experiment("nlu-convergence", opts)
     assert capsys.readouterr().out.count("reusing") == 1        # the default is not None: trained again

@@ -101,7 +101,8 @@ def test_one_shared_hypernetwork_per_role(layers):
             sum(g.hypernet.module_embedding.weight.numel() for g in model.generators.values())
         if context == "layer_feature":
             added = other.adapters[-6:]
-            grow += sum(a.out_features + a.in_features for a in added) * model.peft_config.hypernet_dim
+            c = model.peft_config
+            grow += sum(a.out_features + a.in_features for a in added) * (c.feature_dim or c.hypernet_dim)
         assert sum(p.numel() for p in other.hypernetwork_parameters()) - n_params == grow
 
 
@@ -324,7 +325,7 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
         gen_s, gen_o = shared.generators[role], own.generators[role]
         for g, length in enumerate(gen_o.group_lengths):
             n_g = getattr(gen_o, f"ids_{g}").numel()
-            d = own.peft_config.hypernet_dim
+            d = own.peft_config.feature_dim or own.peft_config.hypernet_dim
             assert tuple(gen_s.feature_embeddings[g].shape) == (length, d)
             assert tuple(gen_o.feature_embeddings[g].shape) == (n_g, length, d)
     assert len(own.generators["lambda"].feature_embeddings) == 0  # lambda tokens are ranks, not features
@@ -340,7 +341,7 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
 def test_feature_dim_stores_narrow_embeddings_and_maps_them_to_the_hypernet_width(bert, batch, context):
     """feature_dim < hypernet_dim: the row embeddings are stored at feature_dim and one linear map per P / Q
     hypernetwork (trained with it) takes them to hypernet_dim: fewer parameters, and the layers still learn."""
-    wide = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32))
+    wide = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32, feature_dim=None))
     narrow = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32, feature_dim=4))
     saved = 0
     for role in ("P", "Q"):
@@ -359,6 +360,15 @@ def test_feature_dim_stores_narrow_embeddings_and_maps_them_to_the_hypernet_widt
     losses = train_steps(narrow, batch, 3)
     assert all(math.isfinite(v) for v in losses)
     assert not torch.equal(proj, before) and not torch.equal(narrow.generators["P"].feature_embeddings[0], table)
+
+
+def test_default_row_embeddings_are_4_wide_and_mapped_to_the_hypernet_width(bert):
+    model = ha.get_peft_model(bert, cfg())
+    assert model.peft_config.feature_dim == 4 and model.peft_config.context == "layer_feature"
+    for role in ("P", "Q"):
+        gen = model.generators[role]
+        assert all(emb.shape[-1] == 4 for emb in gen.feature_embeddings)
+        assert tuple(gen.hypernet.feature_proj.weight.shape) == (model.peft_config.hypernet_dim, 4)
 
 
 def test_feature_lr_ratio_gives_the_row_embeddings_their_own_optimizer_group(bert):

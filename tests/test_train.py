@@ -124,6 +124,24 @@ def test_cli_boolean_hypernetwork_option(value, expected):
     assert ns.center_increment is expected
 
 
+@pytest.mark.parametrize("value, expected", [("none", None), ("None", None), ("8", 8)])
+def test_cli_feature_dim_takes_a_number_or_none(value, expected):
+    from hyperadalora.train import args_from_dict
+
+    ns = cli.build_parser().parse_args(["train", "--feature-dim", value, "--feature-lr-ratio", "none"])
+    args = args_from_dict(cli.collect_options(ns))
+    assert args.hyper == {"feature_dim": expected, "feature_lr_ratio": None}
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--feature-dim", "wide"])
+
+
+def test_yaml_null_sets_a_nullable_hypernetwork_option_and_is_ignored_elsewhere():
+    from hyperadalora.train import args_from_dict
+
+    args = args_from_dict({"feature_dim": None, "max_steps": None, "hypernet": None})
+    assert args.hyper == {"feature_dim": None}
+
+
 def test_cli_boolean_option_rejects_other_words(capsys):
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args(["train", "--center-increment", "maybe"])

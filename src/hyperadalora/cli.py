@@ -40,10 +40,12 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "n_induced": (int, "slots of induced attention"), "generation": (str, "recurrent | static"),
     "tokens": (str, "row | element"), "context": (str, "module | feature | layer_feature | none"), "importance": (str, "magnitude | sensitivity"),
     "hypernet_dim": (int, "hypernetwork width"), "hypernet_heads": (int, "attention heads"),
-    "feature_dim": (int, "width of the feature / layer_feature row embeddings (default: hypernet_dim)"),
+    "feature_dim": (lambda v: _optional(v, int, "--feature-dim"),
+                    "width of the feature / layer_feature row embeddings (default 4; none: hypernet_dim)"),
     "hypernet_ffn_mult": (int, "feed-forward multiplier"), "output_scale": (float, "increment scale"),
     "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),
-    "feature_lr_ratio": (float, "row-embedding lr / lr (default: hypernet_lr_ratio)"),
+    "feature_lr_ratio": (lambda v: _optional(v, float, "--feature-lr-ratio"),
+                         "row-embedding lr / lr (default 30; none: hypernet_lr_ratio)"),
     "init": (str, "orthonormal | principal | normal"),
     "identity": (str, "zero_output | offset (static generation)"),
     "increment_scale": (str, "state | width (units of the generated increment)"),
@@ -53,6 +55,20 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     # HydraLoRA
     "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),
 }
+
+
+NONE = "none"  # a command-line value that stands for None (see collect_options)
+
+
+def _optional(value: str, kind, name: str):
+    """A number, or none / null (None: see `train.NULLABLE_HYPER_FIELDS`)."""
+    if value.strip().lower() in ("none", "null"):
+        return NONE
+    try:
+        return kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} takes a{'n integer' if kind is int else ' number'} or none, "
+                                         f"got {value!r}.") from None
 
 
 def _flag(value: str, name: str) -> bool:
@@ -94,7 +110,7 @@ def collect_options(ns: argparse.Namespace) -> dict:
     for name in list(TRAIN_FLAGS) + ["target_modules", "progress"]:
         value = getattr(ns, name, None)
         if value is not None:
-            options[name] = value
+            options[name] = None if value is NONE else value
     if isinstance(options.get("target_modules"), str) and options["target_modules"] != "all-linear":
         options["target_modules"] = [t.strip() for t in options["target_modules"].split(",") if t.strip()]
     return options

@@ -86,13 +86,14 @@ class HyperAdaLoraConfig:
     hypernet_dim: int = field(default=8, metadata={"help": "Width d_h of the hypernetworks (8: converges in as few "
                                                            "steps as 16 or 32, docs/results/width, and costs least "
                                                            "per step)."})
-    feature_dim: Optional[int] = field(default=None, metadata={"help": "context 'feature' / 'layer_feature': width of "
-                                                                        "the learned row embeddings. None: "
-                                                                        "hypernet_dim; smaller: the embeddings are "
-                                                                        "stored at this width and mapped to "
-                                                                        "hypernet_dim by a linear map of the "
-                                                                        "hypernetwork (fewer parameters and "
-                                                                        "optimizer state)."})
+    feature_dim: Optional[int] = field(default=4, metadata={"help": "context 'feature' / 'layer_feature': width of "
+                                                                     "the learned row embeddings, mapped to "
+                                                                     "hypernet_dim by a linear map of the "
+                                                                     "hypernetwork when they differ. 4: half the "
+                                                                     "parameters and optimizer state of width 8, "
+                                                                     "the same convergence "
+                                                                     "(docs/results/feature-dim). None: "
+                                                                     "hypernet_dim."})
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim; "
                                                                "0: no feed-forward block (cnn and attention "

@@ -761,13 +761,18 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
     return rows, evals
 
 
+# HyperAdaLoRA options for which None is a value of its own (not "use the default"): a YAML null or a
+# command-line "none" sets them to None
+NULLABLE_HYPER_FIELDS = ("feature_dim", "feature_lr_ratio", "identity")
+
+
 def args_from_dict(data: dict) -> TrainArgs:
     """TrainArgs from a flat dict (YAML / CLI); HyperAdaLoRA fields may be given flat or under ``hyper``."""
     names = {f.name for f in dataclasses.fields(TrainArgs)}
     hyper = dict(data.get("hyper") or {})
     kwargs = {}
     for key, value in data.items():
-        if key == "hyper" or value is None:
+        if key == "hyper" or (value is None and key not in NULLABLE_HYPER_FIELDS):
             continue
         if key in HYPER_FIELDS:
             hyper[key] = value

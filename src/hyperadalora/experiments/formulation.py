@@ -33,7 +33,8 @@ LAYER = {**PREVIOUS, "context": "layer_feature"}
 CENTRED = {**LAYER, "center_increment": True}
 CNN_LR10 = {**CENTRED, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}  # the default until the split learning rates
 SPLIT = {**CNN_LR10, "hypernet_lr_ratio": 1.0, "feature_lr_ratio": 30.0}  # the default until hypernet_dim 8
-DEFAULT = {**SPLIT, "hypernet_dim": 8}  # = HyperAdaLoraConfig's defaults
+WIDTH8 = {**SPLIT, "hypernet_dim": 8, "feature_dim": None}  # the default until feature_dim 4
+DEFAULT = {**WIDTH8, "feature_dim": 4}  # = HyperAdaLoraConfig's defaults
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
     "paper": ({"hyper": dict(PAPER)},
@@ -78,12 +79,17 @@ VARIANTS = {
                                    "split-width32 with 8-wide per-row embeddings mapped to the width 32 (memory)"),
     "split-width16": ({"hyper": {**SPLIT, "hypernet_dim": 16}},
                       "split-width32 with hypernetworks (and per-row embeddings) of width 16"),
+    "split-width8": ({"hyper": dict(WIDTH8)},
+                     "split-width32 with hypernetworks (and per-row embeddings) of width 8 (the default before "
+                     "feature_dim 4)"),
     "default": ({"hyper": dict(DEFAULT)},
-                "the library default: split-width32 with hypernetworks (and per-row embeddings) of width 8"),
-    "default+ffn0": ({"hyper": {**DEFAULT, "hypernet_ffn_mult": 0}},
-                     "the default without the hypernetworks' feed-forward block (speed)"),
-    "default+ffn0+feature-dim4": ({"hyper": {**DEFAULT, "hypernet_ffn_mult": 0, "feature_dim": 4}},
-                                  "default+ffn0 with 4-wide per-row embeddings mapped to the width 8 (memory)"),
+                "the library default: split-width8 with 4-wide per-row embeddings mapped to the width 8"),
+    "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
+                          "split-width8 without the hypernetworks' feed-forward block (speed)"),
+    "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
+                                       "split-width8+ffn0 with 4-wide per-row embeddings mapped to the width 8"),
+    "split-width8+feature-dim2": ({"hyper": {**WIDTH8, "feature_dim": 2}},
+                                  "split-width8 with 2-wide per-row embeddings mapped to the width 8 (memory)"),
     "default-lr3x": ({"hyper": dict(DEFAULT), "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
     "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
