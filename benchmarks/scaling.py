@@ -116,6 +116,15 @@ def hyper_config(rank: int, tokens: str, targets: str, opts) -> ha.HyperAdaLoraC
                                  total_step=10 ** 6, tinit=10 ** 6 - 2, tfinal=1, tokens=tokens, seed=opts.seed)
 
 
+def hypernetwork_description() -> str:
+    """The library defaults the sweeps run with, read from HyperAdaLoraConfig (not restated by hand)."""
+    c = ha.HyperAdaLoraConfig()
+    parts = [c.hypernet + (f" ({c.attention})" if c.hypernet == "attention" else ""), f"d_h={c.hypernet_dim}",
+             f"ffn_mult={c.hypernet_ffn_mult}", f"context={c.context}", f"feature_dim={c.feature_dim}", c.generation,
+             "hypernet_checkpointing" if c.hypernet_checkpointing else "no checkpointing"]
+    return "library defaults (" + ", ".join(parts) + ")"
+
+
 def adalora_model(base, rank: int):
     from peft import AdaLoraConfig, get_peft_model
 
@@ -460,7 +469,7 @@ def main(argv=None) -> dict:
            "threads": torch.get_num_threads(), "batch x seq": f"{opts.batch} x {opts.seq}",
            "base point": f"layers={opts.layers}, width={opts.width}, rank={opts.rank}",
            "dtype": "bf16 autocast" if opts.bf16 else "float32", "repeats": opts.repeats, "warmup": opts.warmup,
-           "hypernetworks": "defaults (attention, induced, d_h=32, recurrent, hypernet_checkpointing)",
+           "hypernetworks": hypernetwork_description(),
            "measured": "generation only" if opts.gen_only else "generation, HyperAdaLoRA step, AdaLoRA step"}
     if opts.fit_from:  # no sweeps: the fit (and rows) of an earlier run, for the model-scale check only
         with open(opts.fit_from) as f:
