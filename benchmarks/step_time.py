@@ -19,7 +19,9 @@ free with its address: the peak of the live bytes allocated inside that window (
 ignored). The memory steps are not timed (the profiler slows them down); they also count as warm-up.
 
 Targets (issue 4), checked at the end for every batch size >= 8: HyperAdaLoRA / AdaLoRA <= 1.00 in median
-step time and in peak memory; HyperAdaLoRA / LoRA <= 1.10 in median step time.
+step time and in peak memory; HyperAdaLoRA / LoRA <= 1.10 in median step time. The summary also gives the
+paired ratio (median over iterations of HyperAdaLoRA's step / AdaLoRA's step of the same iteration) with a 95%
+bootstrap interval: when that interval contains 1.00 the run cannot tell the two step times apart.
 
     python benchmarks/step_time.py --batch-sizes 1,2,4,8,16,32 --steps 20 --json step_time.json
     python benchmarks/step_time.py --device cuda --dtype bfloat16 --hyper attention=full --markdown out.md
@@ -235,11 +237,23 @@ def run_batch_size(opts, batch_size: int, device) -> tuple[dict, dict]:
             r = results.get(ref)
             results[method][f"time_vs_{ref}"] = results[method]["median_ms"] / r["median_ms"] if r else None
             results[method][f"mem_vs_{ref}"] = results[method]["peak_mib"] / r["peak_mib"] if r else None
+            results[method][f"paired_vs_{ref}"] = paired_ratio(times[method], times[ref]) if r else None
     del runners
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results, info
+
+
+def paired_ratio(times: list, reference: list, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Median over the timed iterations of the per-iteration ratio time / reference time (the two steps of an
+    iteration run back to back, so slow drifts of the machine's load cancel), with a 95% bootstrap interval of
+    that median: the noise band a single run's ratio has to be read against."""
+    ratios = np.asarray(times, dtype=float) / np.asarray(reference, dtype=float)
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(ratios, size=(n_boot, len(ratios))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(ratios)), "ci95": [float(lo), float(hi)]}
 
 
 def table(results: dict) -> str:
@@ -260,9 +274,10 @@ TARGETS = {"time_vs_adalora": 1.00, "mem_vs_adalora": 1.00, "time_vs_lora": 1.10
 
 def summary(out: dict) -> tuple[str, dict]:
     """One row per batch size (HyperAdaLoRA against both baselines) and the targets' verdicts."""
-    rows = ["| batch | hyperadalora (ms) | adalora (ms) | lora (ms) | time / adalora | time / lora | "
-            "memory hyperadalora / adalora / lora (MiB) | memory / adalora | targets (batch >= 8) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| batch | hyperadalora (ms) | adalora (ms) | lora (ms) | time / adalora | paired time / adalora "
+            "[95% CI] | time / lora | memory hyperadalora / adalora / lora (MiB) | memory / adalora | "
+            "targets (batch >= 8) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     verdicts = {}
     fmt = lambda r, k, f: format(r[k], f) if r.get(k) is not None else "-"  # noqa: E731
     for batch, results in out["results"].items():
@@ -276,9 +291,11 @@ def summary(out: dict) -> tuple[str, dict]:
         verdict = ("-" if not checks else "all met" if all(checks.values())
                    else "missed: " + ", ".join(k for k, ok in checks.items() if not ok))
         mems = " / ".join(format(r["peak_mib"], ".0f") for r in (h, a, lo) if r)
+        p = h.get("paired_vs_adalora")
+        paired = f"{p['median']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]" if p else "-"
         rows.append(f"| {batch} | {h['median_ms']:.1f} | {fmt(a, 'median_ms', '.1f')} | {fmt(lo, 'median_ms', '.1f')} | "
-                    f"{fmt(h, 'time_vs_adalora', '.2f')} | {fmt(h, 'time_vs_lora', '.2f')} | {mems} | "
-                    f"{fmt(h, 'mem_vs_adalora', '.2f')} | {verdict} |")
+                    f"{fmt(h, 'time_vs_adalora', '.3f')} | {paired} | {fmt(h, 'time_vs_lora', '.3f')} | {mems} | "
+                    f"{fmt(h, 'mem_vs_adalora', '.4f')} | {verdict} |")
     return "\n".join(rows), verdicts
 
 

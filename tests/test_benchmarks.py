@@ -1,0 +1,44 @@
+"""The benchmark scripts' own logic: the paired time ratio and its interval, and the hypernetwork description
+that the scaling report prints (read from the library's defaults)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import hyperadalora as ha
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+import scaling  # noqa: E402
+import step_time  # noqa: E402
+
+
+def test_paired_ratio_is_the_median_of_per_iteration_ratios_with_a_bootstrap_interval():
+    ref = np.array([100.0, 200.0, 100.0, 200.0, 100.0, 200.0, 100.0, 200.0])
+    same = step_time.paired_ratio(ref * 1.05, ref)          # a drifting load hits both alike: the ratio is exact
+    assert same["median"] == pytest.approx(1.05)
+    assert same["ci95"] == pytest.approx([1.05, 1.05])
+    rng = np.random.default_rng(3)
+    noisy = step_time.paired_ratio(ref * rng.uniform(0.9, 1.1, ref.size), ref)
+    lo, hi = noisy["ci95"]
+    assert 0.9 <= lo <= noisy["median"] <= hi <= 1.1
+    assert hi > lo                                            # noise gives a band, not a point
+
+
+def test_summary_table_shows_the_paired_ratio_and_the_verdict():
+    res = {"hyperadalora": {"median_ms": 101.0, "peak_mib": 10.0, "time_vs_adalora": 1.01, "time_vs_lora": 1.05,
+                            "mem_vs_adalora": 0.999, "paired_vs_adalora": {"median": 1.004, "ci95": [0.97, 1.03]}},
+           "adalora": {"median_ms": 100.0, "peak_mib": 10.01}, "lora": {"median_ms": 96.0, "peak_mib": 9.9}}
+    text, verdicts = step_time.summary({"results": {"8": res, "1": res}})
+    assert "1.004 [0.970, 1.030]" in text
+    assert verdicts == {"8": {"time_vs_adalora": False, "mem_vs_adalora": True, "time_vs_lora": True}}
+    assert "missed: time_vs_adalora" in text
+
+
+def test_scaling_report_describes_the_current_defaults():
+    text = scaling.hypernetwork_description()
+    c = ha.HyperAdaLoraConfig()
+    for part in (c.hypernet, f"d_h={c.hypernet_dim}", f"context={c.context}", f"feature_dim={c.feature_dim}",
+                 c.generation):
+        assert part in text
