@@ -97,7 +97,7 @@ class HyperAdaLoraConfig:
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim; "
                                                                "0: no feed-forward block (cnn and attention "
-                                                               "bodies; about half the body's cost)."})
+                                                               "bodies; the cnn body then costs about half)."})
     identity: Optional[str] = field(default=None, metadata={"help": "How step 0 is made the identity: 'zero_output' "
                                                                      "(zero-initialised output projection) or 'offset' "
                                                                      "(random output projection, its initial output "

@@ -13,7 +13,8 @@ Bodies (METHOD.md section 2), of comparable parameter count:
 - ``mlp``: two residual feed-forward blocks, token-wise (no mixing across tokens).
 - ``cnn``: a residual 1-D convolution over the token sequence (kernel 3) + a feed-forward block.
 
-``ffn_mult=0`` drops the feed-forward block of the ``attention`` and ``cnn`` bodies (about half their cost).
+``ffn_mult=0`` drops the feed-forward block of the ``attention`` and ``cnn`` bodies (the cnn body's forward +
+backward then costs about half: 5.0 against 10.4 ms for 30 x 384 tokens of width 8 on one CPU thread).
 
 The output projection carries an *anchor* (`anchor_weight`, `anchor_bias`, buffers): the increment uses
 ``W - W_anchor``. With the anchor at zero this is the plain projection (the paper's recurrence); the
