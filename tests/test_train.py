@@ -125,7 +125,7 @@ def test_cli_boolean_hypernetwork_option(value, expected):
 
 
 @pytest.mark.parametrize("value, expected", [("none", None), ("None", None), ("8", 8)])
-def test_cli_feature_dim_takes_a_number_or_none(value, expected):
+def test_cli_nullable_options_take_a_value_or_none(value, expected):
     from hyperadalora.train import args_from_dict
 
     ns = cli.build_parser().parse_args(["train", "--feature-dim", value, "--feature-lr-ratio", "none"])
@@ -133,6 +133,8 @@ def test_cli_feature_dim_takes_a_number_or_none(value, expected):
     assert args.hyper == {"feature_dim": expected, "feature_lr_ratio": None}
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--feature-dim", "wide"])
+    ns = cli.build_parser().parse_args(["train", "--identity", "none"])
+    assert args_from_dict(cli.collect_options(ns)).hyper == {"identity": None}
 
 
 def test_yaml_null_sets_a_nullable_hypernetwork_option_and_is_ignored_elsewhere():

@@ -81,7 +81,7 @@ class HyperAdaLoraConfig:
                                                              "feature (row of P, column of Q) they stand for, shared "
                                                              "by all layers of that dimension; 'layer_feature': "
                                                              "a learned embedding of every row of every layer "
-                                                             "(n_rows * hypernet_dim parameters per layer and "
+                                                             "(n_rows * feature_dim parameters per layer and "
                                                              "role); 'none': no context."})
     hypernet_dim: int = field(default=8, metadata={"help": "Width d_h of the hypernetworks (8: converges in as few "
                                                            "steps as 16 or 32, docs/results/width, and costs least "
