@@ -144,9 +144,12 @@ def test_orthogonal_penalty():
     eye = torch.linalg.qr(torch.randn(2, 10, 3))[0]
     assert ha.HyperAdaLoraModel._gram_penalty([eye]).item() == pytest.approx(0.0, abs=1e-10)
     assert ha.HyperAdaLoraModel._gram_penalty([eye * 2]).item() > 1.0
-    # at initialisation (orthonormal seeds, zero increment) the generated penalty is 0
+    # at initialisation (orthonormal seeds, zero increment) the generated penalty is 0, up to the float16 rounding
+    # of the stored identity offset (the penalty is quadratic in it: about 1e-8 here)
     model = ha.get_peft_model(make_bert(), cfg())
-    assert model.orthogonal_penalty().item() == pytest.approx(0.0, abs=1e-9)
+    assert model.orthogonal_penalty().item() == pytest.approx(0.0, abs=1e-7)
+    exact = ha.get_peft_model(make_bert(), cfg(identity="zero_output"))
+    assert exact.orthogonal_penalty().item() == pytest.approx(0.0, abs=1e-10)
     normal = ha.get_peft_model(make_bert(), cfg(init="normal"))
     assert normal.orthogonal_penalty().item() > 0.1
 

@@ -45,6 +45,17 @@ def init_state(kind: str, n: int, length: int, width: int, rank_axis: int, std: 
     raise ValueError(f"unknown initialisation {kind!r}")
 
 
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """A constant that is only ever added (the identity offset of P and Q), stored as float16 where its range allows:
+    it is as large as the generated P and Q together and is live through every step, so half precision saves half of it
+    (on MiniLM enough to keep a training step's peak memory below AdaLoRA's). The rounding (relative 2**-11 of the
+    increment, itself scaled by ``output_scale / hypernet_dim``) moves the first generation off the seed state by
+    about 1e-4 of an entry; nothing is learned from it."""
+    if t.dtype == torch.float32 and bool(torch.isfinite(t).all()) and t.abs().max().item() < 6e4:
+        return t.to(torch.float16)
+    return t.clone()
+
+
 class RoleGenerator(nn.Module):
     """Generates one role's tensors for all layers from a shared hypernetwork.
 
@@ -54,10 +65,15 @@ class RoleGenerator(nn.Module):
         rank_axis: 1 if the columns of the ``(L, w)`` matrix are the ranks (P, Q), 0 if the rows are (lambda).
         init: ``orthonormal``, ``normal`` or ``zeros`` for the seed state.
         initial: seed states given per layer (``(L_i, w)`` each) instead of ``init``.
+        compact_offset: store the identity offset as float16 (`_constant`), for a role whose first generation
+            only needs to be close to its seed state (HyperAdaLoRA's P and Q: lambda_0 = 0 makes step 0 the
+            identity whatever they are); a role that must start exactly at its seed (lambda, LoRA's B) keeps it
+            exact.
     """
 
     def __init__(self, role: str, lengths: list[int], width: int, rank_axis: int, init: str, cfg,
-                 generator: torch.Generator, initial: Optional[list[torch.Tensor]] = None):
+                 generator: torch.Generator, initial: Optional[list[torch.Tensor]] = None,
+                 compact_offset: bool = False):
         super().__init__()
         self.role, self.width, self.rank_axis = role, width, rank_axis
         self.element = cfg.tokens == "element"
@@ -107,12 +123,14 @@ class RoleGenerator(nn.Module):
                 self.feature_embeddings.append(nn.Parameter(torch.randn(*shape, generator=generator)))
         # identity='offset': a non-zero output projection from the start (every parameter gets a gradient at step 1),
         # and the initial increment H_phi0(X_0) subtracted as a constant, so the first generation is still X_0
+        # (with ``compact_offset``, to float16 rounding: the constant is stored at half precision, `_constant`)
         self.offset = cfg.identity == "offset"
         if self.offset:
             self.hypernet.out_proj.reset_parameters()
             with torch.no_grad():
                 for g in range(len(self.group_lengths)):
-                    self.register_buffer(f"offset_{g}", self._increment(g).detach().clone())
+                    offset = self._raw_increment(g).detach()
+                    self.register_buffer(f"offset_{g}", _constant(offset) if compact_offset else offset.clone())
         self._used_weight: Optional[torch.Tensor] = None  # output projection used by the last training pass
         self._used_bias: Optional[torch.Tensor] = None
 
@@ -140,9 +158,12 @@ class RoleGenerator(nn.Module):
         return self._pass(tokens, scale, *rest)
 
     def _increment(self, g: int) -> torch.Tensor:
-        """The hypernetwork's increment for group ``g``: (n_g, L_g, w), before the output scale; with
-        ``center_increment``, the part of a P / Q increment shared by all rows of the matrix removed."""
+        """The hypernetwork's increment for group ``g``: (n_g, L_g, w), before the output scale, less the identity
+        offset; with ``center_increment``, the part of a P / Q increment shared by all rows of the matrix removed
+        (after the offset, so that a rounded offset leaves the increment exactly centred)."""
         inc = self._raw_increment(g)
+        if self.offset and hasattr(self, f"offset_{g}"):
+            inc = inc - getattr(self, f"offset_{g}").to(inc.dtype)
         if self.center and self.rank_axis == 1:
             inc = inc - inc.mean(dim=1, keepdim=True)
         return inc
@@ -196,8 +217,6 @@ class RoleGenerator(nn.Module):
         for g, length in enumerate(self.group_lengths):
             state = getattr(self, f"state_{g}")
             inc = self._increment(g)
-            if self.offset:
-                inc = inc - getattr(self, f"offset_{g}").to(inc.dtype)
             if self.increment_scale == "width":  # an Adam step then moves every entry by about the learning rate
                 factor = self.output_scale / self.hypernet_dim
             else:                                 # in units of the state's typical entry

@@ -66,8 +66,14 @@ class SVDLinear(nn.Module):
         dtype = x.dtype if torch.is_floating_point(x) else P.dtype
         if P.dtype != dtype:
             P, lam, Q = P.to(dtype), lam.to(dtype), Q.to(dtype)
-        h = self.dropout(x) @ Q.t()
-        return out + (h * (lam * self.scaling)) @ P.t()
+        scale = lam * self.scaling
+        x = self.dropout(x)
+        if x.numel() > Q.numel():
+            # more tokens than input features: scale Q's rows (r x in) rather than the activations (tokens x r).
+            # Either way backward keeps one (tokens x r) activation for P's gradient; scaling the activations
+            # would keep a second one for lambda's gradient, scaling Q keeps an (r x in) matrix instead
+            return out + (x @ (Q * scale[:, None]).t()) @ P.t()
+        return out + ((x @ Q.t()) * scale) @ P.t()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, index={self.index}, scaling={self.scaling:g}"

@@ -116,8 +116,10 @@ def principal_subspaces(adapters: list, r: int) -> tuple[list[torch.Tensor], lis
         else:
             u, _, v = torch.svd_lowrank(w, q=r + 8, niter=4)
             u, v = u[:, :r], v[:, :r]
-        ps.append(u.cpu())
-        qs.append(v.cpu())
+        # copies: a slice would keep the whole U / V^T of every layer alive until the generators are built
+        # (60 MiB on MiniLM, more than a batch-1 training step of AdaLoRA takes)
+        ps.append(u.detach().to("cpu", copy=True).contiguous())
+        qs.append(v.detach().to("cpu", copy=True).contiguous())
     return ps, qs
 
 
@@ -170,11 +172,11 @@ class HyperAdaLoraModel(AdapterWrapper):
                     seeds_p, seeds_q = principal_subspaces(self.adapters, r)
                 self.generators = nn.ModuleDict({
                     "P": RoleGenerator("P", [a.out_features for a in self.adapters], r, 1, seed_pq, config, gen,
-                                       seeds_p),
+                                       seeds_p, compact_offset=True),
                     "lambda": RoleGenerator("lambda", [r] * n, 1, 0, "normal" if config.init == "normal" else "zeros",
                                             config, gen),
                     "Q": RoleGenerator("Q", [a.in_features for a in self.adapters], r, 1, seed_pq, config, gen,
-                                       seeds_q),
+                                       seeds_q, compact_offset=True),
                 })
             finally:
                 torch.random.set_rng_state(torch_state)
@@ -318,12 +320,17 @@ class HyperAdaLoraModel(AdapterWrapper):
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
         outs = self.materialize()
+        penalty = None
+        if outs is not None and self._pending is outs and self.peft_config.orth_reg_weight > 0:
+            # computed before the base model: autograd runs the nodes created last first, so the penalty's
+            # gradient reaches the generated tensors at the end of backward, once the model's activations are
+            # freed, instead of being held through the whole backward (the peak)
+            penalty = self.orthogonal_penalty(outs)
         output = self.base_model(*args, **kwargs)
         loss = getattr(output, "loss", None)
         if outs is not None and self._pending is outs and isinstance(loss, torch.Tensor):
             self.last_task_loss = loss.detach()
-            if self.peft_config.orth_reg_weight > 0:
-                penalty = self.orthogonal_penalty(outs)
+            if penalty is not None:
                 self.last_orth_penalty = penalty.detach()
                 output.loss = loss + self.peft_config.orth_reg_weight * penalty.to(loss.dtype)
         elif isinstance(loss, torch.Tensor):
