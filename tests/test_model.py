@@ -414,3 +414,67 @@ def test_center_increment_removes_the_row_mean_of_p_and_q(bert, batch, tokens):
 def test_center_increment_must_be_a_bool():
     with pytest.raises(TypeError, match="center_increment must be true or false"):
         cfg(center_increment="yes")
+
+
+@pytest.mark.parametrize("tokens", [2, 40])  # fewer / more tokens than the layer's 16 input features
+def test_svd_linear_scales_q_or_the_activations_with_the_same_result(tokens):
+    torch.manual_seed(0)
+    layer = ha.SVDLinear(torch.nn.Linear(16, 8), 0, scaling=0.5)
+    P, lam, Q = torch.randn(8, 3), torch.randn(3), torch.randn(3, 16)
+    P.requires_grad_(), lam.requires_grad_(), Q.requires_grad_()
+    layer.set_tensors(P, lam, Q)
+    x = torch.randn(tokens, 16, requires_grad=True)
+    out = layer(x)
+    ref = layer.base_layer(x) + 0.5 * (x @ Q.t()) @ torch.diag(lam) @ P.t()
+    assert torch.allclose(out, ref, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, P, lam, Q])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, P, lam, Q])
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-4)
+
+
+def test_identity_offsets_of_p_and_q_are_float16_and_lambdas_exact(bert):
+    model = ha.get_peft_model(bert, cfg())  # static generation, offset identity (the defaults)
+    for role in ("P", "Q"):
+        gen = model.generators[role]
+        offsets = [b for n, b in gen.named_buffers() if n.startswith("offset_")]
+        assert offsets and all(b.dtype == torch.float16 for b in offsets), role
+        with torch.no_grad():
+            first = gen.generate()
+        for out, state in zip(first, gen.states()):  # the first generation is the seed state, to the rounding
+            assert (out - state).abs().max().item() < 1e-3 * state.abs().max().item()
+    lam = model.generators["lambda"]
+    assert all(b.dtype == torch.float32 for n, b in lam.named_buffers() if n.startswith("offset_"))
+    with torch.no_grad():
+        assert all(t.abs().max().item() == 0.0 for t in lam.generate())
+
+
+def test_principal_seeds_do_not_keep_the_full_singular_vectors_alive(bert):
+    from hyperadalora.model import principal_subspaces
+
+    model = ha.get_peft_model(bert, cfg(init="orthonormal"))
+    ps, qs = principal_subspaces(model.adapters, 3)
+    for t, layer in zip(ps, model.adapters):
+        assert t.shape == (layer.out_features, 3)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # a copy, not a view of U
+    for t, layer in zip(qs, model.adapters):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_orthogonal_penalty_is_built_before_the_base_model_runs(bert, batch):
+    """Its autograd nodes precede the model's, so autograd reaches them last (after the activations are freed)."""
+    model = ha.get_peft_model(bert, cfg(orth_reg_weight=0.1))
+    model.train()
+    order = []
+    handle = model.base_model.register_forward_pre_hook(lambda *_: order.append("base"))
+    original = model.orthogonal_penalty
+
+    def penalty(*a, **k):
+        order.append("penalty")
+        return original(*a, **k)
+
+    model.orthogonal_penalty = penalty
+    out = model(**batch)
+    handle.remove()
+    assert order == ["penalty", "base"]
+    assert out.loss.item() == pytest.approx(model.last_task_loss.item() + 0.1 * model.last_orth_penalty.item(), rel=1e-5)
