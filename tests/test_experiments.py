@@ -139,6 +139,15 @@ def test_command_line_round_trips_through_the_parser():
     assert ns.name == "nlg" and ns.func is cmd_experiment
     with pytest.raises(ValueError, match="steps"):
         common.as_options({"steps": 0})
+    for seeds in ([2, 3], [5]):  # a list of seeds (to add seeds to an earlier run) round-trips too
+        cmd = common.command_line("nlu-convergence", ExperimentOptions(seeds=seeds))
+        back = common.as_options(vars(parser.parse_args(shlex.split(cmd)[1:])))
+        assert back.seeds == seeds and common.seed_list(back, 1) == seeds, cmd
+    assert common.seed_list(common.as_options({"seeds": "3"}), 1) == [0, 1, 2]
+    assert common.seed_list(common.as_options({}), 2) == [0, 1]
+    for bad in ("0", "-1", "a", "2,2", "1,x", [], True):
+        with pytest.raises(ValueError, match="seeds"):
+            common.as_options({"seeds": bad})
     with pytest.raises(ValueError, match="Unknown experiment"):
         run_experiment("nope")
     assert set(EXPERIMENTS) == {"nlu-convergence", "nlg", "ablation-hypernet", "gamma", "efficiency",

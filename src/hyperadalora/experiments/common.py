@@ -43,7 +43,7 @@ class ExperimentOptions:
     data_dir: Optional[str] = None          # GLUE TSV root (default ../shared/data/glue if it exists)
     model: Optional[str] = None             # model dir / .gguf / alias (minilm, smollm2)
     steps: Optional[int] = None             # optimizer steps per run (efficiency: measured steps per method)
-    seeds: Optional[int] = None             # seeds 0..K-1
+    seeds: Optional[int | list] = None      # K: seeds 0..K-1; or a list of seeds (`seed_list`)
     output_dir: Optional[str] = None        # default runs/experiments/NAME
     batch_size: Optional[int] = None
     lr: Optional[float] = None
@@ -79,8 +79,10 @@ def as_options(opts) -> ExperimentOptions:
             kwargs[key] = list(value)
     if kwargs.get("batch_sizes"):
         kwargs["batch_sizes"] = [int(b) for b in kwargs["batch_sizes"]]
+    if "seeds" in kwargs:
+        kwargs["seeds"] = _parse_seeds(kwargs["seeds"])
     out = ExperimentOptions(**kwargs)
-    for name in ("steps", "seeds", "batch_size", "max_length", "threads"):
+    for name in ("steps", "batch_size", "max_length", "threads"):
         v = getattr(out, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"--{name.replace('_', '-')}={v!r} must be a positive integer.")
@@ -89,6 +91,36 @@ def as_options(opts) -> ExperimentOptions:
     if out.batch_sizes is not None and (not out.batch_sizes or min(out.batch_sizes) < 1):
         raise ValueError(f"--batch-sizes={out.batch_sizes!r} must be positive integers.")
     return out
+
+
+def _parse_seeds(value):
+    """``--seeds``: K (an int, or a string of one) or a list of seeds (a list, or "2,3")."""
+    bad = ValueError(f"--seeds={value!r} must be a positive number of seeds K (seeds 0..K-1) or a comma-separated "
+                     f"list of distinct non-negative seeds, e.g. --seeds 3 or --seeds 2,3.")
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items or not all(v.isdigit() for v in items):
+            raise bad
+        value = int(items[0]) if len(items) == 1 and "," not in value else [int(v) for v in items]
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, int):
+        if value < 1:
+            raise bad
+        return value
+    if isinstance(value, (list, tuple)):
+        seeds = list(value)
+        if (not seeds or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds)
+                or len(set(seeds)) != len(seeds)):
+            raise bad
+        return seeds
+    raise bad
+
+
+def seed_list(opts: "ExperimentOptions", default: int) -> list:
+    """The seeds to run: 0..K-1 for ``--seeds K`` (or the experiment's default K), else the given list."""
+    seeds = pick(opts.seeds, default)
+    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
 def pick(value, default):
@@ -180,7 +212,7 @@ def single_task_setup(opts: ExperimentOptions, name: str, defaults: dict, method
     base = base_args(opts, method=method, task=task, data_dir=data_dir, max_steps=steps,
                      batch_size=defaults["batch_size"], lr=defaults["lr"], max_length=defaults["max_length"],
                      max_eval_examples=defaults["max_eval_examples"], eval_every=0)
-    return SingleTaskSetup(task, data_dir, steps, list(range(pick(opts.seeds, defaults["seeds"]))),
+    return SingleTaskSetup(task, data_dir, steps, seed_list(opts, defaults["seeds"]),
                            window_for(steps), command_line(name, opts), environment(), base)
 
 
@@ -221,8 +253,8 @@ def command_line(name: str, opts: ExperimentOptions) -> str:
             parts.append(flag)
         elif f.name == "data_path":
             parts += [flag, *map(str, v)]
-        elif isinstance(v, list):
-            parts += [flag, ",".join(map(str, v))]
+        elif isinstance(v, list):  # one seed as "5," (a bare "5" would mean seeds 0..4)
+            parts += [flag, ",".join(map(str, v)) + ("," if f.name == "seeds" and len(v) == 1 else "")]
         else:
             parts += [flag, str(v)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .common import (_plt, as_options, available_tasks, base_args, command_line, convergence, convergence_table,
                      curves, environment, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands,
-                     primary_metric, report_header, run_variants, settings_of, window_for, write_outputs)
+                     primary_metric, report_header, run_variants, seed_list, settings_of, window_for, write_outputs)
 
 NAME = "extension"
 TASKS = ("rte", "sst2")
@@ -89,7 +89,7 @@ def run_extension(opts=None) -> dict:
     out = output_dir(opts, NAME)
     data_dir, todo, skipped = available_tasks(opts, TASKS)
     steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
+    seeds = seed_list(opts, DEFAULTS["seeds"])
     window = window_for(steps)
     methods = [m for pair in PAIRS for m in pair]
     command = command_line(NAME, opts)

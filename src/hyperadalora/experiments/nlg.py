@@ -13,7 +13,7 @@ import os
 
 from .common import (DEFAULT_ALPACA_FILE, as_options, base_args, command_line, convergence, convergence_table, curves,
                      environment, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands, report_header,
-                     repo_path, run_variants, settings_of, stats, window_for, write_outputs)
+                     repo_path, run_variants, seed_list, settings_of, stats, window_for, write_outputs)
 
 NAME = "nlg"
 DEFAULTS = dict(steps=50, batch_size=4, lr=1e-3, max_length=256, max_eval_examples=16, gen_eval_examples=16,
@@ -67,7 +67,7 @@ def run_nlg(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
     steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
+    seeds = seed_list(opts, DEFAULTS["seeds"])
     window = window_for(steps)
     command, env = command_line(NAME, opts), environment()
     results = {"experiment": NAME, "command": command, "env": env, "seeds": seeds, "window": window, "datasets": {}}

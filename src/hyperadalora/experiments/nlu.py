@@ -14,8 +14,8 @@ import os
 
 from .common import (as_options, available_tasks, base_args, command_line, convergence, convergence_table, curves,
                      environment, eval_by_step, fmt_stat, markdown_table, output_dir, pick, plot_eval_points,
-                     plot_loss_bands, primary_metric, report_header, run_variants, settings_of, stats, window_for,
-                     write_outputs)
+                     plot_loss_bands, primary_metric, report_header, run_variants, seed_list, settings_of, stats,
+                     window_for, write_outputs)
 
 NAME = "nlu-convergence"
 TASKS = ("rte", "wnli", "sst2", "mnli")
@@ -46,7 +46,7 @@ def run_nlu_convergence(opts=None) -> dict:
     out = output_dir(opts, NAME)
     data_dir, todo, skipped = available_tasks(opts, TASKS)
     steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = list(range(pick(opts.seeds, DEFAULTS["seeds"])))
+    seeds = seed_list(opts, DEFAULTS["seeds"])
     window = window_for(steps)
     command = command_line(NAME, opts)
     env = environment()

@@ -78,7 +78,9 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", dest="data_dir", help="GLUE TSV root (default: ../shared/data/glue of the repository)")
     p.add_argument("--model", help="model directory, .gguf file, hub name, or minilm / smollm2")
     p.add_argument("--steps", type=int, help="optimizer steps per run (efficiency: measured steps per method)")
-    p.add_argument("--seeds", type=int, help="number of seeds (runs seeds 0..K-1; default 1)")
+    p.add_argument("--seeds", help="K: seeds 0..K-1 (default 1); or a comma-separated list of seeds, e.g. 2,3 to add "
+                                   "two seeds to an earlier --seeds 2 run (with --reuse, the report covers every "
+                                   "finished seed of the list)")
     p.add_argument("--output-dir", dest="output_dir", help="default runs/experiments/NAME")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
