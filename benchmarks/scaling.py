@@ -249,6 +249,7 @@ def run_sweeps(opts, device) -> list[dict]:
     for name in ("layers", "width", "rank"):
         if getattr(opts, f"{name}_values"):
             sweeps = {**sweeps, name: getattr(opts, f"{name}_values")}
+    sweeps = {name: values for name, values in sweeps.items() if name in opts.sweeps}
     base = {"layers": opts.layers, "width": opts.width, "rank": opts.rank}
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     rows = []
@@ -424,6 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--width-values", default=None)
     p.add_argument("--rank-values", default=None)
     p.add_argument("--layouts", default="row,element")
+    p.add_argument("--sweeps", default="layers,width,rank",
+                   help="which one-factor sweeps to run, e.g. width (with --width-values 4096: one more point)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; quick 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; quick 16)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per method (default 10; quick 2)")
@@ -455,6 +458,10 @@ def parse_args(argv=None):
         v = getattr(a, f"{name}_values")
         setattr(a, f"{name}_values", [int(s) for s in v.split(",")] if v else None)
     a.layouts = [s.strip() for s in a.layouts.split(",") if s.strip()]
+    a.sweeps = [s.strip() for s in a.sweeps.split(",") if s.strip()]
+    unknown = set(a.sweeps) - set(SWEEPS)
+    if unknown or not a.sweeps:
+        p.error(f"--sweeps takes a comma-separated subset of {','.join(SWEEPS)}, got {sorted(unknown) or 'nothing'}")
     return a
 
 

@@ -42,3 +42,14 @@ def test_scaling_report_describes_the_current_defaults():
     for part in (c.hypernet, f"d_h={c.hypernet_dim}", f"context={c.context}", f"feature_dim={c.feature_dim}",
                  c.generation):
         assert part in text
+
+
+def test_scaling_runs_only_the_chosen_sweeps(tmp_path):
+    out = scaling.main(["--quick", "--sweeps", "width", "--layouts", "row", "--repeats", "1", "--warmup", "0",
+                        "--threads", "1", "--json", str(tmp_path / "s.json")])
+    rows = out["rows"]
+    assert {r["sweep"] for r in rows} == {"width"} and [r["width"] for r in rows] == scaling.QUICK_SWEEPS["width"]
+    assert all(r["gen_ms"] > 0 and r["step_ms"] > 0 and r["adalora_ms"] > 0 for r in rows)
+    assert "width/row" in out["fits"] and (tmp_path / "s.json").exists()
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--sweeps", "depth"])
