@@ -162,7 +162,7 @@ class RoleGenerator(nn.Module):
         offset; with ``center_increment``, the part of a P / Q increment shared by all rows of the matrix removed
         (after the offset, so that a rounded offset leaves the increment exactly centred)."""
         inc = self._raw_increment(g)
-        if self.offset and hasattr(self, f"offset_{g}"):
+        if self.offset:
             inc = inc - getattr(self, f"offset_{g}").to(inc.dtype)
         if self.center and self.rank_axis == 1:
             inc = inc - inc.mean(dim=1, keepdim=True)
