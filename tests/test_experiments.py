@@ -126,6 +126,27 @@ def test_convergence_statistics_over_seeds():
     assert common.window_for(300) == 25 and common.window_for(60) == 6 and common.window_for(4) == 5
 
 
+def test_steps_to_90_percent_of_the_reference_drop():
+    # the reference falls from 1.0 to 0.5 by step 51 and then sits on a plateau at 0.5; "touch" falls twice as fast
+    # and plateaus just above 0.5: it never reaches the final-loss target, but it is 2x faster to 90% of the drop
+    def rows(slope, floor):
+        return [{"step": i + 1, "task_loss": max(1.0 - slope * i, floor), "train_time": i + 1.0} for i in range(100)]
+
+    summary = {"median_step_s": 1.0, "train_time_s": 100.0, "final_eval": {}, "total_rank": 4}
+    runs = {0: {"ref": {"rows": rows(0.01, 0.5), "summary": summary},
+                "touch": {"rows": rows(0.02, 0.501), "summary": summary}}}
+    conv = common.convergence(runs, window=1, reference="ref")
+    seed = conv["per_seed"][0]
+    assert seed["target_90"] == pytest.approx(1.0 - 0.9 * 0.5)
+    touch = seed["methods"]["touch"]
+    assert touch["steps_to_target"] is None                           # the final-loss target: never reached
+    assert seed["methods"]["ref"]["steps_to_90"] == 46 and touch["steps_to_90"] == 24
+    assert touch["steps_ratio_90"] == pytest.approx(24 / 46)
+    assert "ratio (90%)" in common.convergence_table(conv)
+    flat = [{"step": i + 1, "task_loss": 0.69, "train_time": 1.0} for i in range(20)]
+    assert common.drop_target(flat, 0.69, window=5) is None           # no drop, no 90% level
+
+
 def test_command_line_round_trips_through_the_parser():
     opts = ExperimentOptions(steps=50, seeds=3, lr=1e-4, tasks=["rte", "sst2"], data_path=["a b.json", "c.json"],
                              batch_sizes=[1, 2], reuse=True, output_dir="out dir")

@@ -410,6 +410,17 @@ def final_smoothed(rows: list[dict], window: int, key: str = "task_loss") -> flo
     return float(smooth([r[key] for r in rows], window)[-1])
 
 
+def drop_target(rows: list[dict], target: float, window: int, fraction: float = 0.9,
+                key: str = "task_loss") -> Optional[float]:
+    """The loss ``fraction`` of the way down from the run's initial smoothed loss (the mean of its first ``window``
+    values) to ``target``; None when the run's loss did not come down (a flat curve has no drop to measure)."""
+    values = [r[key] for r in rows]
+    if len(values) < window:
+        return None
+    start = float(np.mean(values[:window]))
+    return start - fraction * (start - target) if start > target else None
+
+
 def eval_by_step(evals: list[dict], metric: str) -> dict:
     """{step: metric} of the eval rows (the final evaluation included)."""
     return {int(e["step"]): float(e[metric]) for e in evals if metric in e}
@@ -498,6 +509,11 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
     The target of a seed is ``target_fn(runs of the seed)`` or else the reference label's final smoothed training
     task loss. Per label: final smoothed loss, steps and train time (s) to the target, their ratios to the
     reference's (when a reference is given), median step time, total train time and the final dev metrics.
+
+    With a reference, also the steps to **90% of the reference's drop** (`drop_target`): the first step at which
+    the smoothed loss has come down 90% of the way from the reference's initial smoothed loss to the target. When
+    both curves end on a noisy plateau, the final-loss target sits inside the plateau's noise and its first
+    crossing can move by tens of steps with a rounding-level change of the run; the 90% level is below the noise.
     """
     from . import steps_to_target
 
@@ -505,21 +521,25 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
     for seed, runs in runs_by_seed.items():
         target = target_fn(runs) if target_fn is not None else final_smoothed(runs[reference]["rows"], window)
         ref_step, ref_time = steps_to_target(runs[reference]["rows"], target, window) if reference else (None, None)
+        target90 = drop_target(runs[reference]["rows"], target, window) if reference else None
+        ref90 = steps_to_target(runs[reference]["rows"], target90, window)[0] if target90 is not None else None
         table = {}
         for label, run in runs.items():
             step, t = steps_to_target(run["rows"], target, window)
+            step90 = steps_to_target(run["rows"], target90, window)[0] if target90 is not None else None
             s = run["summary"]
             table[label] = {
                 "final_smoothed_task_loss": final_smoothed(run["rows"], window),
                 "steps_to_target": step, "time_to_target_s": t,
                 "steps_ratio": step / ref_step if step and ref_step else None,
                 "time_ratio": t / ref_time if t and ref_time else None,
+                "steps_to_90": step90, "steps_ratio_90": step90 / ref90 if step90 and ref90 else None,
                 "median_step_s": s.get("median_step_s"), "train_time_s": s.get("train_time_s"),
                 "total_rank": s.get("total_rank"),
                 **{f"dev_{k}": v for k, v in (s.get("final_eval") or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
             }
-        per_seed[seed] = {"target_loss": target, "methods": table}
+        per_seed[seed] = {"target_loss": target, "target_90": target90, "methods": table}
     labels = list(next(iter(runs_by_seed.values())))
     agg = {}
     for label in labels:
@@ -532,14 +552,18 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
 def convergence_table(conv: dict, metric_keys: Iterable[str] = ()) -> str:
     """Markdown table of `convergence` statistics (mean ± std [min, max] over seeds)."""
     metric_keys = list(metric_keys)
-    header = ["method", "final smoothed loss", "steps to target", "steps ratio", "train time to target (s)",
-              "time ratio", "median step (s)", "train time (s)"] + [f"dev {k}" for k in metric_keys]
+    with_90 = any("steps_to_90" in m for m in conv["methods"].values())
+    header = (["method", "final smoothed loss", "steps to target", "steps ratio", "train time to target (s)",
+               "time ratio"] + (["steps to 90% of the drop", "ratio (90%)"] if with_90 else [])
+              + ["median step (s)", "train time (s)"] + [f"dev {k}" for k in metric_keys])
     rows = []
     for label, m in conv["methods"].items():
         rows.append([label, fmt_stat(m["final_smoothed_task_loss"]), fmt_stat(m["steps_to_target"], "{:.1f}"),
                      fmt_stat(m["steps_ratio"], "{:.2f}"), fmt_stat(m["time_to_target_s"], "{:.1f}"),
-                     fmt_stat(m["time_ratio"], "{:.2f}"), fmt_stat(m["median_step_s"], "{:.3f}"),
-                     fmt_stat(m["train_time_s"], "{:.1f}")]
+                     fmt_stat(m["time_ratio"], "{:.2f}")]
+                    + ([fmt_stat(m.get("steps_to_90"), "{:.1f}"), fmt_stat(m.get("steps_ratio_90"), "{:.2f}")]
+                       if with_90 else [])
+                    + [fmt_stat(m["median_step_s"], "{:.3f}"), fmt_stat(m["train_time_s"], "{:.1f}")]
                     + [fmt_stat(m.get(f"dev_{k}"), "{:.4f}") for k in metric_keys])
     return markdown_table(header, rows)
 
