@@ -413,12 +413,15 @@ def final_smoothed(rows: list[dict], window: int, key: str = "task_loss") -> flo
 def drop_target(rows: list[dict], target: float, window: int, fraction: float = 0.9,
                 key: str = "task_loss") -> Optional[float]:
     """The loss ``fraction`` of the way down from the run's initial smoothed loss (the mean of its first ``window``
-    values) to ``target``; None when the run's loss did not come down (a flat curve has no drop to measure)."""
-    values = [r[key] for r in rows]
-    if len(values) < window:
+    values) to ``target``; None when the run's loss did not come down by more than twice the standard error of
+    those two means (a flat, noisy curve has no drop to measure: its 90% level would be noise)."""
+    values = np.asarray([r[key] for r in rows], float)
+    if len(values) < 2 * window or window < 2:
         return None
-    start = float(np.mean(values[:window]))
-    return start - fraction * (start - target) if start > target else None
+    head, tail = values[:window], values[-window:]
+    start = float(head.mean())
+    noise = math.sqrt((head.var(ddof=1) + tail.var(ddof=1)) / window)
+    return start - fraction * (start - target) if start - target > 2 * noise else None
 
 
 def eval_by_step(evals: list[dict], metric: str) -> dict:
