@@ -118,8 +118,8 @@ def principal_subspaces(adapters: list, r: int) -> tuple[list[torch.Tensor], lis
             u, v = u[:, :r], v[:, :r]
         # copies: a slice would keep the whole U / V^T of every layer alive until the generators are built
         # (60 MiB on MiniLM, more than a batch-1 training step of AdaLoRA takes)
-        ps.append(u.detach().to("cpu", copy=True).contiguous())
-        qs.append(v.detach().to("cpu", copy=True).contiguous())
+        ps.append(u.detach().to("cpu", copy=True))
+        qs.append(v.detach().to("cpu", copy=True))
     return ps, qs
 
 
