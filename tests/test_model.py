@@ -416,21 +416,41 @@ def test_center_increment_must_be_a_bool():
         cfg(center_increment="yes")
 
 
-@pytest.mark.parametrize("tokens", [2, 40])  # fewer / more tokens than the layer's 16 input features
-def test_svd_linear_scales_q_or_the_activations_with_the_same_result(tokens):
+@pytest.mark.parametrize("shape", [(2,), (40,), (3, 20)])  # fewer / more tokens than the 16 input features; 3-D
+def test_svd_linear_scales_q_or_the_activations_with_the_same_result(shape):
+    # also checks the accumulation into the base output (in place): outputs and every gradient, the base
+    # layer's own weight included, equal the plain formula's
     torch.manual_seed(0)
     layer = ha.SVDLinear(torch.nn.Linear(16, 8), 0, scaling=0.5)
     P, lam, Q = torch.randn(8, 3), torch.randn(3), torch.randn(3, 16)
     P.requires_grad_(), lam.requires_grad_(), Q.requires_grad_()
     layer.set_tensors(P, lam, Q)
-    x = torch.randn(tokens, 16, requires_grad=True)
+    x = torch.randn(*shape, 16, requires_grad=True)
     out = layer(x)
     ref = layer.base_layer(x) + 0.5 * (x @ Q.t()) @ torch.diag(lam) @ P.t()
-    assert torch.allclose(out, ref, atol=1e-5)
-    grads = torch.autograd.grad(out.square().sum(), [x, P, lam, Q])
-    ref_grads = torch.autograd.grad(ref.square().sum(), [x, P, lam, Q])
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+    inputs = [x, P, lam, Q, layer.base_layer.weight]
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_svd_linear_under_bfloat16_autocast_matches_the_plain_formula():
+    torch.manual_seed(0)
+    layer = ha.SVDLinear(torch.nn.Linear(16, 8), 0, scaling=0.5)
+    P, lam, Q = torch.randn(8, 3, requires_grad=True), torch.randn(3), torch.randn(3, 16)
+    layer.set_tensors(P, lam, Q)
+    x = torch.randn(4, 10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        ref = layer.base_layer(x) + 0.5 * (x @ Q.t()) @ torch.diag(lam) @ P.t()
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref.float(), atol=0.1, rtol=0.02)
+    out.float().sum().backward()
+    assert P.grad is not None and torch.isfinite(P.grad).all()
 
 
 def test_identity_offsets_of_p_and_q_are_float16_and_lambdas_exact(bert):

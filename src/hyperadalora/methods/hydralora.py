@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..layer import add_product
 from .base import AdapterLayer, Method, MethodConfig, RoleSpec, register
 
 
@@ -45,7 +46,7 @@ class HydraLayer(AdapterLayer):
         h = self.dropout(x) @ A.t()                                      # (..., r): the shared A
         w = self.routing_weights(x).to(dtype)                            # (..., N)
         z = (w.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)              # (..., N * r): w_k * A x, head-major
-        return out + (z @ B.t()) * self.scaling                          # sum_k w_k B_k A x
+        return add_product(out, z * self.scaling, B)                     # sum_k w_k B_k A x
 
     def merged_weight(self) -> torch.Tensor:
         if self.n_heads != 1:

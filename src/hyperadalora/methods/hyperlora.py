@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layer import add_product
 from .base import AdapterLayer, HypernetOptions, Method, MethodConfig, RoleSpec, register
 
 
@@ -25,7 +26,7 @@ class LoraLayer(AdapterLayer):
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         dtype = self._dtype(x)
         (A,), (B,) = self.tensors("A", dtype), self.tensors("B", dtype)
-        return out + ((self.dropout(x) @ A.t()) @ B.t()) * self.scaling
+        return add_product(out, (self.dropout(x) @ A.t()) * self.scaling, B)
 
     def delta_weight(self) -> torch.Tensor:
         (A,), (B,) = self.tensors("A"), self.tensors("B")
