@@ -13,7 +13,7 @@ import hyperadalora as ha
 
 from conftest import make_bert, make_llama
 from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experiment_parser, cmd_experiment,
-                                      run_experiment, steps_to_target, summarize)
+                                      format_table, run_experiment, steps_to_target, summarize)
 from hyperadalora.experiments import common, nlg
 from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
 from hyperadalora.experiments.formulation import VARIANTS
@@ -105,6 +105,14 @@ def test_steps_to_target_on_synthetic_curves():
     assert res["methods"]["ref"]["steps_to_target"] == 100
     assert res["methods"]["fast"]["steps_to_target"] == 51
     assert res["methods"]["fast"]["steps_ratio"] == pytest.approx(0.51)
+    assert res["target_90"] is None  # a window of 1 has no noise estimate: no 90%-of-the-drop target
+    res5 = summarize(runs, "ref", window=5)
+    # ref's smoothed loss goes from 0.98 (first 5 steps) to 0.03 (last 5): 90% of the way down is 0.125, which
+    # the trailing means 1 - 0.01 (i - 2) and 1 - 0.02 (i - 2) reach at step 91 and step 47
+    assert res5["target_90"] == pytest.approx(0.125)
+    assert res5["methods"]["ref"]["steps_to_90"] == 91 and res5["methods"]["fast"]["steps_to_90"] == 47
+    assert res5["methods"]["fast"]["steps_ratio_90"] == pytest.approx(47 / 91)
+    assert "ratio (90%)" in format_table(res5) and res5["methods"]["fast"]["final_eval"] == {}
 
 
 def test_convergence_statistics_over_seeds():

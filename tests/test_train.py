@@ -149,3 +149,35 @@ def test_cli_boolean_option_rejects_other_words(capsys):
         cli.build_parser().parse_args(["train", "--center-increment", "maybe"])
     assert e.value.code == 2
     assert "--center-increment takes true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_cli_demo_compares_both_methods_side_by_side(tmp_path, tokenizer, capsys):
+    # `make demo` runs `hyperadalora demo` on the embedded task; here on a tiny model and the toy SST-2 copy
+    model_dir = write_tiny_model(tmp_path / "model", tokenizer)
+    data_dir = write_sst2(tmp_path / "glue")
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--task", "sst2", "--data-dir", data_dir, "--model", model_dir, "--max-steps", "12",
+                     "--batch-size", "8", "--max-length", "16", "--tinit", "2", "--tfinal", "3", "--no-progress",
+                     "--output-dir", str(out)])
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["reference"] == "adalora" and set(result["methods"]) == {"adalora", "hyperadalora"}
+    ada = result["methods"]["adalora"]
+    assert ada["steps_to_target"] is not None and ada["steps_ratio"] == 1.0  # the reference reaches its own loss
+    for m in result["methods"].values():
+        assert m["median_step_s"] > 0 and "accuracy" in m["final_eval"]
+    assert len(result["curves"]["hyperadalora"]) == 12
+    report = (out / "report.md").read_text()
+    assert "| hyperadalora |" in report and "ratio (90%)" in report
+    assert (out / result["plot"]).is_file()
+    assert "| adalora |" in capsys.readouterr().out
+    # peft's AdaLoRA adapter reloads in peft, layers pruned to rank 0 included
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    config = json.loads((out / "adalora" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA"
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    reloaded = PeftModel.from_pretrained(base, str(out / "adalora" / "adapter"))
+    ids = tokenizer(["good movie", "bad movie"], return_tensors="pt")
+    assert torch.isfinite(reloaded(**ids).logits).all()

@@ -693,7 +693,11 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
             probe.remove()
     adapter_dir = os.path.join(args.output_dir, "adapter")
     if args.save_adapter and dist_info.main:
-        unwrapped.save_pretrained(adapter_dir)
+        with warnings.catch_warnings():
+            # peft reads a layer that AdaLoRA pruned to rank 0 (lora_A of shape (0, in)) as an unsharded
+            # DeepSpeed/FSDP tensor and warns so; such a layer is legitimate (adapter_config.json: rank_pattern)
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*")
+            unwrapped.save_pretrained(adapter_dir)
     last = pos["last"]
     summary = {"method": args.method, "task": args.task, "steps": args.max_steps, "final_eval": final,
                "final_loss": last.get("loss"), "final_task_loss": last.get("task_loss"),

@@ -33,34 +33,29 @@ def steps_to_target(rows: list[dict], target: float, window: int = SMOOTH_WINDOW
 
 
 def summarize(runs: dict, reference: str, window: int = SMOOTH_WINDOW) -> dict:
-    """runs: {label: {"rows": [...], "summary": {...}}} -> per-label numbers relative to ``reference``."""
-    ref_rows = runs[reference]["rows"]
-    target = float(smooth([r["task_loss"] for r in ref_rows], window)[-1])
-    ref_step, ref_time = steps_to_target(ref_rows, target, window)
-    table = {}
-    for label, run in runs.items():
-        rows, summ = run["rows"], run["summary"]
-        step, t = steps_to_target(rows, target, window)
-        table[label] = {
-            "final_smoothed_task_loss": float(smooth([r["task_loss"] for r in rows], window)[-1]),
-            "steps_to_target": step, "time_to_target_s": t,
-            "steps_ratio": (step / ref_step) if step and ref_step else None,
-            "time_ratio": (t / ref_time) if t and ref_time else None,
-            "median_step_s": summ["median_step_s"], "train_time_s": summ["train_time_s"],
-            "final_eval": summ["final_eval"], "total_rank": summ["total_rank"],
-        }
-    return {"target_loss": target, "reference": reference, "window": window, "methods": table}
+    """runs: {label: {"rows": [...], "summary": {...}}} (one seed) -> per-label numbers relative to ``reference``:
+    `common.convergence` of that one seed (steps and time to the reference's final smoothed loss, to 90% of its
+    drop, their ratios), with each run's ``final_eval`` dict."""
+    from .common import convergence
+
+    one = convergence({"single": runs}, window, reference)["per_seed"]["single"]
+    methods = {label: {**{k: v for k, v in m.items() if not k.startswith("dev_")},
+                       "final_eval": runs[label]["summary"].get("final_eval") or {}}
+               for label, m in one["methods"].items()}
+    return {"target_loss": one["target_loss"], "target_90": one["target_90"], "reference": reference,
+            "window": window, "methods": methods}
 
 
 def format_table(result: dict) -> str:
     lines = ["| method | final smoothed loss | steps to target | steps ratio | time to target (s) | time ratio "
-             "| median step (s) | dev metrics | total rank |", "|---" * 9 + "|"]
+             "| steps to 90% of the drop | ratio (90%) | median step (s) | dev metrics | total rank |", "|---" * 11 + "|"]
     for label, m in result["methods"].items():
         ev = ", ".join(f"{k}={v:.4f}" for k, v in m["final_eval"].items() if isinstance(v, float) and k != "eval_loss")
         fmt = lambda v, f="{:.3f}": "n/a (not reached)" if v is None else f.format(v)
         lines.append(f"| {label} | {m['final_smoothed_task_loss']:.4f} | {fmt(m['steps_to_target'], '{}')} | "
                      f"{fmt(m['steps_ratio'], '{:.2f}')} | {fmt(m['time_to_target_s'], '{:.1f}')} | "
-                     f"{fmt(m['time_ratio'], '{:.2f}')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
+                     f"{fmt(m['time_ratio'], '{:.2f}')} | {fmt(m.get('steps_to_90'), '{}')} | "
+                     f"{fmt(m.get('steps_ratio_90'), '{:.2f}')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
     return "\n".join(lines)
 
 
@@ -90,7 +85,10 @@ def compare(base: TrainArgs, variants: dict, output_dir: str, reference: Optiona
         json.dump(result, f, indent=1, default=str)
     report = [f"# {title or 'Comparison'}", "", f"Command: `{command}`" if command else "",
               "", f"Target loss: {reference}'s final smoothed training loss = {result['target_loss']:.4f} "
-              f"(trailing mean over {SMOOTH_WINDOW} steps).", "", format_table(result), "",
+              f"(trailing mean over {SMOOTH_WINDOW} steps)" + (
+                  f"; 90% of its drop: {result['target_90']:.4f}." if result.get("target_90") is not None else
+                  "; its loss did not come down by more than its noise: no 90%-of-the-drop target."),
+              "", format_table(result), "",
               f"![loss curves]({result['plot']})", ""]
     with open(os.path.join(output_dir, "report.md"), "w") as f:
         f.write("\n".join(report))
