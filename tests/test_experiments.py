@@ -106,6 +106,9 @@ def test_steps_to_target_on_synthetic_curves():
     assert res["methods"]["fast"]["steps_to_target"] == 51
     assert res["methods"]["fast"]["steps_ratio"] == pytest.approx(0.51)
     assert res["target_90"] is None  # a window of 1 has no noise estimate: no 90%-of-the-drop target
+    # paired gap: at step i + 1 (i = 1..99, after the first window) fast is 0.01 i below ref, on every step
+    assert res["methods"]["fast"]["loss_gap"] == pytest.approx(-0.5) and res["methods"]["fast"]["steps_below"] == 1.0
+    assert res["methods"]["ref"]["loss_gap"] == 0.0 and res["methods"]["ref"]["steps_below"] == 0.0
     res5 = summarize(runs, "ref", window=5)
     # ref's smoothed loss goes from 0.98 (first 5 steps) to 0.03 (last 5): 90% of the way down is 0.125, which
     # the trailing means 1 - 0.01 (i - 2) and 1 - 0.02 (i - 2) reach at step 91 and step 47
@@ -113,6 +116,15 @@ def test_steps_to_target_on_synthetic_curves():
     assert res5["methods"]["ref"]["steps_to_90"] == 91 and res5["methods"]["fast"]["steps_to_90"] == 47
     assert res5["methods"]["fast"]["steps_ratio_90"] == pytest.approx(47 / 91)
     assert "ratio (90%)" in format_table(res5) and res5["methods"]["fast"]["final_eval"] == {}
+
+
+def test_paired_gap_compares_the_same_steps_only():
+    ref = [{"step": s, "task_loss": 1.0} for s in range(1, 11)]
+    rows = [{"step": s, "task_loss": 0.9 if s % 2 else 1.3} for s in range(1, 9)]  # 8 steps logged, ref 10
+    gap = common.paired_gap(rows, ref, skip=2)                                      # steps 3..8
+    assert gap["loss_gap"] == pytest.approx((3 * -0.1 + 3 * 0.3) / 6)
+    assert gap["steps_below"] == pytest.approx(0.5)
+    assert common.paired_gap(rows, ref, skip=20) == {"loss_gap": None, "steps_below": None}
 
 
 def test_convergence_statistics_over_seeds():

@@ -48,14 +48,16 @@ def summarize(runs: dict, reference: str, window: int = SMOOTH_WINDOW) -> dict:
 
 def format_table(result: dict) -> str:
     lines = ["| method | final smoothed loss | steps to target | steps ratio | time to target (s) | time ratio "
-             "| steps to 90% of the drop | ratio (90%) | median step (s) | dev metrics | total rank |", "|---" * 11 + "|"]
+             "| steps to 90% of the drop | ratio (90%) | loss gap, same batches | steps below | median step (s) "
+             "| dev metrics | total rank |", "|---" * 13 + "|"]
     for label, m in result["methods"].items():
         ev = ", ".join(f"{k}={v:.4f}" for k, v in m["final_eval"].items() if isinstance(v, float) and k != "eval_loss")
         fmt = lambda v, f="{:.3f}": "n/a (not reached)" if v is None else f.format(v)
         lines.append(f"| {label} | {m['final_smoothed_task_loss']:.4f} | {fmt(m['steps_to_target'], '{}')} | "
                      f"{fmt(m['steps_ratio'], '{:.2f}')} | {fmt(m['time_to_target_s'], '{:.1f}')} | "
                      f"{fmt(m['time_ratio'], '{:.2f}')} | {fmt(m.get('steps_to_90'), '{}')} | "
-                     f"{fmt(m.get('steps_ratio_90'), '{:.2f}')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
+                     f"{fmt(m.get('steps_ratio_90'), '{:.2f}')} | {fmt(m.get('loss_gap'), '{:+.4f}')} | "
+                     f"{fmt(m.get('steps_below'), '{:.2f}')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
     return "\n".join(lines)
 
 

@@ -424,6 +424,16 @@ def drop_target(rows: list[dict], target: float, window: int, fraction: float = 
     return start - fraction * (start - target) if start - target > 2 * noise else None
 
 
+def paired_gap(rows: list[dict], ref_rows: list[dict], skip: int, key: str = "task_loss") -> dict:
+    """{"loss_gap": mean of (loss - reference loss) at the same step, "steps_below": fraction of those steps where
+    loss < reference loss}, over the steps after the first ``skip`` that both runs logged (None if there are none)."""
+    ref = {r["step"]: r[key] for r in ref_rows}
+    diffs = np.array([r[key] - ref[r["step"]] for r in rows if r["step"] > skip and r["step"] in ref], float)
+    if len(diffs) == 0:
+        return {"loss_gap": None, "steps_below": None}
+    return {"loss_gap": float(diffs.mean()), "steps_below": float((diffs < 0).mean())}
+
+
 def eval_by_step(evals: list[dict], metric: str) -> dict:
     """{step: metric} of the eval rows (the final evaluation included)."""
     return {int(e["step"]): float(e[metric]) for e in evals if metric in e}
@@ -517,6 +527,12 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
     the smoothed loss has come down 90% of the way from the reference's initial smoothed loss to the target. When
     both curves end on a noisy plateau, the final-loss target sits inside the plateau's noise and its first
     crossing can move by tens of steps with a rounding-level change of the run; the 90% level is below the noise.
+
+    And the **paired loss gap** (`paired_gap`): the methods see the same batches in the same order, so the
+    difference of their raw losses at the same step cancels the batch's own difficulty: its mean over the steps
+    after the first window (``loss_gap``, negative = below the reference) and the fraction of those steps on which
+    the label's loss is below the reference's (``steps_below``). It needs no target, so it also measures curves
+    whose final loss is not below their start.
     """
     from . import steps_to_target
 
@@ -537,6 +553,7 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
                 "steps_ratio": step / ref_step if step and ref_step else None,
                 "time_ratio": t / ref_time if t and ref_time else None,
                 "steps_to_90": step90, "steps_ratio_90": step90 / ref90 if step90 and ref90 else None,
+                **(paired_gap(run["rows"], runs[reference]["rows"], window) if reference else {}),
                 "median_step_s": s.get("median_step_s"), "train_time_s": s.get("train_time_s"),
                 "total_rank": s.get("total_rank"),
                 **{f"dev_{k}": v for k, v in (s.get("final_eval") or {}).items()
@@ -556,8 +573,10 @@ def convergence_table(conv: dict, metric_keys: Iterable[str] = ()) -> str:
     """Markdown table of `convergence` statistics (mean ± std [min, max] over seeds)."""
     metric_keys = list(metric_keys)
     with_90 = any("steps_to_90" in m for m in conv["methods"].values())
+    with_gap = any("loss_gap" in m for m in conv["methods"].values())
     header = (["method", "final smoothed loss", "steps to target", "steps ratio", "train time to target (s)",
                "time ratio"] + (["steps to 90% of the drop", "ratio (90%)"] if with_90 else [])
+              + (["loss gap, same batches", "steps below"] if with_gap else [])
               + ["median step (s)", "train time (s)"] + [f"dev {k}" for k in metric_keys])
     rows = []
     for label, m in conv["methods"].items():
@@ -566,6 +585,8 @@ def convergence_table(conv: dict, metric_keys: Iterable[str] = ()) -> str:
                      fmt_stat(m["time_ratio"], "{:.2f}")]
                     + ([fmt_stat(m.get("steps_to_90"), "{:.1f}"), fmt_stat(m.get("steps_ratio_90"), "{:.2f}")]
                        if with_90 else [])
+                    + ([fmt_stat(m.get("loss_gap"), "{:.4f}"), fmt_stat(m.get("steps_below"), "{:.2f}")]
+                       if with_gap else [])
                     + [fmt_stat(m["median_step_s"], "{:.3f}"), fmt_stat(m["train_time_s"], "{:.1f}")]
                     + [fmt_stat(m.get(f"dev_{k}"), "{:.4f}") for k in metric_keys])
     return markdown_table(header, rows)

@@ -90,6 +90,7 @@ def run_nlu_convergence(opts=None) -> dict:
         summary_rows.append([task, fmt_stat(conv["target_loss"]), fmt_stat(a["steps_to_target"], "{:.1f}"),
                              fmt_stat(h["steps_to_target"], "{:.1f}"), fmt_stat(h["steps_ratio"], "{:.2f}"),
                              fmt_stat(h["time_ratio"], "{:.2f}"), fmt_stat(h.get("steps_ratio_90"), "{:.2f}"),
+                             fmt_stat(h.get("loss_gap"), "{:.4f}"), fmt_stat(h.get("steps_below"), "{:.2f}"),
                              fmt_stat(a.get(f"dev_{metric}")),
                              fmt_stat(h.get(f"dev_{metric}"))])
         steps_list = sorted(set(dev["adalora"]) | set(dev["hyperadalora"]))
@@ -114,7 +115,10 @@ def run_nlu_convergence(opts=None) -> dict:
                           "final loss earlier); time = training time (steps only, no evaluation). \"90% of the "
                           "drop\": the steps to come down 90% of the way from AdaLoRA's initial smoothed loss to "
                           "its final one (n/a where AdaLoRA's loss did not come down), a check on the final-loss "
-                          "target when both curves end on a noisy plateau.")
+                          "target when both curves end on a noisy plateau. \"Loss gap, same batches\": the mean, "
+                          f"over the steps after the first {window}, of the method's raw training loss minus "
+                          "AdaLoRA's at the same step (both see the same batch there; negative = below AdaLoRA's), "
+                          "and the fraction of those steps on which it is below.")
     for task, why in skipped.items():
         lines += [f"- **{task} skipped**: {why}"]
     if skipped:
@@ -122,7 +126,9 @@ def run_nlu_convergence(opts=None) -> dict:
     lines += ["## Summary", "",
               markdown_table(["task", "target loss", "adalora steps to target", "hyperadalora steps to target",
                               "steps ratio (hyper/ada)", "time ratio (hyper/ada)",
-                              "steps ratio at 90% of AdaLoRA's drop", "adalora dev", "hyperadalora dev"],
+                              "steps ratio at 90% of AdaLoRA's drop",
+                              "loss gap to AdaLoRA, same batches", "steps below AdaLoRA's loss",
+                              "adalora dev", "hyperadalora dev"],
                              summary_rows), ""]
     lines += sections + [FULL_SIZE]
     return write_outputs(out, results, lines)
