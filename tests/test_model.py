@@ -438,6 +438,32 @@ def test_svd_linear_scales_q_or_the_activations_with_the_same_result(shape):
         assert torch.allclose(layer(x), ref, atol=1e-5)
 
 
+def _graph_nodes(fn, depth=6):
+    names = []
+    def walk(f, d):
+        if f is not None and d < depth:
+            names.append(type(f).__name__)
+            for nxt, _ in f.next_functions:
+                walk(nxt, d + 1)
+    walk(fn, 0)
+    return names
+
+
+def test_svd_linear_adds_in_place_without_a_copy_of_the_gradient():
+    # a 3-D input goes through the base layer as 2-D, whose output is a fresh tensor: the product is added into it
+    # by one addmm_ (no CopySlices node, which would copy the whole output gradient in backward)
+    layer = ha.SVDLinear(torch.nn.Linear(16, 8), 0, scaling=0.5)
+    layer.set_tensors(torch.randn(8, 3, requires_grad=True), torch.randn(3), torch.randn(3, 16))
+    names = _graph_nodes(layer(torch.randn(2, 5, 16, requires_grad=True)).grad_fn)
+    assert "CopySlices" not in names and names[:2] == ["ViewBackward0", "AddmmBackward0"]
+    # on a view (not what nn.Linear gives a 2-D input) add_product does not write in place
+    base = torch.randn(10, 8, requires_grad=True) * 1.0
+    view = base.view(2, 5, 8)[0]
+    h, B = torch.randn(5, 3), torch.randn(8, 3)
+    out = ha.layer.add_product(view, h, B)
+    assert torch.allclose(out, view + h @ B.t()) and "CopySlices" not in _graph_nodes(out.grad_fn)
+
+
 def test_svd_linear_under_bfloat16_autocast_matches_the_plain_formula():
     torch.manual_seed(0)
     layer = ha.SVDLinear(torch.nn.Linear(16, 8), 0, scaling=0.5)

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator, hypernetwork_param_groups
+from ..layer import flat_base_forward
 from ..model import ADAPTER_WEIGHTS_NAME, _replace, _save_safetensors, find_target_modules
 from ..wrapper import AdapterWrapper, with_signature_of
 
@@ -312,10 +313,12 @@ class AdapterLayer(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.disabled or any(self._installed.get(role, ()) is None for role in self.generated):
-            return out
-        return self.adapt(x, out)
+            return self.base_layer(x)
+        lead = x.shape[:-1]
+        x, out = flat_base_forward(self.base_layer, x)   # 2-D, so that `add_product` can add in place
+        out = self.adapt(x, out)
+        return out.reshape(*lead, out.shape[-1])
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
         return x.dtype if torch.is_floating_point(x) else self.base_layer.weight.dtype
