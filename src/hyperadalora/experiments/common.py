@@ -434,6 +434,13 @@ def paired_gap(rows: list[dict], ref_rows: list[dict], skip: int, key: str = "ta
     return {"loss_gap": float(diffs.mean()), "steps_below": float((diffs < 0).mean())}
 
 
+def gap_note(window: int) -> str:
+    """The reports' one-sentence definition of the paired loss gap (`paired_gap`)."""
+    return (f"\"Loss gap, same batches\": the mean, over the steps after the first {window}, of the method's raw "
+            "training loss minus AdaLoRA's at the same step (both see the same batch there; negative = below "
+            "AdaLoRA's), and the fraction of those steps on which it is below.")
+
+
 def eval_by_step(evals: list[dict], metric: str) -> dict:
     """{step: metric} of the eval rows (the final evaluation included)."""
     return {int(e["step"]): float(e[metric]) for e in evals if metric in e}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .common import (DEFAULT_ALPACA_FILE, as_options, base_args, command_line, convergence, convergence_table, curves,
+from .common import (DEFAULT_ALPACA_FILE, as_options, gap_note, base_args, command_line, convergence, convergence_table, curves,
                      environment, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands, report_header,
                      repo_path, run_variants, seed_list, settings_of, stats, window_for, write_outputs)
 
@@ -127,10 +127,7 @@ def run_nlg(opts=None) -> dict:
     lines = report_header("Instruction tuning (NLG): AdaLoRA vs HyperAdaLoRA (paper Tables 1 and 3)", command, env,
                           settings, "Same seeds, data order, hyperparameters and steps for both methods; the "
                           "held-out split is fixed by a hash of each record (10 %). Train time: the optimizer steps "
-                          "only (no evaluation or generation). Loss gap, same batches: the mean, over the steps "
-                          f"after the first {window}, of the method's raw training loss minus AdaLoRA's at the same "
-                          "step (both see the same batch there; negative = below AdaLoRA's), and the fraction of "
-                          "those steps on which it is below.")
+                          "only (no evaluation or generation). " + gap_note(window))
     lines += ["## Summary", "", markdown_table(["data", "method", "BLEU-4", "ROUGE-1", "dev loss",
                                                 "loss gap to AdaLoRA, same batches", "train time (s)",
                                                 "train time to target (s)"], summary_rows), ""]

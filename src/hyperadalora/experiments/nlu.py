@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, available_tasks, base_args, command_line, convergence, convergence_table, curves,
+from .common import (as_options, gap_note, available_tasks, base_args, command_line, convergence, convergence_table, curves,
                      environment, eval_by_step, fmt_stat, markdown_table, output_dir, pick, plot_eval_points,
                      plot_loss_bands, primary_metric, report_header, run_variants, seed_list, settings_of, stats,
                      window_for, write_outputs)
@@ -115,10 +115,7 @@ def run_nlu_convergence(opts=None) -> dict:
                           "final loss earlier); time = training time (steps only, no evaluation). \"90% of the "
                           "drop\": the steps to come down 90% of the way from AdaLoRA's initial smoothed loss to "
                           "its final one (n/a where AdaLoRA's loss did not come down), a check on the final-loss "
-                          "target when both curves end on a noisy plateau. \"Loss gap, same batches\": the mean, "
-                          f"over the steps after the first {window}, of the method's raw training loss minus "
-                          "AdaLoRA's at the same step (both see the same batch there; negative = below AdaLoRA's), "
-                          "and the fraction of those steps on which it is below.")
+                          "target when both curves end on a noisy plateau. " + gap_note(window))
     for task, why in skipped.items():
         lines += [f"- **{task} skipped**: {why}"]
     if skipped:
