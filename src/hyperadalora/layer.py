@@ -31,7 +31,7 @@ def add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Te
 def flat_base_forward(base_layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x2, base_layer(x2))`` with ``x2 = x`` as (tokens, in): for a 3-D input `nn.Linear` returns a *view* of a 2-D
     result, for a 2-D one the result itself, which `add_product` can then add into in place. The caller views the
-    sum back to ``x.shape[:-1] + (d_out,)``."""
+    sum back to ``x.shape[:-1] + (d_out,)``. A forward hook on the base layer therefore sees (tokens, in)."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return x2, base_layer(x2)
 
