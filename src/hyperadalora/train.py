@@ -173,6 +173,13 @@ def default_target_modules(model) -> list[str]:
 # ---------------------------------------------------------------------------------------------- adapters
 def build_adapter_model(args: TrainArgs, model, task_type: str):
     """Wrap ``model`` with the method's adapter. Returns (wrapped model, allocate(step) callable or None)."""
+    with warnings.catch_warnings():
+        # peft's PeftModel reads transformers 5's deprecated ``is_gradient_checkpointing``: not the user's to fix.
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return _build_adapter_model(args, model, task_type)
+
+
+def _build_adapter_model(args: TrainArgs, model, task_type: str):
     targets = args.target_modules or default_target_modules(model)
     common = dict(target_modules=targets, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                   task_type=task_type)
