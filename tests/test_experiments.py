@@ -220,7 +220,8 @@ def test_layer_ranks_of_peft_adalora_follows_its_rank_pattern(bert):
 def test_nlu_convergence_tiny(tmp_path, tiny_bert_dir, glue_dir):
     res = run_experiment("nlu-convergence", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, seeds=2,
                                                  tasks=["rte", "sst2", "mnli"]))
-    report, data = check_outputs(res, n_png=4)
+    report, data = check_outputs(res, n_png=6)  # loss, loss gap to AdaLoRA and dev accuracy per task
+    assert data["tasks"]["rte"]["plots"] == ["loss_rte.png", "gap_rte.png", "dev_rte.png"]
     assert set(data["tasks"]) == {"rte", "sst2"} and "mnli" in data["skipped"]
     assert "mnli skipped" in report
     conv = data["tasks"]["sst2"]["convergence"]
@@ -323,10 +324,11 @@ def test_gamma_tiny(tmp_path, tiny_bert_dir, glue_dir):
 
 
 def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
-    opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=5)
+    opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=8)  # 3 steps after the 5-step window
     opts.variants = ["paper", "offset+feature", "adalora-lr3x"]
     res = run_experiment("formulation", opts)
-    report, data = check_outputs(res)
+    report, data = check_outputs(res, n_png=2)
+    assert data["gap_plot"] == "loss_gap.png" and "](loss_gap.png)" in report
     methods = data["convergence"]["methods"]
     assert list(methods) == ["adalora", "paper", "offset+feature", "adalora-lr3x"]  # the reference runs first
     lrs = {label: json.load(open(f"{tmp_path}/out/seed0/{label}/summary.json"))["args"]["lr"]
@@ -338,7 +340,9 @@ def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
         expected = {k: v for k, v in VARIANTS[label][0]["hyper"].items()}
         assert {k: args["hyper"][k] for k in expected} == expected and args["method"] == "hyperadalora"
         assert data["health"][label]["max_orth_penalty"] is not None
-    assert "what it changes" in report
+    assert "what it changes" in report and "loss gap, same batches" in report
+    assert methods["adalora"]["loss_gap"]["mean"] == 0.0 and methods["adalora"]["steps_below"]["mean"] == 0.0
+    assert methods["paper"]["loss_gap"]["n"] == 1 and 0.0 <= methods["paper"]["steps_below"]["mean"] <= 1.0
     opts.variants = ["nope"]
     with pytest.raises(ValueError, match="unknown variant"):
         run_experiment("formulation", opts)

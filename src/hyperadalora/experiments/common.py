@@ -633,6 +633,27 @@ def plot_loss_bands(series: dict, path: str, title: str, window: int, target: Op
     return save_line_plot(fig, ax, path, "optimizer step", ylabel, title)
 
 
+def plot_gap_bands(series: dict, reference: str, path: str, title: str, window: int) -> str:
+    """series: {label: (steps, values[seed, step])}: each label's loss minus ``reference``'s at the same step and
+    seed (the same batch there), smoothed over ``window`` steps: the mean over seeds (bold) with its min-max band.
+    Below zero = below the reference. Shows *when* a method is ahead or behind, which one ratio cannot."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    ref_steps, ref = series[reference]
+    ax.axhline(0.0, color="gray", linestyle="--", linewidth=1, label=f"{reference} (reference)")
+    for i, (label, (steps, values)) in enumerate(series.items()):
+        if label == reference:
+            continue
+        n = min(values.shape[1], ref.shape[1])
+        sm = np.stack([smooth(d, window) for d in values[:, :n] - ref[:, :n]])
+        ax.plot(steps[:n], sm.mean(0), color=f"C{i}", linewidth=2,
+                label=f"{label} (smoothed {window}" + (f", mean of {len(values)} seeds)" if len(values) > 1 else ")"))
+        if len(values) > 1:
+            ax.fill_between(steps[:n], sm.min(0), sm.max(0), color=f"C{i}", alpha=0.15)
+    return save_line_plot(fig, ax, path, "optimizer step", f"training task loss minus {reference}'s, same batch",
+                          title)
+
+
 def plot_eval_points(series: dict, path: str, title: str, ylabel: str) -> str:
     """series: {label: {step: stats dict}}: the mean with a min-max error bar per checkpoint."""
     plt = _plt()

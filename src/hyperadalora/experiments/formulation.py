@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, convergence, curves, fmt_stat, markdown_table, output_dir, plot_loss_bands,
-                     primary_metric, report_header, run_index, run_variants, settings_of, single_task_setup,
-                     write_outputs)
+from .common import (as_options, convergence, curves, fmt_stat, gap_note, markdown_table, output_dir, plot_gap_bands,
+                     plot_loss_bands, primary_metric, report_header, run_index, run_variants, settings_of,
+                     single_task_setup, write_outputs)
 
 NAME = "formulation"
 DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -84,6 +84,18 @@ VARIANTS = {
                      "feature_dim 4)"),
     "default": ({"hyper": dict(DEFAULT)},
                 "the library default: split-width8 with 4-wide per-row embeddings mapped to the width 8"),
+    "default-rows10": ({"hyper": {**DEFAULT, "feature_lr_ratio": 10.0}},
+                       "the default with the per-row embeddings at 10x the learning rate (not 30x)"),
+    "default-body3": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0}},
+                      "the default with the hypernetwork bodies (and module / rank embeddings) at 3x"),
+    "default-body3-rows10": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 10.0}},
+                             "the default with the bodies at 3x and the per-row embeddings at 10x"),
+    "default-body10": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 10.0}},
+                       "the default with the hypernetwork bodies (and module / rank embeddings) at 10x"),
+    "default-rows100": ({"hyper": {**DEFAULT, "feature_lr_ratio": 100.0}},
+                        "the default with the per-row embeddings at 100x the learning rate (not 30x)"),
+    "default-body3-rows100": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 100.0}},
+                              "the default with the hypernetwork bodies at 3x and the per-row embeddings at 100x"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
@@ -135,13 +147,16 @@ def run_formulation(opts=None) -> dict:
                           f"HyperAdaLoRA formulations vs AdaLoRA on {task} ({steps} steps)", window,
                           conv["target_loss"]["mean"],
                           {label: conv["methods"][label]["steps_to_target"]["mean"] for label in labels})
+    gap_png = plot_gap_bands(series, "adalora", os.path.join(out, "loss_gap.png"),
+                             f"Loss gap to AdaLoRA on {task}, same batches ({steps} steps)", window)
     rows = []
     for label in labels:
         m = conv["methods"][label]
         h = health[label]
         rows.append([f"`{label}`", VARIANTS[label][1], fmt_stat(m["final_smoothed_task_loss"]),
                      fmt_stat(m["steps_to_target"], "{:.1f}"), fmt_stat(m["steps_ratio"], "{:.2f}"),
-                     fmt_stat(m["time_ratio"], "{:.2f}"), fmt_stat(m.get(f"dev_{metric}")),
+                     fmt_stat(m["time_ratio"], "{:.2f}"), fmt_stat(m.get("loss_gap"), "{:.4f}"),
+                     fmt_stat(m.get("steps_below"), "{:.2f}"), fmt_stat(m.get(f"dev_{metric}")),
                      fmt_stat(m["median_step_s"], "{:.3f}"),
                      "-" if h["max_orth_penalty"] is None else f"{h['max_orth_penalty']:.3g}",
                      "-" if h["max_gen_norm"] is None else f"{h['max_gen_norm']:.3g}"])
@@ -149,6 +164,7 @@ def run_formulation(opts=None) -> dict:
                "args": base, "variants": {label: {"overrides": VARIANTS[label][0], "what": VARIANTS[label][1]}
                                           for label in labels},
                "convergence": conv, "health": health, "plot": os.path.basename(png),
+               "gap_plot": os.path.basename(gap_png),
                "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
                "runs": run_index(runs)}
     settings = settings_of(base)
@@ -157,12 +173,14 @@ def run_formulation(opts=None) -> dict:
         "HyperAdaLoRA formulations vs AdaLoRA", command, env, settings,
         "Every HyperAdaLoRA formulation we tried, each against peft's AdaLoRA with the same seeds, data order, "
         "learning rate, budget schedule and steps. Target: AdaLoRA's final smoothed training task loss; "
-        "ratios are variant / AdaLoRA (below 1 = faster). A ratio of n/a means the variant never reached the target.")
+        "ratios are variant / AdaLoRA (below 1 = faster). A ratio of n/a means the variant never reached the target. "
+        + gap_note(window))
     lines += ["## Summary", "",
               f"Target: AdaLoRA's final smoothed training task loss = {fmt_stat(conv['target_loss'])} "
               f"(window {window}).", "",
               markdown_table(["variant", "what it changes", "final smoothed loss", "steps to target", "steps ratio",
-                              "time ratio", f"dev {metric}", "median step (s)", "max orth penalty",
+                              "time ratio", "loss gap, same batches", "steps below AdaLoRA's loss",
+                              f"dev {metric}", "median step (s)", "max orth penalty",
                               "max generated norm"], rows), "",
-              "![loss curves](loss_curves.png)", "", FULL_SIZE]
+              "![loss curves](loss_curves.png)", "", "![loss gap to AdaLoRA](loss_gap.png)", "", FULL_SIZE]
     return write_outputs(out, results, lines)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 
-from .common import (as_options, gap_note, available_tasks, base_args, command_line, convergence, convergence_table, curves,
-                     environment, eval_by_step, fmt_stat, markdown_table, output_dir, pick, plot_eval_points,
-                     plot_loss_bands, primary_metric, report_header, run_variants, seed_list, settings_of, stats,
-                     window_for, write_outputs)
+from .common import (as_options, available_tasks, base_args, command_line, convergence, convergence_table, curves,
+                     environment, eval_by_step, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_eval_points,
+                     plot_gap_bands, plot_loss_bands, primary_metric, report_header, run_variants, seed_list,
+                     settings_of, stats, window_for, write_outputs)
 
 NAME = "nlu-convergence"
 TASKS = ("rte", "wnli", "sst2", "mnli")
@@ -75,11 +75,13 @@ def run_nlu_convergence(opts=None) -> dict:
         seeds_note = f", {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}"
         loss_png = plot_loss_bands(series, os.path.join(out, f"loss_{task}.png"),
                                    f"{task}: training task loss ({steps} steps{seeds_note})", window, target, marks)
+        gap_png = plot_gap_bands(series, "adalora", os.path.join(out, f"gap_{task}.png"),
+                                 f"{task}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{seeds_note}", window)
         dev_png = plot_eval_points(dev, os.path.join(out, f"dev_{task}.png"),
                                    f"{task}: dev {metric} at checkpoints{seeds_note}", f"dev {metric}")
         results["tasks"][task] = {
             "args": base, "metric": metric, "convergence": conv, "dev_at_checkpoints": dev,
-            "plots": [os.path.basename(loss_png), os.path.basename(dev_png)],
+            "plots": [os.path.basename(loss_png), os.path.basename(gap_png), os.path.basename(dev_png)],
             "curves": {label: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for label, (s, v) in series.items()},
             "runs": {str(seed): {label: {"output_dir": r["args"].output_dir, "summary": {
                 k: r["summary"].get(k) for k in ("final_eval", "train_time_s", "wall_time_s", "median_step_s",
@@ -101,7 +103,8 @@ def run_nlu_convergence(opts=None) -> dict:
                      f"{fmt_stat(conv['target_loss'])}.", "",
                      convergence_table(conv, metric_keys), "",
                      f"Dev {metric} at checkpoints (step {steps} = the end of training):", "", dev_table, "",
-                     f"![{task} loss]({os.path.basename(loss_png)})", "", f"![{task} dev]({os.path.basename(dev_png)})",
+                     f"![{task} loss]({os.path.basename(loss_png)})", "",
+                     f"![{task} loss gap]({os.path.basename(gap_png)})", "", f"![{task} dev]({os.path.basename(dev_png)})",
                      ""]
     settings = settings_of(base, "model", "max_steps", "batch_size", "lr", "max_length", "init_r", "target_r", "tinit",
                            "tfinal", "deltaT", "orth_reg_weight", "eval_every", "max_train_examples",
