@@ -185,6 +185,7 @@ def test_cli_demo_compares_both_methods_side_by_side(tmp_path, tokenizer, capsys
     assert len(result["curves"]["hyperadalora"]) == 12
     report = (out / "report.md").read_text()
     assert "| hyperadalora |" in report and "ratio (90%)" in report
+    assert "lr 0.001, batch 8, max_length 16, 12 steps" in report  # the shared settings are stated
     assert (out / result["plot"]).is_file()
     assert "| adalora |" in capsys.readouterr().out
     # peft's AdaLoRA adapter reloads in peft, layers pruned to rank 0 included

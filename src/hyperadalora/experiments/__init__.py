@@ -85,7 +85,14 @@ def compare(base: TrainArgs, variants: dict, output_dir: str, reference: Optiona
                    "curves": {k: [[r["step"], round(r["task_loss"], 5)] for r in v["rows"]] for k, v in runs.items()}})
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    report = [f"# {title or 'Comparison'}", "", f"Command: `{command}`" if command else "",
+    a = result["args"]
+    settings = (f"Settings (every method): model {a['model'] or 'default'}, lr {a['lr']:g}, batch {a['batch_size']}, "
+                f"max_length {a['max_length']}, {a['max_steps']} steps, init_r {a['init_r']} -> target_r "
+                f"{a['target_r']}, seed {a['seed']}; the same batches in the same order. One shared learning rate: "
+                "HyperAdaLoRA's head start is largest where that lr is small for AdaLoRA (with AdaLoRA at about 3x "
+                "the lr the two converged alike on SST-2 and this demo's task, `docs/method.md`), so compare at "
+                "more than one `--lr` before drawing conclusions.")
+    report = [f"# {title or 'Comparison'}", "", f"Command: `{command}`" if command else "", "", settings,
               "", f"Target loss: {reference}'s final smoothed training loss = {result['target_loss']:.4f} "
               f"(trailing mean over {SMOOTH_WINDOW} steps)" + (
                   f"; 90% of its drop: {result['target_90']:.4f}." if result.get("target_90") is not None else
