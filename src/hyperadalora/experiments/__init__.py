@@ -90,8 +90,8 @@ def compare(base: TrainArgs, variants: dict, output_dir: str, reference: Optiona
                 f"max_length {a['max_length']}, {a['max_steps']} steps, init_r {a['init_r']} -> target_r "
                 f"{a['target_r']}, seed {a['seed']}; the same batches in the same order. One shared learning rate: "
                 "HyperAdaLoRA's head start is largest where that lr is small for AdaLoRA (with AdaLoRA at about 3x "
-                "the lr the two converged alike on SST-2 and this demo's task, `docs/method.md`), so compare at "
-                "more than one `--lr` before drawing conclusions.")
+                "the lr the two converged alike on SST-2 and the demo's sentiment task, `docs/method.md`), so "
+                "compare at more than one `--lr` before drawing conclusions.")
     report = [f"# {title or 'Comparison'}", "", f"Command: `{command}`" if command else "", "", settings,
               "", f"Target loss: {reference}'s final smoothed training loss = {result['target_loss']:.4f} "
               f"(trailing mean over {SMOOTH_WINDOW} steps)" + (
