@@ -639,7 +639,7 @@ def plot_gap_bands(series: dict, reference: str, path: str, title: str, window: 
     Below zero = below the reference. Shows *when* a method is ahead or behind, which one ratio cannot."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    ref_steps, ref = series[reference]
+    ref = series[reference][1]
     ax.axhline(0.0, color="gray", linestyle="--", linewidth=1, label=f"{reference} (reference)")
     for i, (label, (steps, values)) in enumerate(series.items()):
         if label == reference:
