@@ -175,7 +175,8 @@ def build_adapter_model(args: TrainArgs, model, task_type: str):
     """Wrap ``model`` with the method's adapter. Returns (wrapped model, allocate(step) callable or None)."""
     with warnings.catch_warnings():
         # peft's PeftModel reads transformers 5's deprecated ``is_gradient_checkpointing``: not the user's to fix.
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
         return _build_adapter_model(args, model, task_type)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from .common import (DEFAULT_ALPACA_FILE, as_options, gap_note, base_args, command_line, convergence, convergence_table, curves,
-                     environment, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands, report_header,
+from .common import (DEFAULT_ALPACA_FILE, as_options, base_args, command_line, convergence, convergence_table, curves,
+                     environment, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_loss_bands, report_header,
                      repo_path, run_variants, seed_list, settings_of, stats, window_for, write_outputs)
 
 NAME = "nlg"

@@ -104,7 +104,8 @@ def run_nlu_convergence(opts=None) -> dict:
                      convergence_table(conv, metric_keys), "",
                      f"Dev {metric} at checkpoints (step {steps} = the end of training):", "", dev_table, "",
                      f"![{task} loss]({os.path.basename(loss_png)})", "",
-                     f"![{task} loss gap]({os.path.basename(gap_png)})", "", f"![{task} dev]({os.path.basename(dev_png)})",
+                     f"![{task} loss gap]({os.path.basename(gap_png)})", "",
+                     f"![{task} dev]({os.path.basename(dev_png)})",
                      ""]
     settings = settings_of(base, "model", "max_steps", "batch_size", "lr", "max_length", "init_r", "target_r", "tinit",
                            "tfinal", "deltaT", "orth_reg_weight", "eval_every", "max_train_examples",
