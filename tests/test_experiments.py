@@ -407,8 +407,9 @@ def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(nlg, "DEFAULT_ALPACA_FILE", "no/such/file.json")   # hermetic: only the tiny file
     res = run_experiment("nlg", tiny(tmp_path, model=str(model_dir), data_path=[str(data_file)], steps=5,
                                      batch_size=4, max_length=32, max_eval_examples=2))
-    report, data = check_outputs(res)
+    report, data = check_outputs(res, n_png=2)
     ds = data["datasets"]["tiny_alpaca"]
+    assert ds["gap_plot"] == "gap_tiny_alpaca.png" and "(gap_tiny_alpaca.png)" in report
     for m in ("adalora", "hyperadalora"):
         ev = ds["runs"]["0"][m]["final_eval"]
         assert "bleu4" in ev and "rouge1" in ev and ev["n_generated"] == 2

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 
 from .common import (DEFAULT_ALPACA_FILE, as_options, base_args, command_line, convergence, convergence_table, curves,
-                     environment, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_loss_bands, report_header,
-                     repo_path, run_variants, seed_list, settings_of, stats, window_for, write_outputs)
+                     environment, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_gap_bands, plot_loss_bands,
+                     report_header, repo_path, run_variants, seed_list, settings_of, stats, window_for, write_outputs)
 
 NAME = "nlg"
 DEFAULTS = dict(steps=50, batch_size=4, lr=1e-3, max_length=256, max_eval_examples=16, gen_eval_examples=16,
@@ -88,9 +88,12 @@ def run_nlg(opts=None) -> dict:
         png = plot_loss_bands(series, os.path.join(out, f"loss_{label}.png"),
                               f"{label}: training loss ({steps} steps)", window, conv["target_loss"]["mean"],
                               {m: conv["methods"][m]["steps_to_target"]["mean"] for m in METHODS})
+        seeds_note = f", {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}"
+        gap_png = plot_gap_bands(series, "adalora", os.path.join(out, f"gap_{label}.png"),
+                                 f"{label}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{seeds_note}", window)
         results["datasets"][label] = {
             "data_path": path, "args": base, "convergence": conv, "train_time_ratio": train_ratio,
-            "plot": os.path.basename(png),
+            "plot": os.path.basename(png), "gap_plot": os.path.basename(gap_png),
             "curves": {m: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for m, (s, v) in series.items()},
             "runs": {str(seed): {m: {"output_dir": r["args"].output_dir, "final_eval": r["summary"]["final_eval"],
                                      "train_time_s": r["summary"]["train_time_s"],
@@ -119,7 +122,8 @@ def run_nlg(opts=None) -> dict:
                                      "loss gap to AdaLoRA, same batches", "steps below AdaLoRA's loss"], rows),
                      "", f"Total training time HyperAdaLoRA / AdaLoRA: {fmt_stat(train_ratio, '{:.3f}')}.", "",
                      "All convergence numbers:", "", convergence_table(conv), "",
-                     f"![{label} loss]({os.path.basename(png)})", ""]
+                     f"![{label} loss]({os.path.basename(png)})", "",
+                     f"![{label} loss gap to AdaLoRA]({os.path.basename(gap_png)})", ""]
     settings = settings_of(base, "model", "max_steps", "batch_size", "lr", "max_length", "init_r", "target_r", "tinit",
                            "tfinal", "deltaT", "orth_reg_weight", "max_eval_examples", "gen_eval_examples",
                            "max_new_tokens")
