@@ -6,7 +6,7 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
@@ -175,3 +175,66 @@ def test_wrapped_model_is_unwrapped():
     model(**{k: v.unsqueeze(0) for k, v in TinyDataset()[0].items()}).loss.backward()
     cb.on_optimizer_step(None, State(), None, model=Wrapper(model))
     assert cb.calls == 1 and model.allocator.last_step == 1
+
+
+# ------------------------------------------------------------------------------------------ the hypernetworks' lr
+def test_plain_trainer_optimizer_is_flagged(tmp_path):
+    # Trainer's default optimizer puts the row embeddings at the run's lr, not feature_lr_ratio (30) x lr
+    model = ha.get_peft_model(make_bert(num_layers=1), hyper_config())
+    with pytest.warns(UserWarning, match=r"no parameter group for the hypernetworks' feature_embeddings at 30x the "
+                                         r"learning rate.*HyperAdaLoraTrainer"):
+        make_trainer(model, tmp_path, ha.RankAllocationCallback()).train()
+
+
+class LrSpy(TrainerCallback):
+    """The lr of every named group as the optimizer step uses it."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append({g.get("name"): g["lr"] for g in optimizer.param_groups})
+
+
+def test_hyperadalora_trainer_builds_the_hypernetwork_groups_and_their_schedule(tmp_path):
+    from hyperadalora.generator import feature_lr_multiplier
+
+    model = ha.get_peft_model(make_bert(num_layers=1), hyper_config(feature_lr_ratio_final=3.0))
+    spy = LrSpy()
+    kw = dict(output_dir=str(tmp_path), max_steps=MAX_STEPS, per_device_train_batch_size=4, report_to=[],
+              use_cpu=True, save_strategy="no", logging_strategy="no", remove_unused_columns=False,
+              disable_tqdm=True, learning_rate=1e-3, seed=0, dataloader_num_workers=0, gradient_accumulation_steps=2)
+    trainer = ha.HyperAdaLoraTrainer(model=model, args=TrainingArguments(**kw), train_dataset=TinyDataset(),
+                                     callbacks=[spy])
+    assert sum(isinstance(cb, ha.RankAllocationCallback) for cb in trainer.callback_handler.callbacks) == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no parameter group.*")
+        trainer.train()
+    assert {g["name"] for g in trainer.optimizer.param_groups} >= {"hypernetworks", "feature_embeddings",
+                                                                     "modules_to_save"}
+    assert len(spy.lrs) == MAX_STEPS
+    for step, lrs in enumerate(spy.lrs):  # the Trainer's linear decay on every group, the rows' schedule on top
+        expected = 30.0 * feature_lr_multiplier(model.peft_config, step, MAX_STEPS)
+        assert lrs["feature_embeddings"] / lrs["hypernetworks"] == pytest.approx(expected)
+        assert lrs["modules_to_save"] == pytest.approx(lrs["hypernetworks"])
+    assert spy.lrs[-1]["feature_embeddings"] / spy.lrs[-1]["hypernetworks"] == pytest.approx(3.0)
+    assert model.total_rank == 1 * model.n_layers            # rank allocation ran (callback added by the trainer)
+
+
+def test_hyperadalora_trainer_runs_generated_methods_and_peft_adalora(tmp_path):
+    hyper = ha.get_peft_model(make_bert(num_layers=1), ha.HyperLoraConfig(r=2, target_modules=["query", "value"],
+                                                                          task_type="SEQ_CLS", hypernet="mlp"))
+    trainer = ha.HyperAdaLoraTrainer(model=hyper, args=make_trainer(hyper, tmp_path / "a", LrSpy()).args,
+                                     train_dataset=TinyDataset())
+    kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert ha.HypernetworkLrCallback in kinds and ha.RankAllocationCallback not in kinds
+    trainer.train()
+    assert "feature_embeddings" in {g.get("name") for g in trainer.optimizer.param_groups}
+
+    config = peft.AdaLoraConfig(init_r=3, target_r=1, total_step=MAX_STEPS, tinit=2, tfinal=3, deltaT=2,
+                                target_modules=["query", "value"], task_type="SEQ_CLS", lora_alpha=8)
+    adalora = peft.get_peft_model(make_bert(num_layers=1), config)
+    trainer = ha.HyperAdaLoraTrainer(model=adalora, args=make_trainer(adalora, tmp_path / "b", LrSpy()).args,
+                                     train_dataset=TinyDataset())
+    trainer.train()  # peft's AdaLoRA: Trainer's own optimizer, rank allocation by the added callback
+    assert adalora.peft_config["default"].rank_pattern

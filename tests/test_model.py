@@ -390,6 +390,21 @@ def test_feature_lr_ratio_gives_the_row_embeddings_their_own_optimizer_group(ber
         ha.HyperAdaLoraConfig(feature_lr_ratio=0)
 
 
+def test_feature_lr_ratio_final_is_validated_and_sets_a_geometric_schedule():
+    from hyperadalora.generator import feature_lr_multiplier
+
+    with pytest.raises(ValueError, match=r"feature_lr_ratio_final=0.0 must be > 0"):
+        ha.HyperAdaLoraConfig(feature_lr_ratio_final=0)
+    with pytest.raises(TypeError, match=r"feature_lr_ratio_final must be a number or None"):
+        ha.HyperAdaLoraConfig(feature_lr_ratio_final="fast")
+    c = ha.HyperAdaLoraConfig(feature_lr_ratio=30.0, feature_lr_ratio_final=3)
+    assert c.feature_lr_ratio_final == 3.0
+    assert feature_lr_multiplier(c, 0, 101) == pytest.approx(1.0)
+    assert feature_lr_multiplier(c, 50, 101) == pytest.approx(0.1 ** 0.5)     # half way: the geometric mean
+    assert feature_lr_multiplier(c, 100, 101) == pytest.approx(0.1)           # 30x -> 3x at the last step
+    assert feature_lr_multiplier(ha.HyperAdaLoraConfig(), 100, 101) == 1.0    # None: constant
+
+
 def test_feature_dim_is_validated():
     with pytest.raises(ValueError, match=r"feature_dim=0 must be >= 1 \(or None: hypernet_dim\)"):
         ha.HyperAdaLoraConfig(feature_dim=0)

@@ -33,6 +33,26 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
+def test_row_embedding_lr_follows_its_schedule(tmp_path, tokenizer):
+    # feature_lr_ratio 30 -> feature_lr_ratio_final 1, geometrically, on top of the run's linear decay
+    args = TrainArgs(method="hyperadalora", task="sst2", max_steps=5, batch_size=8, lr=1e-3, max_length=16, seed=0,
+                     output_dir=str(tmp_path / "run"), progress=False, tinit=1, tfinal=1, deltaT=1,
+                     hyper={"feature_lr_ratio": 30.0, "feature_lr_ratio_final": 1.0})
+    summary = train(args, model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
+                    train_examples=toy_examples(64), eval_examples=toy_examples(8, seed=1))
+    rows, _ = read_metrics(summary["metrics"])
+    for i, row in enumerate(rows):
+        decay = (5 - i) / 5                                  # the run's linear schedule at 0-based step i
+        assert row["lr"] == pytest.approx(1e-3 * decay)      # the bodies: no schedule of their own
+        assert row["lr_rows"] == pytest.approx(1e-3 * decay * 30.0 * (1 / 30.0) ** (i / 4))
+    assert summary["hypernetwork_options"]["feature_lr_ratio_final"] == 1.0
+    constant = train(TrainArgs(**{**args.__dict__, "output_dir": str(tmp_path / "constant"), "hyper": {}}),
+                     model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
+                     train_examples=toy_examples(64), eval_examples=toy_examples(8, seed=1))
+    rows, _ = read_metrics(constant["metrics"])
+    assert [r["lr_rows"] for r in rows] == pytest.approx([r["lr"] * 30.0 for r in rows])
+
+
 @pytest.mark.parametrize("method", ["hyperadalora", "adalora", "lora"])
 def test_short_run_lowers_the_loss(tmp_path, tokenizer, method):
     # AdaLoRA and HyperAdaLoRA (increment_scale='width') start from lambda = 0 and move it by ~lr per step: they need

@@ -2,7 +2,7 @@
 hypernetwork-generated LoRA, DoRA and HydraLoRA (`hyperadalora.methods`)."""
 
 from .allocator import RankAllocator, budget_at
-from .callbacks import RankAllocationCallback
+from .callbacks import HyperAdaLoraTrainer, HypernetworkLrCallback, RankAllocationCallback
 from .config import HyperAdaLoraConfig
 from .hypernet import Hypernetwork
 from .layer import SVDLinear
@@ -14,5 +14,6 @@ from .methods import (GeneratedAdapterModel, HydraLoraConfig, HyperDoraConfig, H
 __version__ = "0.1.0"
 
 __all__ = ["HyperAdaLoraConfig", "HyperAdaLoraModel", "get_peft_model", "load_adapter", "RankAllocationCallback",
+           "HypernetworkLrCallback", "HyperAdaLoraTrainer",
            "RankAllocator", "budget_at", "Hypernetwork", "SVDLinear", "find_target_modules", "GeneratedAdapterModel",
            "HyperLoraConfig", "HyperDoraConfig", "HydraLoraConfig", "HyperHydraLoraConfig", "__version__"]

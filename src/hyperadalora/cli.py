@@ -46,6 +46,9 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),
     "feature_lr_ratio": (lambda v: _optional(v, float, "--feature-lr-ratio"),
                          "row-embedding lr / lr (default 30; none: hypernet_lr_ratio)"),
+    "feature_lr_ratio_final": (lambda v: _optional(v, float, "--feature-lr-ratio-final"),
+                               "row-embedding lr / lr at the last step, reached geometrically (default none: "
+                               "constant)"),
     "init": (str, "orthonormal | principal | normal"),
     "identity": (lambda v: _optional(v, str, "--identity"),
                  "zero_output | offset (static generation) | none (the generation's default)"),

@@ -241,6 +241,18 @@ class RoleGenerator(nn.Module):
         return [outs[g][pos] for g, pos in self.layer_slot]
 
 
+def feature_lr_multiplier(cfg, step: int, total_steps: int) -> float:
+    """Factor on the row embeddings' lr at 0-based optimizer step ``step`` of ``total_steps``: their ratio moves
+    geometrically from ``feature_lr_ratio`` at step 0 to ``feature_lr_ratio_final`` at the last step (1.0 when
+    ``feature_lr_ratio_final`` is None). Applied on top of the run's own lr schedule."""
+    final = getattr(cfg, "feature_lr_ratio_final", None)
+    start = cfg.feature_lr_ratio if cfg.feature_lr_ratio is not None else cfg.hypernet_lr_ratio
+    if final is None or total_steps is None or total_steps <= 1:
+        return 1.0
+    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return (final / start) ** frac
+
+
 def hypernetwork_param_groups(generators: nn.ModuleDict, cfg, lr: float, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer groups of the hypernetworks: their bodies (and module / position embeddings) at
     ``lr * hypernet_lr_ratio``; the row embeddings of context 'feature' / 'layer_feature', which hold one code

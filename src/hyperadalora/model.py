@@ -10,7 +10,7 @@ Training step, as with peft's AdaLoRA::
 
 `update_and_allocate` also commits the recurrent state. If nobody calls it, the model notices that the
 hypernetworks were updated (parameter versions) at the next forward, commits the state itself and warns
-once that rank allocation is not running (peft #1327): use `RankAllocationCallback` with a `Trainer`.
+once that rank allocation is not running (peft #1327): use `HyperAdaLoraTrainer`, or `RankAllocationCallback` with a `Trainer`.
 """
 
 from __future__ import annotations
@@ -251,8 +251,8 @@ class HyperAdaLoraModel(AdapterWrapper):
         if auto and not self._allocate_called and not self._warned_no_allocate:
             warnings.warn("HyperAdaLoRA: the hypernetworks were updated but update_and_allocate() was not called: "
                           "the rank budget is not being allocated. Call model.update_and_allocate(step) after "
-                          "optimizer.step(), or add hyperadalora.RankAllocationCallback() to your Trainer.",
-                          stacklevel=3)
+                          "optimizer.step(), train with hyperadalora.HyperAdaLoraTrainer, or add "
+                          "hyperadalora.RankAllocationCallback() to your Trainer.", stacklevel=3)
             self._warned_no_allocate = True
         for role in self.ROLES:
             self.generators[role].commit(self._pending[role], self.peft_config.momentum)

@@ -96,6 +96,12 @@ VARIANTS = {
                         "the default with the per-row embeddings at 100x the learning rate (not 30x)"),
     "default-body3-rows100": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 100.0}},
                               "the default with the hypernetwork bodies at 3x and the per-row embeddings at 100x"),
+    "default-rows-decay1": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 1.0}},
+                            "the default with the per-row embeddings' ratio falling geometrically from 30x to 1x "
+                            "over the run"),
+    "default-rows-decay3": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 3.0}},
+                            "the default with the per-row embeddings' ratio falling geometrically from 30x to 3x "
+                            "over the run"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
