@@ -171,6 +171,8 @@ def test_cli_nullable_options_take_a_value_or_none(value, expected):
         cli.build_parser().parse_args(["train", "--feature-dim", "wide"])
     ns = cli.build_parser().parse_args(["train", "--identity", "none"])
     assert args_from_dict(cli.collect_options(ns)).hyper == {"identity": None}
+    ns = cli.build_parser().parse_args(["train", "--feature-lr-ratio-final", "3"])
+    assert args_from_dict(cli.collect_options(ns)).hyper == {"feature_lr_ratio_final": 3.0}
 
 
 def test_yaml_null_sets_a_nullable_hypernetwork_option_and_is_ignored_elsewhere():

@@ -102,6 +102,11 @@ VARIANTS = {
     "default-rows-decay3": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 3.0}},
                             "the default with the per-row embeddings' ratio falling geometrically from 30x to 3x "
                             "over the run"),
+    "default-orthonormal": ({"hyper": {**DEFAULT, "init": "orthonormal"}},
+                            "the default with P and Q seeded at random orthonormal columns (AdaLoRA's random start), "
+                            "not the frozen weight's top singular vectors"),
+    "default-nocenter": ({"hyper": {**DEFAULT, "center_increment": False}},
+                         "the default without removing the row (column) mean of the generated P (Q) increments"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
@@ -110,6 +115,8 @@ VARIANTS = {
                                   "split-width8 with 2-wide per-row embeddings mapped to the width 8 (memory)"),
     "default-lr3x": ({"hyper": dict(DEFAULT), "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
     "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
+    "default-rows-decay1-lr10x": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 1.0}, "lr_scale": 10.0},
+                                  "check: default-rows-decay1 at 10x the run's learning rate"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
                      "check: AdaLoRA itself at 3x the learning rate (is a larger step all it takes?)"),
     "adalora-lr10x": ({"method": "adalora", "lr_scale": 10.0},
