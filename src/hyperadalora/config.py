@@ -130,9 +130,9 @@ class HyperAdaLoraConfig:
                                                                                  "the end of the run: the ratio "
                                                                                  "moves geometrically from "
                                                                                  "feature_lr_ratio to this over "
-                                                                                 "total_step steps (on top of the "
-                                                                                 "run's own lr schedule). None: "
-                                                                                 "constant."})
+                                                                                 "the run's optimizer steps (on top "
+                                                                                 "of the run's own lr schedule). "
+                                                                                 "None: constant."})
     hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
                                                                          "in backward instead of storing them."})
     init: str = field(default="principal", metadata={"help": "Seed state of P and Q: 'orthonormal' (random), "
@@ -167,13 +167,14 @@ class HyperAdaLoraConfig:
             self.feature_lr_ratio = float(self.feature_lr_ratio)
             if self.feature_lr_ratio <= 0:
                 raise ValueError(f"feature_lr_ratio={self.feature_lr_ratio} must be > 0 (or None: hypernet_lr_ratio).")
-        if self.feature_lr_ratio_final is not None:
-            if isinstance(self.feature_lr_ratio_final, bool) or not isinstance(self.feature_lr_ratio_final, (int, float)):
-                raise TypeError(f"feature_lr_ratio_final must be a number or None, got {self.feature_lr_ratio_final!r}.")
-            self.feature_lr_ratio_final = float(self.feature_lr_ratio_final)
-            if self.feature_lr_ratio_final <= 0:
-                raise ValueError(f"feature_lr_ratio_final={self.feature_lr_ratio_final} must be > 0 (or None: the "
-                                 f"row embeddings keep feature_lr_ratio for the whole run).")
+        final = self.feature_lr_ratio_final
+        if final is not None:
+            if isinstance(final, bool) or not isinstance(final, (int, float)):
+                raise TypeError(f"feature_lr_ratio_final must be a number or None, got {final!r}.")
+            self.feature_lr_ratio_final = float(final)
+            if final <= 0:
+                raise ValueError(f"feature_lr_ratio_final={float(final)} must be > 0 (or None: the row embeddings "
+                                 f"keep feature_lr_ratio for the whole run).")
         if self.feature_dim is not None:
             if isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, int):
                 raise TypeError(f"feature_dim must be an integer or None, got {self.feature_dim!r}.")

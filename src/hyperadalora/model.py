@@ -10,7 +10,8 @@ Training step, as with peft's AdaLoRA::
 
 `update_and_allocate` also commits the recurrent state. If nobody calls it, the model notices that the
 hypernetworks were updated (parameter versions) at the next forward, commits the state itself and warns
-once that rank allocation is not running (peft #1327): use `HyperAdaLoraTrainer`, or `RankAllocationCallback` with a `Trainer`.
+once that rank allocation is not running (peft #1327): use `HyperAdaLoraTrainer`, or `RankAllocationCallback`
+with a `Trainer`.
 """
 
 from __future__ import annotations

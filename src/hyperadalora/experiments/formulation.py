@@ -107,6 +107,9 @@ VARIANTS = {
                             "not the frozen weight's top singular vectors"),
     "default-nocenter": ({"hyper": {**DEFAULT, "center_increment": False}},
                          "the default without removing the row (column) mean of the generated P (Q) increments"),
+    "default-sensitivity": ({"hyper": {**DEFAULT, "importance": "sensitivity"}},
+                            "the default with AdaLoRA's importance score (smoothed sensitivity of the generated "
+                            "lambda) in place of its magnitude"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
@@ -117,6 +120,11 @@ VARIANTS = {
     "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
     "default-rows-decay1-lr10x": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 1.0}, "lr_scale": 10.0},
                                   "check: default-rows-decay1 at 10x the run's learning rate"),
+    "adalora-fixed-rank": ({"method": "adalora", "init_r": 2, "target_r": 2},
+                           "check: AdaLoRA with init_r = target_r = 2 (nothing pruned)"),
+    "default-fixed-rank": ({"hyper": dict(DEFAULT), "init_r": 2, "target_r": 2},
+                           "check: the default with init_r = target_r = 2 (nothing pruned; compare with "
+                           "adalora-fixed-rank)"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
                      "check: AdaLoRA itself at 3x the learning rate (is a larger step all it takes?)"),
     "adalora-lr10x": ({"method": "adalora", "lr_scale": 10.0},
