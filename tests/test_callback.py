@@ -238,3 +238,12 @@ def test_hyperadalora_trainer_runs_generated_methods_and_peft_adalora(tmp_path):
                                      train_dataset=TinyDataset())
     trainer.train()  # peft's AdaLoRA: Trainer's own optimizer, rank allocation by the added callback
     assert adalora.peft_config["default"].rank_pattern
+
+
+def test_total_step_that_differs_from_the_trainers_steps_is_flagged(tmp_path):
+    model = ha.get_peft_model(make_bert(num_layers=1), hyper_config(total_step=MAX_STEPS * 10))
+    trainer = ha.HyperAdaLoraTrainer(model=model, args=make_trainer(model, tmp_path, LrSpy()).args,
+                                     train_dataset=TinyDataset())
+    with pytest.warns(UserWarning, match=rf"assumes total_step={MAX_STEPS * 10} optimizer steps, but the Trainer "
+                                         rf"will take {MAX_STEPS}.*Set total_step={MAX_STEPS}"):
+        trainer.train()

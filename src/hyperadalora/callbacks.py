@@ -38,6 +38,19 @@ def _allocating_model(model):
     return None
 
 
+def _total_step(model):
+    """The total_step the rank budget schedule of ``model`` was configured with, or None."""
+    from .model import HyperAdaLoraModel
+
+    model = _unwrap(model)
+    if isinstance(model, HyperAdaLoraModel):
+        return model.peft_config.total_step
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict):
+        return getattr(config.get(getattr(model, "active_adapter", "default")), "total_step", None)
+    return None
+
+
 def _hypernetwork_model(model):
     """The HyperAdaLoRA / generated-adapter model whose hypernetworks train (their own lr groups), or None."""
     from .methods import GeneratedAdapterModel
@@ -105,6 +118,13 @@ class RankAllocationCallback(HypernetworkLrCallback):
         if model is not None and _allocating_model(model) is None:
             raise ValueError("RankAllocationCallback needs a HyperAdaLoRA model or a peft AdaLoRA model; "
                              f"got {type(_unwrap(model)).__name__}.")
+        total = _total_step(model) if model is not None else None
+        max_steps = getattr(state, "max_steps", None)
+        if total is not None and max_steps and total != max_steps:
+            warnings.warn(f"The rank budget schedule assumes total_step={total} optimizer steps, but the Trainer will "
+                          f"take {max_steps}: the budget reaches its target at the wrong time. Set total_step="
+                          f"{max_steps} in the adapter config (or max_steps={total} in TrainingArguments).",
+                          stacklevel=2)
         super().on_train_begin(args, state, control, model=model, **kwargs)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
