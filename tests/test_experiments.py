@@ -17,6 +17,7 @@ from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experi
 from hyperadalora.experiments import common, nlg
 from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
 from hyperadalora.experiments.formulation import VARIANTS
+from hyperadalora.train import read_metrics
 
 POS = ["good", "great", "fine", "happy", "nice"]
 NEG = ["bad", "awful", "poor", "sad", "ugly"]
@@ -325,12 +326,16 @@ def test_gamma_tiny(tmp_path, tiny_bert_dir, glue_dir):
 
 def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
     opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=8)  # 3 steps after the 5-step window
-    opts.variants = ["paper", "offset+feature", "adalora-lr3x"]
+    opts.variants = ["paper", "offset+feature", "adalora-lr3x", "default-no-pruning"]
     res = run_experiment("formulation", opts)
     report, data = check_outputs(res, n_png=2)
     assert data["gap_plot"] == "loss_gap.png" and "](loss_gap.png)" in report
     methods = data["convergence"]["methods"]
-    assert list(methods) == ["adalora", "paper", "offset+feature", "adalora-lr3x"]  # the reference runs first
+    assert list(methods) == ["adalora", "paper", "offset+feature", "adalora-lr3x", "default-no-pruning"]  # reference 1st
+    summary = json.load(open(f"{tmp_path}/out/seed0/default-no-pruning/summary.json"))
+    assert (summary["args"]["tinit"], summary["args"]["tfinal"]) == (7, 0)   # NO_PRUNING: the run's steps - 1
+    rows, _ = read_metrics(summary["metrics"])
+    assert len({r["total_rank"] for r in rows[:-1]}) == 1                    # no rank pruned before the last step
     lrs = {label: json.load(open(f"{tmp_path}/out/seed0/{label}/summary.json"))["args"]["lr"]
            for label in ("adalora", "adalora-lr3x")}
     assert lrs["adalora-lr3x"] == pytest.approx(3 * lrs["adalora"])         # lr_scale is relative to --lr

@@ -35,6 +35,8 @@ CNN_LR10 = {**CENTRED, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}  # the defa
 SPLIT = {**CNN_LR10, "hypernet_lr_ratio": 1.0, "feature_lr_ratio": 30.0}  # the default until hypernet_dim 8
 WIDTH8 = {**SPLIT, "hypernet_dim": 8, "feature_dim": None}  # the default until feature_dim 4
 DEFAULT = {**WIDTH8, "feature_dim": 4}  # = HyperAdaLoraConfig's defaults
+NO_PRUNING = object()  # a variant's tinit: the run's steps - 1 (with tfinal 0 and a huge deltaT nothing is pruned)
+
 VARIANTS = {
     "adalora": ({"method": "adalora"}, "peft's AdaLoRA: the reference"),
     "paper": ({"hyper": dict(PAPER)},
@@ -120,11 +122,12 @@ VARIANTS = {
     "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
     "default-rows-decay1-lr10x": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 1.0}, "lr_scale": 10.0},
                                   "check: default-rows-decay1 at 10x the run's learning rate"),
-    "adalora-fixed-rank": ({"method": "adalora", "init_r": 2, "target_r": 2},
-                           "check: AdaLoRA with init_r = target_r = 2 (nothing pruned)"),
-    "default-fixed-rank": ({"hyper": dict(DEFAULT), "init_r": 2, "target_r": 2},
-                           "check: the default with init_r = target_r = 2 (nothing pruned; compare with "
-                           "adalora-fixed-rank)"),
+    # no pruning: the budget phase starts at the last step and masks only every 10**6 steps (peft's AdaLoRA refuses
+    # init_r == target_r: kthvalue with k = 0)
+    "adalora-no-pruning": ({"method": "adalora", "tinit": NO_PRUNING, "tfinal": 0, "deltaT": 10 ** 6},
+                           "check: AdaLoRA keeping all init_r ranks (no rank is pruned during the run)"),
+    "default-no-pruning": ({"hyper": dict(DEFAULT), "tinit": NO_PRUNING, "tfinal": 0, "deltaT": 10 ** 6},
+                           "check: the default keeping all init_r ranks (compare with adalora-no-pruning)"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
                      "check: AdaLoRA itself at 3x the learning rate (is a larger step all it takes?)"),
     "adalora-lr10x": ({"method": "adalora", "lr_scale": 10.0},
@@ -143,6 +146,11 @@ hyperadalora experiment formulation --model /path/to/roberta-base --data-dir /pa
 """
 
 
+def _resolve(overrides: dict, steps: int) -> dict:
+    """A variant's overrides for a run of ``steps`` steps (NO_PRUNING: the budget phase starts at the last step)."""
+    return {k: (steps - 1 if v is NO_PRUNING else v) for k, v in overrides.items()}
+
+
 def run_formulation(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
@@ -154,7 +162,7 @@ def run_formulation(opts=None) -> dict:
     if unknown:
         raise ValueError(f"formulation: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
     labels = ["adalora"] + [v for v in chosen if v != "adalora"]
-    variants = {label: VARIANTS[label][0] for label in labels}
+    variants = {label: _resolve(VARIANTS[label][0], steps) for label in labels}
     runs = run_variants(base, variants, out, seeds, reuse=opts.reuse)
     conv = convergence(runs, window, reference="adalora")
     metric = primary_metric(runs[seeds[0]]["adalora"]["summary"]["final_eval"]) or "accuracy"
