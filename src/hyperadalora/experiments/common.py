@@ -633,6 +633,11 @@ def plot_loss_bands(series: dict, path: str, title: str, window: int, target: Op
     return save_line_plot(fig, ax, path, "optimizer step", ylabel, title)
 
 
+def seeds_note(seeds) -> str:
+    """The seeds of a plot, for its title: ', 2 seeds' or ', seed 0'."""
+    return f", {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}"
+
+
 def plot_gap_bands(series: dict, reference: str, path: str, title: str, window: int) -> str:
     """series: {label: (steps, values[seed, step])}: each label's loss minus ``reference``'s at the same step and
     seed (the same batch there), smoothed over ``window`` steps: the mean over seeds (bold) with its min-max band.

@@ -17,7 +17,8 @@ import numpy as np
 
 from .common import (_plt, as_options, available_tasks, base_args, command_line, convergence, convergence_table,
                      curves, environment, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands,
-                     primary_metric, report_header, run_variants, seed_list, settings_of, window_for, write_outputs)
+                     primary_metric, report_header, run_variants, seed_list, seeds_note, settings_of, window_for,
+                     write_outputs)
 
 NAME = "extension"
 TASKS = ("rte", "sst2")
@@ -113,9 +114,9 @@ def run_extension(opts=None) -> dict:
             conv = convergence(sub, window, reference=b)
             series = {label: curves(sub, label) for label in (b, h)}
             marks = {label: conv["methods"][label]["steps_to_target"]["mean"] for label in (b, h)}
-            seeds_note = f", {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}"
+            note = seeds_note(seeds)
             png = plot_loss_bands(series, os.path.join(out, f"loss_{task}_{b}.png"),
-                                  f"{task}: {b} vs {h}, training task loss ({steps} steps{seeds_note})", window,
+                                  f"{task}: {b} vs {h}, training task loss ({steps} steps{note})", window,
                                   conv["target_loss"]["mean"], marks)
             mb, mh = conv["methods"][b], conv["methods"][h]
             task_result["pairs"][f"{b}/{h}"] = {

@@ -13,7 +13,8 @@ import os
 
 from .common import (DEFAULT_ALPACA_FILE, as_options, base_args, command_line, convergence, convergence_table, curves,
                      environment, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_gap_bands, plot_loss_bands,
-                     report_header, repo_path, run_variants, seed_list, settings_of, stats, window_for, write_outputs)
+                     report_header, repo_path, run_variants, seed_list, seeds_note, settings_of, stats, window_for,
+                     write_outputs)
 
 NAME = "nlg"
 DEFAULTS = dict(steps=50, batch_size=4, lr=1e-3, max_length=256, max_eval_examples=16, gen_eval_examples=16,
@@ -88,9 +89,9 @@ def run_nlg(opts=None) -> dict:
         png = plot_loss_bands(series, os.path.join(out, f"loss_{label}.png"),
                               f"{label}: training loss ({steps} steps)", window, conv["target_loss"]["mean"],
                               {m: conv["methods"][m]["steps_to_target"]["mean"] for m in METHODS})
-        seeds_note = f", {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}"
+        note = seeds_note(seeds)
         gap_png = plot_gap_bands(series, "adalora", os.path.join(out, f"gap_{label}.png"),
-                                 f"{label}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{seeds_note}", window)
+                                 f"{label}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{note}", window)
         results["datasets"][label] = {
             "data_path": path, "args": base, "convergence": conv, "train_time_ratio": train_ratio,
             "plot": os.path.basename(png), "gap_plot": os.path.basename(gap_png),

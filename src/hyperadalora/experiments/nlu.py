@@ -15,7 +15,7 @@ import os
 from .common import (as_options, available_tasks, base_args, command_line, convergence, convergence_table, curves,
                      environment, eval_by_step, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_eval_points,
                      plot_gap_bands, plot_loss_bands, primary_metric, report_header, run_variants, seed_list,
-                     settings_of, stats, window_for, write_outputs)
+                     seeds_note, settings_of, stats, window_for, write_outputs)
 
 NAME = "nlu-convergence"
 TASKS = ("rte", "wnli", "sst2", "mnli")
@@ -72,13 +72,13 @@ def run_nlu_convergence(opts=None) -> dict:
         series = {label: curves(runs, label) for label in METHODS}
         marks = {label: conv["methods"][label]["steps_to_target"]["mean"] for label in METHODS}
         target = conv["target_loss"]["mean"]
-        seeds_note = f", {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}"
+        note = seeds_note(seeds)
         loss_png = plot_loss_bands(series, os.path.join(out, f"loss_{task}.png"),
-                                   f"{task}: training task loss ({steps} steps{seeds_note})", window, target, marks)
+                                   f"{task}: training task loss ({steps} steps{note})", window, target, marks)
         gap_png = plot_gap_bands(series, "adalora", os.path.join(out, f"gap_{task}.png"),
-                                 f"{task}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{seeds_note}", window)
+                                 f"{task}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{note}", window)
         dev_png = plot_eval_points(dev, os.path.join(out, f"dev_{task}.png"),
-                                   f"{task}: dev {metric} at checkpoints{seeds_note}", f"dev {metric}")
+                                   f"{task}: dev {metric} at checkpoints{note}", f"dev {metric}")
         results["tasks"][task] = {
             "args": base, "metric": metric, "convergence": conv, "dev_at_checkpoints": dev,
             "plots": [os.path.basename(loss_png), os.path.basename(gap_png), os.path.basename(dev_png)],
