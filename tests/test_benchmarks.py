@@ -53,3 +53,25 @@ def test_scaling_runs_only_the_chosen_sweeps(tmp_path):
     assert "width/row" in out["fits"] and (tmp_path / "s.json").exists()
     with pytest.raises(SystemExit):
         scaling.parse_args(["--sweeps", "depth"])
+
+
+def test_trainer_path_runs_every_row_and_flags_the_default_optimizer(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import trainer_path
+    from conftest import make_bert
+    from hyperadalora.models import minilm_path
+
+    model_dir = tmp_path / "bert"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    make_bert(vocab=tokenizer.vocab_size, hidden=32).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = trainer_path.main(["--model", str(model_dir), "--steps", "4", "--batch-size", "4", "--max-length", "16",
+                             "--max-eval", "8", "--window", "2", "--json", str(tmp_path / "t.json")])
+    results = out["results"]
+    assert list(results) == list(trainer_path.ROWS)
+    assert all(len(r["losses"]) == 4 and 0.0 <= r["dev_accuracy"] <= 1.0 for r in results.values())
+    assert "feature_embeddings" in results["HyperAdaLoraTrainer"]["groups"]
+    assert results["Trainer, default optimizer"]["optimizer_warning"]            # the callback flags it
+    assert not results["HyperAdaLoraTrainer"]["optimizer_warning"]
+    assert "| Trainer, default optimizer |" in out["report"] and "loss 3-4" in out["report"]
