@@ -144,8 +144,9 @@ def main(argv=None) -> dict:
     for label in ROWS:
         r = results[label]
         w = windows(r["losses"], size)
+        warned = "yes" if r["optimizer_warning"] else "no"
         lines.append(f"| {label} | " + " | ".join(f"{x:.4f}" for x in w) + f" | {r['dev_accuracy']:.4f} | "
-                     f"{r['seconds']:.1f} | {', '.join(r['groups']) or '-'} | {'yes' if r['optimizer_warning'] else 'no'} |")
+                     f"{r['seconds']:.1f} | {', '.join(r['groups']) or '-'} | {warned} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if opts.markdown:

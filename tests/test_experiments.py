@@ -331,7 +331,8 @@ def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
     report, data = check_outputs(res, n_png=2)
     assert data["gap_plot"] == "loss_gap.png" and "](loss_gap.png)" in report
     methods = data["convergence"]["methods"]
-    assert list(methods) == ["adalora", "paper", "offset+feature", "adalora-lr3x", "default-no-pruning"]  # reference 1st
+    # the reference runs first
+    assert list(methods) == ["adalora", "paper", "offset+feature", "adalora-lr3x", "default-no-pruning"]
     summary = json.load(open(f"{tmp_path}/out/seed0/default-no-pruning/summary.json"))
     assert (summary["args"]["tinit"], summary["args"]["tfinal"]) == (7, 0)   # NO_PRUNING: the run's steps - 1
     rows, _ = read_metrics(summary["metrics"])

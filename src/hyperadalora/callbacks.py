@@ -20,6 +20,8 @@ import warnings
 
 from transformers import Trainer, TrainerCallback
 
+from .generator import FEATURE_GROUP
+
 
 def _unwrap(model):
     return getattr(model, "module", model)  # DDP / accelerate wrapper
@@ -79,7 +81,7 @@ class HypernetworkLrCallback(TrainerCallback):
         if target is None or optimizer is None:
             return
         wanted = {g["name"]: g["lr"] for g in target.optimizer_param_groups(1.0) if g["name"] in
-                  ("hypernetworks", "feature_embeddings")}
+                  ("hypernetworks", FEATURE_GROUP)}
         have = {g.get("name") for g in optimizer.param_groups}
         missing = sorted(name for name, ratio in wanted.items() if ratio != 1.0 and name not in have)
         if missing:
@@ -91,14 +93,14 @@ class HypernetworkLrCallback(TrainerCallback):
                           f"Trainer.", stacklevel=2)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        from .generator import feature_lr_multiplier
+        from .generator import group_lr_factor
 
         target = _hypernetwork_model(model) if model is not None else None
         if target is None or optimizer is None:
             return
-        factor = feature_lr_multiplier(target.peft_config, state.global_step, state.max_steps)
         for group in optimizer.param_groups:
-            if group.get("name") != "feature_embeddings":
+            factor = group_lr_factor(group, target.peft_config, state.global_step, state.max_steps)
+            if factor == 1.0:
                 continue
             if self._set_lr.get(id(group)) == group["lr"]:
                 continue  # already scaled since the scheduler last set it (an extra call within one step)

@@ -241,6 +241,9 @@ class RoleGenerator(nn.Module):
         return [outs[g][pos] for g, pos in self.layer_slot]
 
 
+FEATURE_GROUP = "feature_embeddings"  # the optimizer group of the row embeddings (see hypernetwork_param_groups)
+
+
 def feature_lr_multiplier(cfg, step: int, total_steps: int) -> float:
     """Factor on the row embeddings' lr at 0-based optimizer step ``step`` of ``total_steps``: their ratio moves
     geometrically from ``feature_lr_ratio`` at step 0 to ``feature_lr_ratio_final`` at the last step (1.0 when
@@ -253,6 +256,15 @@ def feature_lr_multiplier(cfg, step: int, total_steps: int) -> float:
     return (final / start) ** frac
 
 
+def group_lr_factor(group: dict, cfg, step: int, total_steps: int) -> float:
+    """Factor on an optimizer group's lr at 0-based step ``step``: the row embeddings' schedule
+    (`feature_lr_multiplier`) for their group, 1.0 for any other group. Used by the training loop and the Trainer
+    callback alike."""
+    if group.get("name") != FEATURE_GROUP:
+        return 1.0
+    return feature_lr_multiplier(cfg, step, total_steps)
+
+
 def hypernetwork_param_groups(generators: nn.ModuleDict, cfg, lr: float, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer groups of the hypernetworks: their bodies (and module / position embeddings) at
     ``lr * hypernet_lr_ratio``; the row embeddings of context 'feature' / 'layer_feature', which hold one code
@@ -263,5 +275,5 @@ def hypernetwork_param_groups(generators: nn.ModuleDict, cfg, lr: float, weight_
     feature_ratio = cfg.feature_lr_ratio if cfg.feature_lr_ratio is not None else cfg.hypernet_lr_ratio
     groups = [{"params": body, "lr": lr * cfg.hypernet_lr_ratio, "weight_decay": weight_decay, "name": "hypernetworks"},
               {"params": features, "lr": lr * feature_ratio, "weight_decay": weight_decay,
-               "name": "feature_embeddings"}]
+               "name": FEATURE_GROUP}]
     return [g for g in groups if g["params"]]

@@ -44,7 +44,7 @@ from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import methods as method_lib
 from .config import HyperAdaLoraConfig
-from .generator import feature_lr_multiplier
+from .generator import FEATURE_GROUP, group_lr_factor
 from .methods import GeneratedAdapterModel
 from .model import HyperAdaLoraModel, get_peft_model
 
@@ -528,12 +528,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
             return 1.0
         return max(0.0, (args.max_steps - step) / max(1, args.max_steps - args.warmup_steps))
 
-    adapter_cfg = getattr(wrapped, "peft_config", None)
-
-    def group_factor(group, step):  # the row embeddings' own schedule (feature_lr_ratio -> feature_lr_ratio_final)
-        if group.get("name") != "feature_embeddings" or adapter_cfg is None:
-            return 1.0
-        return feature_lr_multiplier(adapter_cfg, step, args.max_steps)
+    adapter_cfg = getattr(wrapped, "peft_config", None)  # the row embeddings' schedule reads it
 
     unwrapped = wrapped
     bf16 = args.precision == "bf16"
@@ -602,7 +597,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
             for step in range(pos["step"] + 1, args.max_steps + 1):
                 t0 = time.perf_counter()
                 for g, base_lr in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = base_lr * lr_factor(step - 1) * group_factor(g, step - 1)
+                    g["lr"] = (base_lr * lr_factor(step - 1)
+                               * group_lr_factor(g, adapter_cfg, step - 1, args.max_steps))
                 loss_sum, task_sum = 0.0, 0.0
                 for micro in range(args.grad_accum):
                     try:
@@ -650,7 +646,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                 row = {"step": step, "loss": loss_sum / args.grad_accum, "task_loss": task_sum / args.grad_accum,
                        "lr": optimizer.param_groups[0]["lr"], "time": time.perf_counter() - start,
                        "train_time": pos["train_time"], "total_rank": total_rank(unwrapped), "epoch": epoch}
-                rows_lr = [g["lr"] for g in optimizer.param_groups if g.get("name") == "feature_embeddings"]
+                rows_lr = [g["lr"] for g in optimizer.param_groups if g.get("name") == FEATURE_GROUP]
                 if rows_lr:  # the row embeddings' lr (their own ratio and schedule)
                     row["lr_rows"] = rows_lr[0]
                 if isinstance(unwrapped, HyperAdaLoraModel) and unwrapped.last_orth_penalty is not None:
