@@ -77,6 +77,7 @@ def test_ffn_mult_zero_drops_the_feed_forward_block_except_for_the_mlp():
     ("importance", "gradient", ("magnitude", "sensitivity")),
     ("attention", "sparse", ("full", "induced")),
     ("init", "xavier", ("orthonormal", "normal")),
+    ("basis", "cayley", ("free", "unit", "orthonormal")),
     ("task_type", "CLASSIFY", ("SEQ_CLS", "CAUSAL_LM")),
 ])
 def test_unknown_choices(field, value, choices):

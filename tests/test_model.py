@@ -426,6 +426,50 @@ def test_center_increment_removes_the_row_mean_of_p_and_q(bert, batch, tokens):
             assert inc.mean(dim=1).abs().max() < 1e-6 * (1 + inc.abs().max())  # and its mean over the rows is
 
 
+@pytest.mark.parametrize("basis", ["unit", "orthonormal"])
+def test_basis_puts_the_generated_p_and_q_on_unit_or_orthonormal_columns(bert, batch, basis):
+    ref = bert(input_ids=batch["input_ids"]).logits
+    model = ha.get_peft_model(bert, cfg(basis=basis))
+    assert (model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() == 0.0  # step 0: the identity
+    losses = train_steps(model, batch, 8)
+    assert all(math.isfinite(x) for x in losses) and min(losses[1:]) < losses[0]
+    model.eval()
+    model.materialize(training_pass=False)
+    moved = 0.0
+    for a in model.adapters:
+        p, q = a.P.detach(), a.Q.detach().T          # both (length, r): the columns are the ranks
+        for m in (p, q):
+            if basis == "unit":
+                assert torch.allclose(m.norm(dim=0), torch.ones(m.shape[1]), atol=1e-5)
+            else:
+                assert torch.allclose(m.T @ m, torch.eye(m.shape[1]), atol=1e-5)
+    for role in ("P", "Q"):  # and the hypernetworks did move them: the basis is not the seed state
+        gen = model.generators[role]
+        with torch.no_grad():
+            moved = max(moved, max((out - ha.generator.to_basis(state, basis)).abs().max().item()
+                                   for out, state in zip(gen.generate(), gen.states())))
+    assert moved > 1e-4
+    # the orthogonal penalty has nothing left to penalise
+    if basis == "orthonormal":
+        assert model.orthogonal_penalty().item() < 1e-8
+
+
+def test_to_basis_keeps_orthonormal_columns_and_their_signs():
+    q, _ = torch.linalg.qr(torch.randn(2, 10, 3))
+    q = q * torch.tensor([1.0, -1.0, 1.0])             # a column with a negative diagonal of R must stay as it is
+    assert torch.allclose(ha.generator.to_basis(q, "orthonormal"), q, atol=1e-6)
+    x = torch.randn(2, 10, 3, requires_grad=True)
+    ha.generator.to_basis(x, "orthonormal").sum().backward()     # differentiable
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert ha.generator.to_basis(x, "free") is x
+
+
+def test_orthonormal_basis_needs_as_many_rows_as_ranks():
+    from conftest import make_bert as mb
+    with pytest.raises(ValueError, match="basis='orthonormal' needs at least as many rows as ranks"):
+        ha.get_peft_model(mb(hidden=4), cfg(basis="orthonormal", init_r=6, target_r=2, init="orthonormal"))
+
+
 def test_center_increment_must_be_a_bool():
     with pytest.raises(TypeError, match="center_increment must be true or false"):
         cfg(center_increment="yes")

@@ -173,6 +173,8 @@ def test_cli_nullable_options_take_a_value_or_none(value, expected):
     assert args_from_dict(cli.collect_options(ns)).hyper == {"identity": None}
     ns = cli.build_parser().parse_args(["train", "--feature-lr-ratio-final", "3"])
     assert args_from_dict(cli.collect_options(ns)).hyper == {"feature_lr_ratio_final": 3.0}
+    ns = cli.build_parser().parse_args(["train", "--basis", "orthonormal"])
+    assert args_from_dict(cli.collect_options(ns)).hyper == {"basis": "orthonormal"}
 
 
 def test_yaml_null_sets_a_nullable_hypernetwork_option_and_is_ignored_elsewhere():

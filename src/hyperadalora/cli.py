@@ -55,6 +55,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "increment_scale": (str, "state | width (units of the generated increment)"),
     "center_increment": (lambda v: _flag(v, "--center-increment"),
                          "true | false: remove the row mean of P/Q increments"),
+    "basis": (str, "free | unit | orthonormal: what the generated P and Q are made into"),
     "element_chunk": (int, "element tokens per attention chunk"),
     # HydraLoRA
     "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),

@@ -24,6 +24,7 @@ IMPORTANCES = ("magnitude", "sensitivity")
 INITS = ("orthonormal", "principal", "normal")
 IDENTITIES = ("zero_output", "offset")
 INCREMENT_SCALES = ("state", "width")
+BASES = ("free", "unit", "orthonormal")
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # Heads that a task type trains in full, as peft does for SEQ_CLS (`classifier` / `score`).
@@ -112,6 +113,12 @@ class HyperAdaLoraConfig:
                                                                     "its mean over the rows (columns): the shared "
                                                                     "hypernetwork then cannot move all rows of a "
                                                                     "matrix the same way."})
+    basis: str = field(default="free", metadata={"help": "What the generated P and Q are made into before use: "
+                                                     "'free' (used as generated; the orthogonal regulariser keeps "
+                                                     "them near orthonormal, as in AdaLoRA), 'unit' (each column of "
+                                                     "P / row of Q scaled to norm 1) or 'orthonormal' (P's columns / "
+                                                     "Q's rows orthonormalised by a QR decomposition, signs kept): "
+                                                     "the singular values are then exactly lambda."})
     output_scale: float = field(default=1.0, metadata={"help": "Scale of the generated increment H(X) - X."})
     momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
                                                            "increment carries over to the next step (1.0 = the paper's "
@@ -230,6 +237,7 @@ class HyperAdaLoraConfig:
             self.identity = "offset" if self.generation == "static" else "zero_output"
         _choice("identity", self.identity, IDENTITIES)
         _choice("increment_scale", self.increment_scale, INCREMENT_SCALES)
+        _choice("basis", self.basis, BASES)
         if self.identity == "offset" and self.generation != "static":
             raise ValueError("identity='offset' subtracts the hypernetworks' initial output on the fixed seed state: it "
                              "needs generation='static'. Set generation='static' or identity='zero_output'.")

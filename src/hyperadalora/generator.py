@@ -15,6 +15,8 @@ Generation (``X`` the state, ``H`` the increment of the hypernetwork):
   anchor moves to ``momentum * anchor + (1 - momentum) * W_t``. ``momentum=1`` keeps the anchor at zero
   (the paper's ``X_{t+1} = H(X_t)``, whose learned increment is applied again at every step and can run
   away, METHOD.md section 2); ``momentum < 1`` makes the carried-over increment decay geometrically.
+A role may then put its generated matrices on a basis (``basis``): ``unit`` columns or ``orthonormal`` ones
+(`to_basis`), which HyperAdaLoRA offers for P and Q.
 """
 
 from __future__ import annotations
@@ -56,6 +58,24 @@ def _constant(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
+def to_basis(out: torch.Tensor, basis: str) -> torch.Tensor:
+    """``out``: (n, L, r) generated matrices whose r columns are ranks. ``free``: unchanged; ``unit``: every column
+    scaled to norm 1; ``orthonormal``: the Q factor of a reduced QR decomposition with the signs of R's diagonal
+    folded in, so that a matrix whose columns are already orthonormal is returned unchanged (to rounding) and the
+    map is continuous: a small change of ``out`` gives a small change of the basis. Differentiable."""
+    if basis == "free":
+        return out
+    if basis == "unit":
+        return out / out.norm(dim=-2, keepdim=True).clamp_min(1e-12)
+    if out.shape[-2] < out.shape[-1]:
+        raise ValueError(f"basis='orthonormal' needs at least as many rows as ranks, got a {tuple(out.shape[-2:])} "
+                         f"matrix: lower init_r or use basis='free'.")
+    q, r = torch.linalg.qr(out.float())
+    sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (q * sign.unsqueeze(-2)).to(out.dtype)
+
+
 class RoleGenerator(nn.Module):
     """Generates one role's tensors for all layers from a shared hypernetwork.
 
@@ -69,12 +89,20 @@ class RoleGenerator(nn.Module):
             only needs to be close to its seed state (HyperAdaLoRA's P and Q: lambda_0 = 0 makes step 0 the
             identity whatever they are); a role that must start exactly at its seed (lambda, LoRA's B) keeps it
             exact.
+        basis: ``free``, ``unit`` or ``orthonormal``: what every generated matrix is made into (`to_basis`); only
+            for roles whose columns are ranks (``rank_axis=1``).
     """
 
     def __init__(self, role: str, lengths: list[int], width: int, rank_axis: int, init: str, cfg,
                  generator: torch.Generator, initial: Optional[list[torch.Tensor]] = None,
-                 compact_offset: bool = False):
+                 compact_offset: bool = False, basis: str = "free"):
         super().__init__()
+        if basis != "free" and rank_axis != 1:
+            raise ValueError(f"basis={basis!r} applies to matrices whose columns are ranks (P, Q), not to {role}.")
+        if basis == "orthonormal" and min(lengths) < width:
+            raise ValueError(f"basis='orthonormal' needs at least as many rows as ranks: a {role} matrix has "
+                             f"{min(lengths)} rows and {width} ranks. Lower init_r or use basis='free'.")
+        self.basis = basis
         self.role, self.width, self.rank_axis = role, width, rank_axis
         self.element = cfg.tokens == "element"
         self.generation = cfg.generation
@@ -221,7 +249,7 @@ class RoleGenerator(nn.Module):
                 factor = self.output_scale / self.hypernet_dim
             else:                                 # in units of the state's typical entry
                 factor = self.output_scale / (math.sqrt(length) if self.rank_axis == 1 else 1.0)
-            outs.append(state + inc.to(state.dtype) * factor)
+            outs.append(to_basis(state + inc.to(state.dtype) * factor, self.basis))
         return outs
 
     @torch.no_grad()

@@ -173,11 +173,11 @@ class HyperAdaLoraModel(AdapterWrapper):
                     seeds_p, seeds_q = principal_subspaces(self.adapters, r)
                 self.generators = nn.ModuleDict({
                     "P": RoleGenerator("P", [a.out_features for a in self.adapters], r, 1, seed_pq, config, gen,
-                                       seeds_p, compact_offset=True),
+                                       seeds_p, compact_offset=True, basis=config.basis),
                     "lambda": RoleGenerator("lambda", [r] * n, 1, 0, "normal" if config.init == "normal" else "zeros",
                                             config, gen),
                     "Q": RoleGenerator("Q", [a.in_features for a in self.adapters], r, 1, seed_pq, config, gen,
-                                       seeds_q, compact_offset=True),
+                                       seeds_q, compact_offset=True, basis=config.basis),
                 })
             finally:
                 torch.random.set_rng_state(torch_state)

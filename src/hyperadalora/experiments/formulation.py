@@ -112,6 +112,12 @@ VARIANTS = {
     "default-sensitivity": ({"hyper": {**DEFAULT, "importance": "sensitivity"}},
                             "the default with AdaLoRA's importance score (smoothed sensitivity of the generated "
                             "lambda) in place of its magnitude"),
+    "default-basis-unit": ({"hyper": {**DEFAULT, "basis": "unit"}},
+                           "the default with every generated column of P (row of Q) scaled to norm 1: lambda "
+                           "alone carries the scale"),
+    "default-basis-orthonormal": ({"hyper": {**DEFAULT, "basis": "orthonormal"}},
+                                  "the default with the generated P and Q orthonormalised (QR): the singular "
+                                  "values are exactly lambda, the orthogonal regulariser has nothing left to do"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
