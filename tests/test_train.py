@@ -43,14 +43,17 @@ def test_row_embedding_lr_follows_its_schedule(tmp_path, tokenizer):
     rows, _ = read_metrics(summary["metrics"])
     for i, row in enumerate(rows):
         decay = (5 - i) / 5                                  # the run's linear schedule at 0-based step i
-        assert row["lr"] == pytest.approx(1e-3 * decay)      # the bodies: no schedule of their own
+        assert row["lr"] == pytest.approx(1e-3 * decay)      # the run's scheduled lr
         assert row["lr_rows"] == pytest.approx(1e-3 * decay * 30.0 * (1 / 30.0) ** (i / 4))
     assert summary["hypernetwork_options"]["feature_lr_ratio_final"] == 1.0
-    constant = train(TrainArgs(**{**args.__dict__, "output_dir": str(tmp_path / "constant"), "hyper": {}}),
+    constant = train(TrainArgs(**{**args.__dict__, "output_dir": str(tmp_path / "constant"),
+                                  "hyper": {"hypernet_lr_ratio": 3.0}}),
                      model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
                      train_examples=toy_examples(64), eval_examples=toy_examples(8, seed=1))
     rows, _ = read_metrics(constant["metrics"])
     assert [r["lr_rows"] for r in rows] == pytest.approx([r["lr"] * 30.0 for r in rows])
+    # "lr" is the run's lr, not the first group's (the bodies, here at 3x)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * (5 - i) / 5 for i in range(5)])
 
 
 @pytest.mark.parametrize("method", ["hyperadalora", "adalora", "lora"])
