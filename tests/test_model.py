@@ -435,7 +435,6 @@ def test_basis_puts_the_generated_p_and_q_on_unit_or_orthonormal_columns(bert, b
     assert all(math.isfinite(x) for x in losses) and min(losses[1:]) < losses[0]
     model.eval()
     model.materialize(training_pass=False)
-    moved = 0.0
     for a in model.adapters:
         p, q = a.P.detach(), a.Q.detach().T          # both (length, r): the columns are the ranks
         for m in (p, q):
@@ -443,6 +442,7 @@ def test_basis_puts_the_generated_p_and_q_on_unit_or_orthonormal_columns(bert, b
                 assert torch.allclose(m.norm(dim=0), torch.ones(m.shape[1]), atol=1e-5)
             else:
                 assert torch.allclose(m.T @ m, torch.eye(m.shape[1]), atol=1e-5)
+    moved = 0.0
     for role in ("P", "Q"):  # and the hypernetworks did move them: the basis is not the seed state
         gen = model.generators[role]
         with torch.no_grad():
@@ -465,9 +465,8 @@ def test_to_basis_keeps_orthonormal_columns_and_their_signs():
 
 
 def test_orthonormal_basis_needs_as_many_rows_as_ranks():
-    from conftest import make_bert as mb
     with pytest.raises(ValueError, match="basis='orthonormal' needs at least as many rows as ranks"):
-        ha.get_peft_model(mb(hidden=4), cfg(basis="orthonormal", init_r=6, target_r=2, init="orthonormal"))
+        ha.get_peft_model(make_bert(hidden=4), cfg(basis="orthonormal", init_r=6, target_r=2, init="orthonormal"))
 
 
 def test_center_increment_must_be_a_bool():

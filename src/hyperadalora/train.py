@@ -3,9 +3,9 @@
 Same data order, seeds, optimizer, schedule and step count for every method: the only difference is the
 adapter. Writes to ``output_dir``:
 - ``metrics.jsonl``: one row per optimizer step ``{"step", "loss", "task_loss", "lr", "time", "total_rank", ...}``
-  (``loss`` includes the orthogonal regulariser, ``task_loss`` does not; ``lr`` is the run's scheduled learning rate at
-  that step, whatever the groups' own ratios; ``lr_rows`` the row embeddings' own, where they have one), and ``{"eval": ...}`` rows at
-  evaluation points (``"type": "eval"``);
+  (``loss`` includes the orthogonal regulariser, ``task_loss`` does not; ``lr`` is the run's scheduled learning
+  rate at that step, whatever the groups' own ratios; ``lr_rows`` the row embeddings' own, where they have one),
+  and ``{"eval": ...}`` rows at evaluation points (``"type": "eval"``);
 - ``summary.json``: the final dev metrics, timings and arguments;
 - ``adapter/``: the saved adapter (HyperAdaLoRA: `save_pretrained`; baselines: peft's `save_pretrained`);
 - ``checkpoints/step-XXXXXXX/``: training checkpoints (`hyperadalora.checkpoint`), every ``save_every`` steps
@@ -597,9 +597,9 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
         with stop:
             for step in range(pos["step"] + 1, args.max_steps + 1):
                 t0 = time.perf_counter()
+                schedule = lr_factor(step - 1)  # the run's schedule at this step, shared by every group
                 for g, base_lr in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = (base_lr * lr_factor(step - 1)
-                               * group_lr_factor(g, adapter_cfg, step - 1, args.max_steps))
+                    g["lr"] = base_lr * schedule * group_lr_factor(g, adapter_cfg, step - 1, args.max_steps)
                 loss_sum, task_sum = 0.0, 0.0
                 for micro in range(args.grad_accum):
                     try:
@@ -645,7 +645,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                 optimizer.zero_grad(set_to_none=True)
                 pos["train_time"] += time.perf_counter() - t0
                 row = {"step": step, "loss": loss_sum / args.grad_accum, "task_loss": task_sum / args.grad_accum,
-                       "lr": args.lr * lr_factor(step - 1), "time": time.perf_counter() - start,
+                       "lr": args.lr * schedule, "time": time.perf_counter() - start,
                        "train_time": pos["train_time"], "total_rank": total_rank(unwrapped), "epoch": epoch}
                 rows_lr = [g["lr"] for g in optimizer.param_groups if g.get("name") == FEATURE_GROUP]
                 if rows_lr:  # the row embeddings' lr (their own ratio and schedule)
