@@ -469,6 +469,37 @@ def test_orthonormal_basis_needs_as_many_rows_as_ranks():
         ha.get_peft_model(make_bert(hidden=4), cfg(basis="orthonormal", init_r=6, target_r=2, init="orthonormal"))
 
 
+def test_lambda_codes_give_every_layers_singular_values_their_own_fast_codes(bert, batch):
+    """lambda_codes: one (r, feature_dim) code table per layer for H_lambda, in the row embeddings' optimizer group;
+    step 0 is still the identity, and training moves the codes and each layer's lambda its own way."""
+    ref = bert(input_ids=batch["input_ids"]).logits
+    model = ha.get_peft_model(bert, cfg(lambda_codes=True, hypernet_lr_ratio=1.0, feature_lr_ratio=30.0))
+    assert (model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() == 0.0
+    gen = model.generators["lambda"]
+    r, n_layers = model.peft_config.init_r, len(model.adapters)
+    assert [tuple(e.shape) for e in gen.feature_embeddings] == [(n_layers, r, model.peft_config.feature_dim)]
+    assert tuple(gen.hypernet.feature_proj.weight.shape) == (model.peft_config.hypernet_dim, 4)
+    groups = {g["name"]: g for g in model.optimizer_param_groups(1e-3)}
+    assert id(gen.feature_embeddings[0]) in {id(p) for p in groups["feature_embeddings"]["params"]}
+    assert groups["feature_embeddings"]["lr"] == pytest.approx(3e-2)
+    codes = gen.feature_embeddings[0].detach().clone()
+    losses = train_steps(model, batch, 3)
+    assert all(math.isfinite(v) for v in losses)
+    assert not torch.equal(gen.feature_embeddings[0], codes)
+    with torch.no_grad():
+        lam = gen.generate()[0][..., 0]
+    assert lam.abs().max() > 0 and not torch.allclose(lam, lam[:1].expand_as(lam))
+    plain = ha.get_peft_model(make_bert(), cfg())
+    assert len(plain.generators["lambda"].feature_embeddings) == 0       # off by default
+
+
+def test_lambda_codes_are_validated():
+    with pytest.raises(ValueError, match="lambda_codes=True .* Set context='layer_feature' or lambda_codes=False"):
+        ha.HyperAdaLoraConfig(lambda_codes=True, context="module")
+    with pytest.raises(TypeError, match="lambda_codes must be true or false"):
+        ha.HyperAdaLoraConfig(lambda_codes="yes")
+
+
 def test_center_increment_must_be_a_bool():
     with pytest.raises(TypeError, match="center_increment must be true or false"):
         cfg(center_increment="yes")

@@ -178,6 +178,8 @@ def test_cli_nullable_options_take_a_value_or_none(value, expected):
     assert args_from_dict(cli.collect_options(ns)).hyper == {"feature_lr_ratio_final": 3.0}
     ns = cli.build_parser().parse_args(["train", "--basis", "orthonormal"])
     assert args_from_dict(cli.collect_options(ns)).hyper == {"basis": "orthonormal"}
+    ns = cli.build_parser().parse_args(["train", "--lambda-codes", "true"])
+    assert args_from_dict(cli.collect_options(ns)).hyper == {"lambda_codes": True}
 
 
 def test_yaml_null_sets_a_nullable_hypernetwork_option_and_is_ignored_elsewhere():

@@ -56,6 +56,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "center_increment": (lambda v: _flag(v, "--center-increment"),
                          "true | false: remove the row mean of P/Q increments"),
     "basis": (str, "free | unit | orthonormal: what the generated P and Q are made into"),
+    "lambda_codes": (lambda v: _flag(v, "--lambda-codes"),
+                     "true | false: per-layer codes for every singular value (context layer_feature)"),
     "element_chunk": (int, "element tokens per attention chunk"),
     # HydraLoRA
     "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),

@@ -132,6 +132,9 @@ class RoleGenerator(nn.Module):
                 state = init_state(init, len(members), length, width, rank_axis, cfg.init_std, generator)
             self.register_buffer(f"state_{g}", state)
         ranks = width if rank_axis == 1 else max(lengths)
+        # learned codes per row of P / column of Q (context 'feature' / 'layer_feature'), and with lambda_codes per
+        # singular value of lambda (one (r, feature_dim) table per layer)
+        codes = cfg.context in ("feature", "layer_feature") and (rank_axis == 1 or getattr(cfg, "lambda_codes", False))
         uses_positions = self.element or rank_axis == 0
         self.hypernet = Hypernetwork(
             token_width=1 if self.element else width, dim=cfg.hypernet_dim, arch=cfg.hypernet,
@@ -139,12 +142,12 @@ class RoleGenerator(nn.Module):
             n_modules=n_layers if cfg.context != "none" else 0,
             n_positions=ranks if (uses_positions and cfg.context != "none") else 0,
             attention=cfg.attention, n_induced=cfg.n_induced,
-            feature_dim=cfg.feature_dim if cfg.context in ("feature", "layer_feature") and rank_axis == 1 else None)
+            feature_dim=cfg.feature_dim if codes else None)
         # context='feature': a learned embedding of each row of P / column of Q (the feature it reads or writes),
         # one table per group of equal length, so that layers of the same dimension share what they learn about it
         # context='layer_feature': one embedding per row of every layer (n_g, L_g, d_h), nothing shared
         self.feature_embeddings = nn.ParameterList()
-        if cfg.context in ("feature", "layer_feature") and rank_axis == 1:
+        if codes:
             feature_dim = cfg.feature_dim or cfg.hypernet_dim
             for length, members in groups.items():
                 shape = (length, feature_dim) if cfg.context == "feature" else (len(members), length, feature_dim)

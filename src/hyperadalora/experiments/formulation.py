@@ -118,6 +118,11 @@ VARIANTS = {
     "default-basis-orthonormal": ({"hyper": {**DEFAULT, "basis": "orthonormal"}},
                                   "the default with the generated P and Q orthonormalised (QR): the singular "
                                   "values are exactly lambda, the orthogonal regulariser has nothing left to do"),
+    "default-mlp": ({"hyper": {**DEFAULT, "hypernet": "mlp"}},
+                    "the default with the MLP body: no convolution couples neighbouring rows of a matrix"),
+    "default-lambda-codes": ({"hyper": {**DEFAULT, "lambda_codes": True}},
+                             "the default with a learned code per singular value of every layer for H_lambda "
+                             "(at the row embeddings' 30x lr): lambda gets per-layer parameters as P and Q do"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
