@@ -211,8 +211,9 @@ def _trained(batch, **kw):
     return model
 
 
-def test_save_load_roundtrip(tmp_path, batch):
-    model = _trained(batch)
+@pytest.mark.parametrize("options", [{}, {"lambda_codes": True}])
+def test_save_load_roundtrip(tmp_path, batch, options):
+    model = _trained(batch, **options)
     x = batch["input_ids"]
     ref = model(input_ids=x).logits
     model.save_pretrained(tmp_path / "a")
