@@ -10,6 +10,8 @@ Any other value is a local directory, a ``.gguf`` file, or a hub name (needs net
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import torch
@@ -49,7 +51,7 @@ def convert_gguf(gguf_file: str, out_dir: Optional[str] = None) -> str:
 
     name = os.path.splitext(os.path.basename(gguf_file))[0]
     out_dir = out_dir or os.path.join(cache_dir(), f"{name}-fp32")
-    if os.path.isfile(os.path.join(out_dir, "config.json")) and os.path.isfile(os.path.join(out_dir, ".complete")):
+    if _complete(out_dir):
         return out_dir
     folder, fname = os.path.split(os.path.abspath(gguf_file))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -57,16 +59,32 @@ def convert_gguf(gguf_file: str, out_dir: Optional[str] = None) -> str:
     # a GGUF-loaded model refuses save_pretrained ("quantized with gguf"): copy it into a plain model first
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    tmp = out_dir + ".tmp"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if os.path.isdir(out_dir):
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    open(os.path.join(out_dir, ".complete"), "w").close()
+    # written to a folder of this process's own, then moved into place: processes converting at the same time (two
+    # experiments started together) neither write into one folder nor see a half-written checkpoint
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        if not _complete(out_dir):
+            if os.path.isdir(out_dir):  # an interrupted earlier conversion
+                shutil.rmtree(out_dir, ignore_errors=True)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                if not _complete(out_dir):  # not another process's finished conversion: a real failure
+                    raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _complete(folder: str) -> bool:
+    """A finished conversion: the checkpoint and the marker written last."""
+    return os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, ".complete"))
 
 
 def resolve_model_path(name_or_path: Optional[str], kind: str = "classification") -> str:
