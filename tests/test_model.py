@@ -345,8 +345,10 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
 def test_feature_dim_stores_narrow_embeddings_and_maps_them_to_the_hypernet_width(bert, batch, context):
     """feature_dim < hypernet_dim: the row embeddings are stored at feature_dim and one linear map per P / Q
     hypernetwork (trained with it) takes them to hypernet_dim: fewer parameters, and the layers still learn."""
-    wide = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32, feature_dim=None))
-    narrow = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32, feature_dim=4))
+    wide = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32, feature_dim=None,
+                                                      lambda_codes=False))
+    narrow = ha.get_peft_model(copy.deepcopy(bert), cfg(context=context, hypernet_dim=32, feature_dim=4,
+                                                        lambda_codes=False))
     saved = 0
     for role in ("P", "Q"):
         gen_w, gen_n = wide.generators[role], narrow.generators[role]
@@ -356,7 +358,7 @@ def test_feature_dim_stores_narrow_embeddings_and_maps_them_to_the_hypernet_widt
             assert emb_n.shape[:-1] == emb_w.shape[:-1] and emb_n.shape[-1] == 4 and emb_w.shape[-1] == 32
             saved += emb_w.numel() - emb_n.numel()
         saved -= gen_n.hypernet.feature_proj.weight.numel()
-    assert narrow.generators["lambda"].hypernet.feature_proj is None  # lambda has no row embeddings
+    assert narrow.generators["lambda"].hypernet.feature_proj is None  # lambda has no codes (lambda_codes=False)
     n_wide = sum(p.numel() for p in wide.hypernetwork_parameters())
     assert sum(p.numel() for p in narrow.hypernetwork_parameters()) == n_wide - saved
     proj = narrow.generators["P"].hypernet.feature_proj.weight
@@ -474,7 +476,7 @@ def test_lambda_codes_give_every_layers_singular_values_their_own_fast_codes(ber
     """lambda_codes: one (r, feature_dim) code table per layer for H_lambda, in the row embeddings' optimizer group;
     step 0 is still the identity, and training moves the codes and each layer's lambda its own way."""
     ref = bert(input_ids=batch["input_ids"]).logits
-    model = ha.get_peft_model(bert, cfg(lambda_codes=True, hypernet_lr_ratio=1.0, feature_lr_ratio=30.0))
+    model = ha.get_peft_model(bert, cfg(hypernet_lr_ratio=1.0, feature_lr_ratio=30.0))   # lambda_codes: the default
     assert (model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() == 0.0
     gen = model.generators["lambda"]
     r, n_layers = model.peft_config.init_r, len(model.adapters)
@@ -490,13 +492,19 @@ def test_lambda_codes_give_every_layers_singular_values_their_own_fast_codes(ber
     with torch.no_grad():
         lam = gen.generate()[0][..., 0]
     assert lam.abs().max() > 0 and not torch.allclose(lam, lam[:1].expand_as(lam))
-    plain = ha.get_peft_model(make_bert(), cfg())
-    assert len(plain.generators["lambda"].feature_embeddings) == 0       # off by default
+    plain = ha.get_peft_model(make_bert(), cfg(lambda_codes=False))
+    assert len(plain.generators["lambda"].feature_embeddings) == 0
+    assert plain.generators["lambda"].hypernet.feature_proj is None
+
+
+@pytest.mark.parametrize("context", ["module", "feature"])
+def test_lambda_codes_need_the_layer_feature_context(context):
+    """As feature_dim, lambda_codes has no effect where the context has no per-layer codes."""
+    model = ha.get_peft_model(make_bert(), cfg(context=context, lambda_codes=True))
+    assert len(model.generators["lambda"].feature_embeddings) == 0
 
 
 def test_lambda_codes_are_validated():
-    with pytest.raises(ValueError, match="lambda_codes=True .* Set context='layer_feature' or lambda_codes=False"):
-        ha.HyperAdaLoraConfig(lambda_codes=True, context="module")
     with pytest.raises(TypeError, match="lambda_codes must be true or false"):
         ha.HyperAdaLoraConfig(lambda_codes="yes")
 

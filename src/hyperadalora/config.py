@@ -84,13 +84,15 @@ class HyperAdaLoraConfig:
                                                              "a learned embedding of every row of every layer "
                                                              "(n_rows * feature_dim parameters per layer and "
                                                              "role); 'none': no context."})
-    lambda_codes: bool = field(default=False, metadata={"help": "context 'layer_feature': also a learned code "
-                                                               "(feature_dim wide, trained at feature_lr_ratio) for "
-                                                               "every singular value of every layer, added to "
-                                                               "H_lambda's tokens, as the row embeddings are to "
-                                                               "H_P's and H_Q's (otherwise lambda's tokens carry "
-                                                               "only the module and rank-position embeddings, "
-                                                               "trained at hypernet_lr_ratio)."})
+    lambda_codes: bool = field(default=True, metadata={"help": "With context 'layer_feature': also a learned code "
+                                                              "(feature_dim wide, trained at feature_lr_ratio) for "
+                                                              "every singular value of every layer, added to "
+                                                              "H_lambda's tokens as the row embeddings are to H_P's "
+                                                              "and H_Q's; without it lambda's tokens carry only the "
+                                                              "module and rank-position embeddings (trained at "
+                                                              "hypernet_lr_ratio). On RTE it closes the gap to AdaLoRA "
+                                                              "after step 300 (docs/results/lambda-codes-rte). No "
+                                                              "effect with other contexts (as feature_dim)."})
     hypernet_dim: int = field(default=8, metadata={"help": "Width d_h of the hypernetworks (8: converges in as few "
                                                            "steps as 16 or 32, docs/results/width, and costs least "
                                                            "per step)."})
@@ -247,10 +249,6 @@ class HyperAdaLoraConfig:
         _choice("basis", self.basis, BASES)
         if not isinstance(self.lambda_codes, bool):
             raise TypeError(f"lambda_codes must be true or false, got {self.lambda_codes!r}.")
-        if self.lambda_codes and self.context != "layer_feature":
-            raise ValueError(f"lambda_codes=True gives every layer's singular values their own codes, as "
-                             f"context='layer_feature' does for the rows of P and Q; context={self.context!r} "
-                             f"has no per-layer codes. Set context='layer_feature' or lambda_codes=False.")
         if self.identity == "offset" and self.generation != "static":
             raise ValueError("identity='offset' subtracts the hypernetworks' initial output on the fixed seed state: it "
                              "needs generation='static'. Set generation='static' or identity='zero_output'.")

@@ -26,7 +26,7 @@ DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, m
 # state, increment in the state's units).
 PAPER = {"generation": "recurrent", "identity": "zero_output", "context": "module", "init": "orthonormal",
          "increment_scale": "state", "momentum": 1.0, "hypernet": "attention", "center_increment": False,
-         "hypernet_lr_ratio": 1.0, "feature_lr_ratio": None, "hypernet_dim": 32}
+         "hypernet_lr_ratio": 1.0, "feature_lr_ratio": None, "hypernet_dim": 32, "lambda_codes": False}
 OFFSET = {**PAPER, "generation": "static", "identity": "offset"}
 PREVIOUS = {**OFFSET, "context": "feature", "increment_scale": "width", "init": "principal"}  # the default until commit c075bb0
 LAYER = {**PREVIOUS, "context": "layer_feature"}
@@ -34,7 +34,8 @@ CENTRED = {**LAYER, "center_increment": True}
 CNN_LR10 = {**CENTRED, "hypernet": "cnn", "hypernet_lr_ratio": 10.0}  # the default until the split learning rates
 SPLIT = {**CNN_LR10, "hypernet_lr_ratio": 1.0, "feature_lr_ratio": 30.0}  # the default until hypernet_dim 8
 WIDTH8 = {**SPLIT, "hypernet_dim": 8, "feature_dim": None}  # the default until feature_dim 4
-DEFAULT = {**WIDTH8, "feature_dim": 4}  # = HyperAdaLoraConfig's defaults
+ROWS4 = {**WIDTH8, "feature_dim": 4}  # the default until lambda_codes
+DEFAULT = {**ROWS4, "lambda_codes": True}  # = HyperAdaLoraConfig's defaults
 NO_PRUNING = object()  # a variant's tinit: the run's steps - 1 (with tfinal 0 and a huge deltaT nothing is pruned)
 
 VARIANTS = {
@@ -85,59 +86,64 @@ VARIANTS = {
                      "split-width32 with hypernetworks (and per-row embeddings) of width 8 (the default before "
                      "feature_dim 4)"),
     "default": ({"hyper": dict(DEFAULT)},
-                "the library default: split-width8 with 4-wide per-row embeddings mapped to the width 8"),
-    "default-rows10": ({"hyper": {**DEFAULT, "feature_lr_ratio": 10.0}},
+                "the library default: split-width8 with 4-wide per-row embeddings mapped to the width 8, and a "
+                "learned code per singular value of every layer for H_lambda (lambda_codes)"),
+    "default-no-lambda-codes": ({"hyper": dict(ROWS4)},
+                                "the default before lambda_codes: lambda's tokens carry only the module and "
+                                "rank-position embeddings"),
+    "default-rows10": ({"hyper": {**ROWS4, "feature_lr_ratio": 10.0}},
                        "the default with the per-row embeddings at 10x the learning rate (not 30x)"),
-    "default-body3": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0}},
+    "default-body3": ({"hyper": {**ROWS4, "hypernet_lr_ratio": 3.0}},
                       "the default with the hypernetwork bodies (and module / rank embeddings) at 3x"),
-    "default-body3-rows10": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 10.0}},
+    "default-body3-rows10": ({"hyper": {**ROWS4, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 10.0}},
                              "the default with the bodies at 3x and the per-row embeddings at 10x"),
-    "default-body10": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 10.0}},
+    "default-body10": ({"hyper": {**ROWS4, "hypernet_lr_ratio": 10.0}},
                        "the default with the hypernetwork bodies (and module / rank embeddings) at 10x"),
-    "default-rows100": ({"hyper": {**DEFAULT, "feature_lr_ratio": 100.0}},
+    "default-rows100": ({"hyper": {**ROWS4, "feature_lr_ratio": 100.0}},
                         "the default with the per-row embeddings at 100x the learning rate (not 30x)"),
-    "default-body3-rows100": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 100.0}},
+    "default-body3-rows100": ({"hyper": {**ROWS4, "hypernet_lr_ratio": 3.0, "feature_lr_ratio": 100.0}},
                               "the default with the hypernetwork bodies at 3x and the per-row embeddings at 100x"),
-    "default-rows-decay1": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 1.0}},
+    "default-rows-decay1": ({"hyper": {**ROWS4, "feature_lr_ratio_final": 1.0}},
                             "the default with the per-row embeddings' ratio falling geometrically from 30x to 1x "
                             "over the run"),
-    "default-rows-decay3": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 3.0}},
+    "default-rows-decay3": ({"hyper": {**ROWS4, "feature_lr_ratio_final": 3.0}},
                             "the default with the per-row embeddings' ratio falling geometrically from 30x to 3x "
                             "over the run"),
-    "default-orthonormal": ({"hyper": {**DEFAULT, "init": "orthonormal"}},
+    "default-orthonormal": ({"hyper": {**ROWS4, "init": "orthonormal"}},
                             "the default with P and Q seeded at random orthonormal columns (AdaLoRA's random start), "
                             "not the frozen weight's top singular vectors"),
-    "default-nocenter": ({"hyper": {**DEFAULT, "center_increment": False}},
+    "default-nocenter": ({"hyper": {**ROWS4, "center_increment": False}},
                          "the default without removing the row (column) mean of the generated P (Q) increments"),
-    "default-sensitivity": ({"hyper": {**DEFAULT, "importance": "sensitivity"}},
+    "default-sensitivity": ({"hyper": {**ROWS4, "importance": "sensitivity"}},
                             "the default with AdaLoRA's importance score (smoothed sensitivity of the generated "
                             "lambda) in place of its magnitude"),
-    "default-basis-unit": ({"hyper": {**DEFAULT, "basis": "unit"}},
+    "default-basis-unit": ({"hyper": {**ROWS4, "basis": "unit"}},
                            "the default with every generated column of P (row of Q) scaled to norm 1: lambda "
                            "alone carries the scale"),
-    "default-basis-orthonormal": ({"hyper": {**DEFAULT, "basis": "orthonormal"}},
+    "default-basis-orthonormal": ({"hyper": {**ROWS4, "basis": "orthonormal"}},
                                   "the default with the generated P and Q orthonormalised (QR): the singular "
                                   "values are exactly lambda, the orthogonal regulariser has nothing left to do"),
-    "default-mlp": ({"hyper": {**DEFAULT, "hypernet": "mlp"}},
+    "default-mlp": ({"hyper": {**ROWS4, "hypernet": "mlp"}},
                     "the default with the MLP body: no convolution couples neighbouring rows of a matrix"),
-    "default-lambda-codes": ({"hyper": {**DEFAULT, "lambda_codes": True}},
+    "default-lambda-codes": ({"hyper": {**ROWS4, "lambda_codes": True}},
                              "the default with a learned code per singular value of every layer for H_lambda "
-                             "(at the row embeddings' 30x lr): lambda gets per-layer parameters as P and Q do"),
+                             "(at the row embeddings' 30x lr): lambda gets per-layer parameters as P and Q do "
+                             "(= `default` since lambda_codes became the default)"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
                                        "split-width8+ffn0 with 4-wide per-row embeddings mapped to the width 8"),
     "split-width8+feature-dim2": ({"hyper": {**WIDTH8, "feature_dim": 2}},
                                   "split-width8 with 2-wide per-row embeddings mapped to the width 8 (memory)"),
-    "default-lr3x": ({"hyper": dict(DEFAULT), "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
-    "default-lr10x": ({"hyper": dict(DEFAULT), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
-    "default-rows-decay1-lr10x": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 1.0}, "lr_scale": 10.0},
+    "default-lr3x": ({"hyper": dict(ROWS4), "lr_scale": 3.0}, "check: the default at 3x the run's learning rate"),
+    "default-lr10x": ({"hyper": dict(ROWS4), "lr_scale": 10.0}, "check: the default at 10x the run's learning rate"),
+    "default-rows-decay1-lr10x": ({"hyper": {**ROWS4, "feature_lr_ratio_final": 1.0}, "lr_scale": 10.0},
                                   "check: default-rows-decay1 at 10x the run's learning rate"),
     # no pruning: the budget phase starts at the last step and masks only every 10**6 steps (peft's AdaLoRA refuses
     # init_r == target_r: kthvalue with k = 0)
     "adalora-no-pruning": ({"method": "adalora", "tinit": NO_PRUNING, "tfinal": 0, "deltaT": 10 ** 6},
                            "check: AdaLoRA keeping all init_r ranks (no rank is pruned during the run)"),
-    "default-no-pruning": ({"hyper": dict(DEFAULT), "tinit": NO_PRUNING, "tfinal": 0, "deltaT": 10 ** 6},
+    "default-no-pruning": ({"hyper": dict(ROWS4), "tinit": NO_PRUNING, "tfinal": 0, "deltaT": 10 ** 6},
                            "check: the default keeping all init_r ranks (compare with adalora-no-pruning)"),
     "adalora-lr3x": ({"method": "adalora", "lr_scale": 3.0},
                      "check: AdaLoRA itself at 3x the learning rate (is a larger step all it takes?)"),
@@ -155,6 +161,14 @@ hyperadalora experiment formulation --model /path/to/roberta-base --data-dir /pa
     --steps 3000 --batch-size 64 --max-length 256 --seeds 3 --device cuda --output-dir runs/experiments/formulation-full
 ```
 """
+
+
+# The default-* variants measured before lambda_codes became the default keep the default of their time (ROWS4),
+# so that their committed reports stay reproducible; their "the default" is that one, and the reports say so.
+for _label, (_overrides, _what) in list(VARIANTS.items()):
+    if _label.startswith("default-") and _overrides.get("hyper", {}).get("lambda_codes") is False \
+            and _label != "default-no-lambda-codes":
+        VARIANTS[_label] = (_overrides, _what + " [on the default before lambda_codes]")
 
 
 def _resolve(overrides: dict, steps: int) -> dict:
