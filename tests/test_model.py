@@ -96,13 +96,16 @@ def test_one_shared_hypernetwork_per_role(layers):
         n_params = sum(p.numel() for p in model.hypernetwork_parameters())
         other = ha.get_peft_model(make_bert(num_layers=layers + 1), cfg(context=context))
         # context='feature': only the module embedding grows with the number of layers;
-        # 'layer_feature': also one embedding per row of P and column of Q of the added layers
+        # 'layer_feature': also one embedding per row of P and column of Q of the added layers, and (lambda_codes,
+        # the default) one code per singular value of each
         grow = sum(g.hypernet.module_embedding.weight.numel() for g in other.generators.values()) - \
             sum(g.hypernet.module_embedding.weight.numel() for g in model.generators.values())
         if context == "layer_feature":
             added = other.adapters[-6:]
             c = model.peft_config
-            grow += sum(a.out_features + a.in_features for a in added) * (c.feature_dim or c.hypernet_dim)
+            assert c.lambda_codes
+            grow += (sum(a.out_features + a.in_features for a in added) + len(added) * c.init_r) * (
+                c.feature_dim or c.hypernet_dim)
         assert sum(p.numel() for p in other.hypernetwork_parameters()) - n_params == grow
 
 
@@ -332,7 +335,11 @@ def test_layer_feature_context_is_one_embedding_per_row_of_every_layer(bert, bat
             d = own.peft_config.feature_dim or own.peft_config.hypernet_dim
             assert tuple(gen_s.feature_embeddings[g].shape) == (length, d)
             assert tuple(gen_o.feature_embeddings[g].shape) == (n_g, length, d)
-    assert len(own.generators["lambda"].feature_embeddings) == 0  # lambda tokens are ranks, not features
+    # lambda's tokens are ranks, not features: no shared table; with lambda_codes (the default) one code per rank of
+    # every layer
+    assert len(shared.generators["lambda"].feature_embeddings) == 0
+    r, d = own.peft_config.init_r, own.peft_config.feature_dim
+    assert [tuple(e.shape) for e in own.generators["lambda"].feature_embeddings] == [(own.n_layers, r, d)]
     table = own.generators["P"].feature_embeddings[0]
     before = table.detach().clone()
     train_steps(own, batch, 3)
