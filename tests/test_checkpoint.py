@@ -253,3 +253,17 @@ def test_save_is_atomic_and_keeps_the_newest(tmp_path, monkeypatch):
     loaded = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(str(tmp_path)))
     assert loaded["step"] == 3 and torch.equal(loaded["tensors"]["model.weight"], model.weight.detach())
     assert loaded["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("saved, resumed", [(False, True), (True, False)])
+def test_a_checkpoint_with_other_lambda_codes_is_refused_with_the_flag_to_use(saved, resumed):
+    """A checkpoint written before lambda_codes became the default does not fit the default model: the message says
+    which option to set."""
+    import hyperadalora as ha
+    from test_model import cfg
+
+    writer = ha.get_peft_model(make_bert(), cfg(lambda_codes=saved))
+    reader = ha.get_peft_model(make_bert(), cfg(lambda_codes=resumed))
+    tensors, meta = ckpt_lib.model_state(writer)
+    with pytest.raises(ckpt_lib.CheckpointError, match="does not fit this model.*--lambda-codes false"):
+        ckpt_lib.load_model_state(reader, tensors, meta, "ckpt")

@@ -99,8 +99,12 @@ def load_model_state(model, tensors: dict, meta: dict, where: str) -> None:
     problems += [f"missing {k}" for k in sorted(expected.keys() - saved.keys())]
     problems += [f"unexpected {k}" for k in sorted(saved.keys() - expected.keys())]
     if problems:
+        hint = ""
+        if any(".generators.lambda.feature_embeddings." in p for p in problems):
+            hint = (". Lambda's per-layer codes differ: resume with the lambda_codes setting of the run that wrote "
+                    "it (--lambda-codes false for a checkpoint written before they became the default)")
         raise CheckpointError(f"{where} does not fit this model (another base model or adapter configuration?): "
-                              + "; ".join(sorted(problems)[:5]) + (" ..." if len(problems) > 5 else ""))
+                              + "; ".join(sorted(problems)[:5]) + (" ..." if len(problems) > 5 else "") + hint)
     device = next(model.parameters()).device
     tensors = {k: v.to(device) for k, v in tensors.items()}
     if kind == "hyperadalora":
