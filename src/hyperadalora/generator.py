@@ -135,7 +135,7 @@ class RoleGenerator(nn.Module):
         # learned codes per row of P / column of Q (context 'feature' / 'layer_feature'), and with lambda_codes per
         # singular value of lambda (one (r, feature_dim) table per layer)
         codes = (cfg.context in ("feature", "layer_feature") and rank_axis == 1) or (
-            cfg.context == "layer_feature" and getattr(cfg, "lambda_codes", False))
+            cfg.context == "layer_feature" and cfg.lambda_codes)
         uses_positions = self.element or rank_axis == 0
         self.hypernet = Hypernetwork(
             token_width=1 if self.element else width, dim=cfg.hypernet_dim, arch=cfg.hypernet,
