@@ -267,3 +267,52 @@ def test_a_checkpoint_with_other_lambda_codes_is_refused_with_the_flag_to_use(sa
     tensors, meta = ckpt_lib.model_state(writer)
     with pytest.raises(ckpt_lib.CheckpointError, match="does not fit this model.*--lambda-codes false"):
         ckpt_lib.load_model_state(reader, tensors, meta, "ckpt")
+
+
+def rewrite_state(ckpt_dir: Path, edit) -> None:
+    """Edit a checkpoint's state.json and update its manifest (as an older version of the library would have
+    written it)."""
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    edit(state)
+    (ckpt_dir / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt_dir / "manifest.json").read_text())
+    manifest["files"]["state.json"] = ckpt_lib._file_info(str(ckpt_dir / "state.json"))
+    (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_records_its_hypernetwork_options_and_a_changed_default_is_named(tmp_path, tokenizer):
+    """The checkpoint records every hypernetwork option, defaults included. Resuming under another library default
+    (simulated: a checkpoint of lambda_codes=False whose run set nothing) names the option in the warning and,
+    since the codes change the model's tensors, refuses with the flag that resumes it."""
+    out = tmp_path / "run"
+    run(tokenizer, out, "hyperadalora", max_steps=4, save_every=2, tinit=1, tfinal=1,
+        hyper={"lambda_codes": False, "hypernet_dim": 8})
+    ckpt = out / "checkpoints" / "step-0000004"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["hypernetwork_options"] == train_mod.hypernetwork_options(
+        TrainArgs(method="hyperadalora", hyper={"lambda_codes": False, "hypernet_dim": 8}))
+    assert state["hypernetwork_options"]["lambda_codes"] is False
+    assert state["hypernetwork_options"]["context"] == "layer_feature"  # a default, recorded too
+
+    rewrite_state(ckpt, lambda s: s["args"].update(hyper={"hypernet_dim": 8}))  # lambda_codes=False was the default
+    before = snapshot_files(out)
+    with pytest.warns(UserWarning, match=r"hypernetwork option lambda_codes: False -> True \(library default\)"), \
+            pytest.raises(ckpt_lib.CheckpointError, match=r"does not fit this model.*lambda_codes=False in the "
+                                                          r"checkpoint\): resume with --lambda-codes false$"):
+        run(tokenizer, out, "hyperadalora", max_steps=6, tinit=1, tfinal=1, resume=str(out), hyper={"hypernet_dim": 8})
+    assert snapshot_files(out) == before
+
+    # an option that changes no tensor: a warning, and the run resumes
+    with pytest.warns(UserWarning, match=r"hypernetwork option feature_lr_ratio: 30.0 -> 10.0(?! \(library)"):
+        summary = run(tokenizer, out, "hyperadalora", max_steps=6, tinit=1, tfinal=1, resume=str(out),
+                      hyper={"lambda_codes": False, "hypernet_dim": 8, "feature_lr_ratio": 10.0})
+    assert summary["resumed_from"].endswith("step-0000004")
+
+
+def test_a_checkpoint_without_recorded_options_still_gets_the_lambda_codes_hint(tmp_path, tokenizer):
+    out = tmp_path / "run"
+    run(tokenizer, out, "hyperadalora", max_steps=3, save_every=3, tinit=1, tfinal=1, hyper={"lambda_codes": False})
+    rewrite_state(out / "checkpoints" / "step-0000003", lambda s: (s.pop("hypernetwork_options"),
+                                                                   s["args"].update(hyper={})))
+    with pytest.raises(ckpt_lib.CheckpointError, match="--lambda-codes false for a checkpoint written before"):
+        run(tokenizer, out, "hyperadalora", max_steps=4, tinit=1, tfinal=1, resume=str(out))

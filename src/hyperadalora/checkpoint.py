@@ -11,7 +11,8 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-0000042/`` holding
 - ``rng.safetensors``: the torch CPU and CUDA generator states;
 - ``optimizer.pt``: the optimizer's ``state_dict`` (``torch.save``, loaded with ``weights_only=True``);
 - ``state.json``: the loop position (step, epoch, batches consumed in the epoch, counters), the Python and
-  NumPy RNG states, the run's arguments and the non-tensor model state (e.g. AdaLoRA's ``rank_pattern``);
+  NumPy RNG states, the run's arguments, every hypernetwork option it used (library defaults included) and the
+  non-tensor model state (e.g. AdaLoRA's ``rank_pattern``);
 - ``manifest.json``: size and SHA-256 of every other file, checked before anything is loaded.
 
 It is written into a temporary directory, fsynced and renamed into place, so a crash leaves either the
@@ -86,8 +87,9 @@ def model_state(model) -> tuple[dict, dict]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, meta
 
 
-def load_model_state(model, tensors: dict, meta: dict, where: str) -> None:
-    """Put a `model_state` back into ``model``; a checkpoint of another method or shape -> CheckpointError."""
+def load_model_state(model, tensors: dict, meta: dict, where: str, hint: str = "") -> None:
+    """Put a `model_state` back into ``model``; a checkpoint of another method or shape -> CheckpointError.
+    ``hint`` (from `train._check_resume_args`: the options to set) is appended to that error's message."""
     kind = _kind(model)
     if meta.get("kind") != kind:
         raise CheckpointError(f"{where} was written by a {meta.get('kind')!r} run; this run's method is {kind!r}.")
@@ -99,8 +101,8 @@ def load_model_state(model, tensors: dict, meta: dict, where: str) -> None:
     problems += [f"missing {k}" for k in sorted(expected.keys() - saved.keys())]
     problems += [f"unexpected {k}" for k in sorted(saved.keys() - expected.keys())]
     if problems:
-        hint = ""
-        if any(".generators.lambda.feature_embeddings." in p for p in problems):
+        if not hint and any(".generators.lambda.feature_embeddings." in p for p in problems):
+            # a checkpoint that does not record its hypernetwork options (written before they were recorded)
             hint = (". Lambda's per-layer codes differ: resume with the lambda_codes setting of the run that wrote "
                     "it (--lambda-codes false for a checkpoint written before they became the default)")
         raise CheckpointError(f"{where} does not fit this model (another base model or adapter configuration?): "
@@ -177,8 +179,11 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted((int(m.group(1)), os.path.join(root, n)) for n in names if (m := STEP_DIR.match(n)))
 
 
-def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: dict, args: dict, keep: int) -> str:
-    """Write ``run_dir/checkpoints/step-<step>/`` atomically, then delete all but the newest ``keep``."""
+def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: dict, args: dict, keep: int,
+                    hypernetwork_options: dict | None = None) -> str:
+    """Write ``run_dir/checkpoints/step-<step>/`` atomically, then delete all but the newest ``keep``.
+    ``hypernetwork_options``: every hypernetwork option the run used, defaults included
+    (`train.hypernetwork_options`), so that a resume under changed library defaults can say what changed."""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:07d}")
@@ -191,7 +196,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: 
     rng_tensors = {"torch": rng["torch"], **{f"cuda.{i}": t for i, t in enumerate(rng.get("cuda", []))}}
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, os.path.join(tmp, "rng.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    state = {"step": step, "loop": loop, "model": meta, "args": args,
+    state = {"step": step, "loop": loop, "model": meta, "args": args, "hypernetwork_options": hypernetwork_options or {},
              "rng": {"python": rng["python"], "numpy": rng["numpy"], "n_cuda": len(rng.get("cuda", []))}}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f, default=str)

@@ -344,19 +344,38 @@ RESUME_FREE_ARGS = ("resume", "output_dir", "progress", "save_every", "keep_chec
                     "data_dir", "data_path", "model")
 
 
-def _check_resume_args(args: TrainArgs, ckpt: dict) -> None:
+def _option_flag(name: str, value) -> str:
+    """The CLI flag that sets hypernetwork option ``name`` to ``value``."""
+    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return f"--{name.replace('_', '-')} {text}"
+
+
+def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
+    """Refuse a checkpoint of another method or beyond max_steps; warn about changed arguments and hypernetwork
+    options (the library defaults included). Returns the hint for a checkpoint that does not fit the model:
+    the options to set to resume it, or "" when they are the same or not recorded."""
     saved = ckpt["state"].get("args", {})
     if saved.get("method") not in (None, args.method):
         raise ckpt_lib.CheckpointError(f"{ckpt['path']} was written by a {saved['method']!r} run; this run's "
                                        f"method is {args.method!r}.")
     if ckpt["step"] > args.max_steps:
         raise ckpt_lib.CheckpointError(f"{ckpt['path']} is at step {ckpt['step']}, beyond max_steps={args.max_steps}.")
+    # checkpoints record every hypernetwork option the run used, defaults included: compare those, not ``hyper``
+    recorded = ckpt["state"].get("hypernetwork_options") or None
+    options = hypernetwork_options(args)
     current = json.loads(json.dumps(asdict(args), default=str))
     changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
-               if k in saved and k not in RESUME_FREE_ARGS and saved[k] != v]
+               if k in saved and k not in RESUME_FREE_ARGS and saved[k] != v and not (k == "hyper" and recorded)]
+    differ = {k: v for k, v in (recorded or {}).items() if k in options and options[k] != v}
+    changed += [f"hypernetwork option {k}: {v!r} -> {options[k]!r}" + ("" if k in args.hyper else " (library default)")
+                for k, v in differ.items()]
     if changed:
         warnings.warn(f"Resuming {ckpt['path']} with different arguments ({'; '.join(changed)}): the run will not "
                       f"be the same as an uninterrupted one.", stacklevel=3)
+    if not differ:
+        return ""
+    return (f". Its hypernetwork options differ from this run's ({', '.join(f'{k}={v!r}' for k, v in differ.items())} "
+            f"in the checkpoint): resume with {' '.join(_option_flag(k, v) for k, v in differ.items())}")
 
 
 def _truncate_metrics(source: str, target: str, step: int) -> None:
@@ -480,7 +499,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     ckpt = None
     if args.resume:  # verified before anything is loaded or written
         ckpt = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(args.resume), verified=True)
-        _check_resume_args(args, ckpt)
+        ckpt["hint"] = _check_resume_args(args, ckpt)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     dist_info, device = setup_distributed(args.device)
@@ -541,7 +560,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
     pos = {"step": 0, "epoch": 0, "batches": 0, "train_time": 0.0, "elapsed": 0.0, "nonfinite": 0, "consecutive": 0,
            "last": {}}
     if ckpt is not None:
-        ckpt_lib.load_model_state(unwrapped, ckpt["tensors"], ckpt["state"]["model"], ckpt["path"])
+        ckpt_lib.load_model_state(unwrapped, ckpt["tensors"], ckpt["state"]["model"], ckpt["path"],
+                                  hint=ckpt.get("hint", ""))
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
@@ -573,7 +593,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
             return None
         return ckpt_lib.save_checkpoint(args.output_dir, snap["loop"]["step"], unwrapped, optimizer, snap["loop"],
                                         snap["rng"], json.loads(json.dumps(asdict(args), default=str)),
-                                        args.keep_checkpoints)
+                                        args.keep_checkpoints, hypernetwork_options(args))
 
     def run_eval(gen_examples=None) -> Optional[dict]:  # process 0 only, on the unwrapped model (no collectives)
         result = None

@@ -129,6 +129,9 @@ VARIANTS = {
                              "the default with a learned code per singular value of every layer for H_lambda "
                              "(at the row embeddings' 30x lr): lambda gets per-layer parameters as P and Q do "
                              "(= `default` since lambda_codes became the default)"),
+    "default-rows-rise": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 300.0}},
+                          "the default with the per-row embeddings' ratio rising geometrically from 30x to 300x over "
+                          "the run: their step shrinks less than the run's linear decay late in the run"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
