@@ -132,6 +132,9 @@ VARIANTS = {
     "default-rows-rise": ({"hyper": {**DEFAULT, "feature_lr_ratio_final": 300.0}},
                           "the default with the per-row embeddings' ratio rising geometrically from 30x to 300x over "
                           "the run: their step shrinks less than the run's linear decay late in the run"),
+    "default-rows100-codes": ({"hyper": {**DEFAULT, "feature_lr_ratio": 100.0}},
+                              "the default (with lambda codes) with the per-row embeddings and codes at 100x the "
+                              "learning rate (not 30x)"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
