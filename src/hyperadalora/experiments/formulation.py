@@ -135,6 +135,12 @@ VARIANTS = {
     "default-rows100-codes": ({"hyper": {**DEFAULT, "feature_lr_ratio": 100.0}},
                               "the default (with lambda codes) with the per-row embeddings and codes at 100x the "
                               "learning rate (not 30x)"),
+    "default-rows10-codes": ({"hyper": {**DEFAULT, "feature_lr_ratio": 10.0}},
+                             "the default (with lambda codes) with the per-row embeddings and codes at 10x the "
+                             "learning rate (not 30x)"),
+    "default-body3-codes": ({"hyper": {**DEFAULT, "hypernet_lr_ratio": 3.0}},
+                            "the default (with lambda codes) with the hypernetwork bodies (and module / rank "
+                            "embeddings) at 3x"),
     "split-width8+ffn0": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0}},
                           "split-width8 without the hypernetworks' feed-forward block (speed)"),
     "split-width8+ffn0+feature-dim4": ({"hyper": {**WIDTH8, "hypernet_ffn_mult": 0, "feature_dim": 4}},
