@@ -227,3 +227,29 @@ def test_cli_demo_compares_both_methods_side_by_side(tmp_path, tokenizer, capsys
     reloaded = PeftModel.from_pretrained(base, str(out / "adalora" / "adapter"))
     ids = tokenizer(["good movie", "bad movie"], return_tensors="pt")
     assert torch.isfinite(reloaded(**ids).logits).all()
+
+
+@pytest.mark.parametrize("method", ["hyperadalora", "adalora"])
+def test_deberta_gets_the_papers_target_modules_and_trains_a_step(method):
+    """DeBERTa-v3 (one of the paper's encoders) names its projections query_proj / key_proj / value_proj: every
+    method adapts the paper's six matrices per layer (not the pooler, as 'all-linear' would)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from hyperadalora.train import build_adapter_model, default_target_modules
+
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, pooler_hidden_size=32, num_labels=2)
+    model = DebertaV2ForSequenceClassification(config)
+    targets = default_target_modules(model)
+    assert targets[:3] == ["query_proj", "key_proj", "value_proj"]
+    args = TrainArgs(method=method, task="sst2", max_steps=10, tinit=2, tfinal=2, deltaT=2)
+    wrapped, _ = build_adapter_model(args, model, "SEQ_CLS")
+    adapted = sorted(n.split("deberta.", 1)[1] for n, m in wrapped.named_modules() if type(m).__name__ == "SVDLinear")
+    per_layer = ["attention.output.dense", "attention.self.key_proj", "attention.self.query_proj",
+                 "attention.self.value_proj", "intermediate.dense", "output.dense"]
+    assert adapted == [f"encoder.layer.{i}.{name}" for i in range(2) for name in per_layer]  # no pooler, no head
+    inputs = torch.randint(0, 100, (2, 8))
+    out = wrapped(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)

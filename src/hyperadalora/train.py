@@ -162,11 +162,14 @@ def set_seed(seed: int) -> None:
 
 
 def default_target_modules(model) -> list[str]:
-    """All attention and MLP projections of common architectures (same set for every method)."""
+    """All attention and MLP projections of common architectures (same set for every method): BERT / RoBERTa,
+    DeBERTa(-v2/-v3: the paper's encoders), Llama-style decoders; any other: peft's 'all-linear' (every linear
+    layer but the output head)."""
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     bert = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    deberta = ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"]
     llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    for candidate in (bert, llama):
+    for candidate in (bert, deberta, llama):
         if {c.rsplit(".", 1)[-1] for c in candidate} <= names:
             return candidate
     return "all-linear"
