@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hyperadalora as ha
+from hyperadalora import cli
 
 from conftest import make_bert, make_llama
 from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experiment_parser, cmd_experiment,
@@ -235,6 +236,39 @@ def test_nlu_convergence_tiny(tmp_path, tiny_bert_dir, glue_dir):
     # same data order: step 1 is the identity for both methods, so their first losses match
     c = data["tasks"]["sst2"]["curves"]
     assert c["adalora"]["task_loss"][0][0] == pytest.approx(c["hyperadalora"]["task_loss"][0][0], abs=1e-4)
+    assert "## Goal check" in report and data["tasks"]["sst2"]["goal_check"]["verdict"] in (
+        "met", "not met", "not measurable")
+
+
+def _conv(per_seed: dict) -> dict:
+    """A `convergence` result with only what `goal_check` reads: {seed: (target_90, steps, time, dev, ref dev)}."""
+    return {"reference": "adalora", "per_seed": {
+        s: {"target_90": t90, "methods": {"adalora": {"steps_ratio": 1.0, "time_ratio": 1.0, "dev_accuracy": ref},
+                                           "hyper": {"steps_ratio": st, "time_ratio": ti, "dev_accuracy": dev}}}
+        for s, (t90, st, ti, dev, ref) in per_seed.items()}}
+
+
+def test_goal_check_verdicts():
+    from hyperadalora.experiments.common import goal_check, goal_table
+
+    met = goal_check(_conv({0: (0.5, 0.6, 0.5, 0.80, 0.80), 1: (0.5, 0.95, 0.9, 0.80, 0.805)}), "hyper", "accuracy")
+    assert met["verdict"] == "met" and met["steps_ratio"] == pytest.approx(0.775) and met["seeds_within_goal"] == 1
+    assert met["dev_points"] == pytest.approx(-0.25)
+    slow = goal_check(_conv({0: (0.5, 0.6, 0.5, 0.8, 0.8), 1: (0.5, 1.1, 0.9, 0.8, 0.8)}), "hyper", "accuracy")
+    assert slow["verdict"] == "not met" and slow["steps_ratio"] == pytest.approx(0.85)
+    # a seed that never reaches the target fails the goal, whatever the others do
+    never = goal_check(_conv({0: (0.5, 0.5, 0.5, 0.8, 0.8), 1: (0.5, None, None, 0.8, 0.8)}), "hyper", "accuracy")
+    assert never["verdict"] == "not met" and never["not_reached"] == 1 and never["steps_ratio"] is None
+    # dev more than 1 point below fails it
+    worse = goal_check(_conv({0: (0.5, 0.5, 0.5, 0.78, 0.80)}), "hyper", "accuracy")
+    assert worse["verdict"] == "not met" and worse["dev_ok"] is False
+    # seeds on which the reference's loss did not come down are left out; none left: not measurable
+    flat = goal_check(_conv({0: (None, 0.5, 0.5, 0.8, 0.8), 1: (0.5, 1.0, 1.0, 0.8, 0.8)}), "hyper", "accuracy")
+    assert flat["measurable_seeds"] == 1 and flat["steps_ratio"] == 1.0
+    none = goal_check(_conv({0: (None, 0.5, 0.5, 0.8, 0.8)}), "hyper", "accuracy")
+    assert none["verdict"] == "not measurable"
+    table = goal_table({"a": met, "b": never, "c": none})
+    assert "**met**" in table and "never reached on 1 seed(s)" in table and "did not come down" in table
 
 
 def test_nlu_convergence_reuse(tmp_path, tiny_bert_dir, glue_dir, capsys):
@@ -346,12 +380,41 @@ def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
         expected = {k: v for k, v in VARIANTS[label][0]["hyper"].items()}
         assert {k: args["hyper"][k] for k in expected} == expected and args["method"] == "hyperadalora"
         assert data["health"][label]["max_orth_penalty"] is not None
-    assert "what it changes" in report and "loss gap, same batches" in report
+    assert "what it changes" in report and "loss gap, same batches" in report and "## Goal check" in report
+    assert set(data["goal_check"]) == {"paper", "offset+feature", "adalora-lr3x", "default-no-pruning"}
     assert methods["adalora"]["loss_gap"]["mean"] == 0.0 and methods["adalora"]["steps_below"]["mean"] == 0.0
     assert methods["paper"]["loss_gap"]["n"] == 1 and 0.0 <= methods["paper"]["steps_below"]["mean"] <= 1.0
     opts.variants = ["nope"]
     with pytest.raises(ValueError, match="unknown variant"):
         run_experiment("formulation", opts)
+
+
+def test_formulation_runs_a_variant_of_ones_own_from_the_command_line(tmp_path, tiny_bert_dir, glue_dir, capsys):
+    """--variant NAME:KEY=VALUE,... : the library default with those options, run beside adalora and default."""
+    out = tmp_path / "out"
+    code = cli.main(["experiment", "formulation", "--model", tiny_bert_dir, "--data-dir", glue_dir, "--steps", "6",
+                     "--seeds", "1", "--max-length", "16", "--batch-size", "4", "--max-eval-examples", "4",
+                     "--output-dir", str(out), "--threads", "1",
+                     "--variant", "mine:feature_lr_ratio=10,hypernet=mlp,lambda-codes=false,lr_scale=2"])
+    assert code == 0, capsys.readouterr().err
+    data = json.load(open(out / "results.json"))
+    assert list(data["convergence"]["methods"]) == ["adalora", "default", "mine"]
+    args = {label: json.load(open(out / "seed0" / label / "summary.json"))["args"] for label in ("default", "mine")}
+    assert args["mine"]["hyper"] == {**args["default"]["hyper"], "feature_lr_ratio": 10.0, "hypernet": "mlp",
+                                     "lambda_codes": False}
+    assert args["mine"]["lr"] == pytest.approx(2 * args["default"]["lr"])
+    assert "your variant: the library default with feature_lr_ratio=10.0, hypernet=mlp" in data["variants"]["mine"]["what"]
+    # bad input fails before anything runs, with what to change
+    for spec, message in [("default:hypernet=mlp", "built-in variant; choose another name"),
+                          ("x:hypernet_dim", "is not KEY=VALUE"), ("x:nope=1", "unknown option 'nope'"),
+                          ("x:hypernet=transformer", "--variant x: hypernet='transformer' is not supported"),
+                          ("x:lambda_codes=maybe", "takes true or false")]:
+        code = cli.main(["experiment", "formulation", "--model", tiny_bert_dir, "--data-dir", glue_dir,
+                         "--output-dir", str(tmp_path / "bad"), "--variant", spec])
+        assert code == 2 and message in capsys.readouterr().err, spec
+    assert not (tmp_path / "bad").exists()
+    code = cli.main(["experiment", "gamma", "--output-dir", str(tmp_path / "bad"), "--variant", "mine:hypernet=mlp"])
+    assert code == 2 and "choose formulations of the 'formulation' experiment" in capsys.readouterr().err
 
 
 def test_rank_allocation_tiny(tmp_path, tiny_bert_dir, glue_dir):

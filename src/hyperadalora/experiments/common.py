@@ -51,6 +51,7 @@ class ExperimentOptions:
     data_path: list = field(default_factory=list)  # nlg: extra instruction data files
     tasks: Optional[list] = None            # GLUE tasks (nlu-convergence; the first one for the others)
     variants: Optional[list] = None         # formulation: labels of the variants to run
+    variant: list = field(default_factory=list)  # formulation: your own variants, "NAME:KEY=VALUE,..."
     batch_sizes: Optional[list] = None      # efficiency
     eval_every: Optional[int] = None
     max_train_examples: Optional[int] = None
@@ -574,6 +575,59 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
         agg[label] = {k: stats([p["methods"][label].get(k) for p in per_seed.values()]) for k in keys}
     return {"reference": reference, "window": window, "target_loss": stats([p["target_loss"] for p in per_seed.values()]),
             "per_seed": per_seed, "methods": agg}
+
+
+# The goal the project holds itself to (issue 6): the method reaches the reference's final training loss in at most
+# 0.8x its steps and 0.8x its training time, with final dev metric within 1 point.
+GOAL_STEPS, GOAL_TIME, GOAL_DEV_POINTS = 0.8, 0.8, 1.0
+
+
+def goal_check(conv: dict, label: str, metric: str) -> dict:
+    """The goal, checked on one `convergence` result: ``label`` against its reference, over the seeds whose
+    reference loss came down beyond its noise (`drop_target`; on the others there is no speed to measure).
+
+    steps / time: the mean over those seeds of the ratio (a seed where ``label`` never reached the target fails
+    it); dev: the mean of the label's final dev ``metric`` minus the reference's, in points (x100). Returns the
+    numbers and a verdict: "met", "not met" or "not measurable"."""
+    ref = conv["reference"]
+    seeds = [s for s, p in conv["per_seed"].items() if p["target_90"] is not None]
+    out = {"seeds": len(conv["per_seed"]), "measurable_seeds": len(seeds), "goal_steps": GOAL_STEPS,
+           "goal_time": GOAL_TIME, "goal_dev_points": GOAL_DEV_POINTS}
+    key = f"dev_{metric}"
+    devs = [(p["methods"][label].get(key), p["methods"][ref].get(key)) for p in conv["per_seed"].values()]
+    devs = [(a, b) for a, b in devs if a is not None and b is not None]
+    out["dev_points"] = 100 * float(np.mean([a - b for a, b in devs])) if devs else None
+    out["dev_ok"] = None if out["dev_points"] is None else out["dev_points"] >= -GOAL_DEV_POINTS
+    if not seeds:
+        return {**out, "steps_ratio": None, "time_ratio": None, "not_reached": 0, "seeds_within_goal": 0,
+                "verdict": "not measurable"}
+    rows = [conv["per_seed"][s]["methods"][label] for s in seeds]
+    steps, times = [r["steps_ratio"] for r in rows], [r["time_ratio"] for r in rows]
+    not_reached = sum(v is None for v in steps)
+    out.update(not_reached=not_reached,
+               steps_ratio=None if not_reached else float(np.mean(steps)),
+               time_ratio=None if not_reached or None in times else float(np.mean(times)),
+               seeds_within_goal=sum(v is not None and v <= GOAL_STEPS for v in steps))
+    met = (out["steps_ratio"] is not None and out["steps_ratio"] <= GOAL_STEPS and out["time_ratio"] is not None
+           and out["time_ratio"] <= GOAL_TIME and out["dev_ok"] is not False)
+    return {**out, "verdict": "met" if met else "not met"}
+
+
+def goal_table(checks: dict) -> str:
+    """Markdown table of `goal_check` results, one row per name (e.g. task)."""
+    rows = []
+    for name, g in checks.items():
+        if g["verdict"] == "not measurable":
+            steps = time = f"n/a: the reference's loss did not come down beyond its noise on any of {g['seeds']} seeds"
+        else:
+            steps = ("never reached on " + str(g["not_reached"]) + " seed(s)" if g["steps_ratio"] is None
+                     else f"{g['steps_ratio']:.2f} ({g['seeds_within_goal']} of {g['measurable_seeds']} seeds "
+                          f"<= {g['goal_steps']})")
+            time = "n/a" if g["time_ratio"] is None else f"{g['time_ratio']:.2f}"
+        dev = "n/a" if g["dev_points"] is None else f"{g['dev_points']:+.1f}"
+        rows.append([name, steps, time, dev, f"**{g['verdict']}**"])
+    return markdown_table(["", f"steps ratio, mean (goal <= {GOAL_STEPS})", f"time ratio, mean (goal <= {GOAL_TIME})",
+                           f"final dev, points vs the reference (goal >= -{GOAL_DEV_POINTS:g})", "verdict"], rows)
 
 
 def convergence_table(conv: dict, metric_keys: Iterable[str] = ()) -> str:

@@ -8,13 +8,21 @@ steps and wall-clock to AdaLoRA's final smoothed loss and their ratios, the dev 
 and the largest orthogonal penalty and generated norm seen (a run-away shows there).
 
 ``--variants a,b,c`` runs a subset (labels of `VARIANTS`); ``adalora`` (the reference) is always run.
+``--variant NAME:KEY=VALUE,...`` (repeatable) adds a formulation of one's own: the library default with the given
+HyperAdaLoRA options (the names of `HyperAdaLoraConfig`'s fields / the train flags, e.g.
+``--variant rows10:feature_lr_ratio=10,hypernet=mlp``) and ``lr_scale`` (the run's lr times it); without
+``--variants`` it runs beside ``adalora`` and ``default``.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import re
 
-from .common import (as_options, convergence, curves, fmt_stat, gap_note, markdown_table, output_dir, plot_gap_bands,
+from .common import (GOAL_DEV_POINTS, GOAL_STEPS, GOAL_TIME, as_options, convergence, curves, fmt_stat, gap_note,
+                     goal_check, goal_table, markdown_table, output_dir, plot_gap_bands,
                      plot_loss_bands, primary_metric, report_header, run_index, run_variants, settings_of,
                      single_task_setup, write_outputs)
 
@@ -188,18 +196,84 @@ def _resolve(overrides: dict, steps: int) -> dict:
     return {k: (steps - 1 if v is NO_PRUNING else v) for k, v in overrides.items()}
 
 
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _parser_of(key: str):
+    """How to read a command-line value of a HyperAdaLoRA option that has no train flag: by its default's type."""
+    from ..cli import _flag
+    from ..config import HyperAdaLoraConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(HyperAdaLoraConfig)}[key]
+    if isinstance(default, bool):
+        return lambda text: _flag(text, key)
+    return type(default) if isinstance(default, (int, float)) else str
+
+
+def parse_variant(spec: str) -> tuple[str, tuple[dict, str]]:
+    """``NAME:KEY=VALUE,...`` -> (NAME, (overrides, description)): the library default with those HyperAdaLoRA
+    options (values parsed as the train flags parse them) and ``lr_scale``. Bad input -> ValueError / TypeError
+    saying what to change, before anything runs."""
+    from ..cli import NONE, TRAIN_FLAGS
+    from ..config import HyperAdaLoraConfig
+    from ..train import HYPER_FIELDS
+
+    example = "e.g. --variant rows10:feature_lr_ratio=10,hypernet=mlp"
+    name, sep, body = spec.partition(":")
+    name = name.strip()
+    if not sep or not body.strip():
+        raise ValueError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] ({example}).")
+    if not VARIANT_NAME.match(name):
+        raise ValueError(f"--variant {spec!r}: the name {name!r} must start with a letter or digit and contain only "
+                         f"letters, digits and _ . + - (it names the run directory).")
+    if name == "adalora" or name in VARIANTS:
+        raise ValueError(f"--variant {spec!r}: {name!r} is a built-in variant; choose another name.")
+    hyper, lr_scale = {}, None
+    for item in body.split(","):
+        key, eq, text = item.partition("=")
+        key, text = key.strip().replace("-", "_"), text.strip()
+        if not eq or not key or not text:
+            raise ValueError(f"--variant {name}: {item.strip()!r} is not KEY=VALUE ({example}).")
+        if key == "lr_scale":
+            try:
+                lr_scale = float(text)
+            except ValueError:
+                raise ValueError(f"--variant {name}: lr_scale takes a number, got {text!r}.") from None
+            if not lr_scale > 0:
+                raise ValueError(f"--variant {name}: lr_scale={lr_scale} must be > 0.")
+            continue
+        if key not in HYPER_FIELDS:
+            raise ValueError(f"--variant {name}: unknown option {key!r}; valid: lr_scale, {', '.join(HYPER_FIELDS)}.")
+        kind = TRAIN_FLAGS[key][0] if key in TRAIN_FLAGS else _parser_of(key)
+        try:
+            value = kind(text)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"--variant {name}: {key}={text!r}: {e}") from None
+        hyper[key] = None if value is NONE else value
+    try:  # the config's own checks, before anything runs
+        HyperAdaLoraConfig(**{**DEFAULT, **hyper})
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"--variant {name}: {e}") from None
+    overrides = {"hyper": {**DEFAULT, **hyper}, **({"lr_scale": lr_scale} if lr_scale is not None else {})}
+    changes = [f"{k}={v}" for k, v in hyper.items()] + ([f"lr x{lr_scale:g}"] if lr_scale is not None else [])
+    return name, (overrides, "your variant: the library default with " + ", ".join(changes))
+
+
 def run_formulation(opts=None) -> dict:
     opts = as_options(opts)
+    custom = dict(parse_variant(spec) for spec in opts.variant)  # bad input fails before anything is written
     out = output_dir(opts, NAME)
     setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
     task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
     command, env, base = setup.command, setup.env, setup.base
-    chosen = list(opts.variants or VARIANTS)
-    unknown = [v for v in chosen if v not in VARIANTS]
+    table = {**VARIANTS, **custom}
+    chosen = list(opts.variants or (["default"] if custom else VARIANTS)) + list(custom)
+    unknown = [v for v in chosen if v not in table]
     if unknown:
-        raise ValueError(f"formulation: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
-    labels = ["adalora"] + [v for v in chosen if v != "adalora"]
-    variants = {label: _resolve(VARIANTS[label][0], steps) for label in labels}
+        raise ValueError(f"formulation: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)} "
+                         f"(or add your own with --variant NAME:KEY=VALUE,...).")
+    labels = ["adalora"] + list(dict.fromkeys(v for v in chosen if v != "adalora"))
+    variants = {label: _resolve(table[label][0], steps) for label in labels}
     runs = run_variants(base, variants, out, seeds, reuse=opts.reuse)
     conv = convergence(runs, window, reference="adalora")
     metric = primary_metric(runs[seeds[0]]["adalora"]["summary"]["final_eval"]) or "accuracy"
@@ -219,17 +293,18 @@ def run_formulation(opts=None) -> dict:
     for label in labels:
         m = conv["methods"][label]
         h = health[label]
-        rows.append([f"`{label}`", VARIANTS[label][1], fmt_stat(m["final_smoothed_task_loss"]),
+        rows.append([f"`{label}`", table[label][1], fmt_stat(m["final_smoothed_task_loss"]),
                      fmt_stat(m["steps_to_target"], "{:.1f}"), fmt_stat(m["steps_ratio"], "{:.2f}"),
                      fmt_stat(m["time_ratio"], "{:.2f}"), fmt_stat(m.get("loss_gap"), "{:.4f}"),
                      fmt_stat(m.get("steps_below"), "{:.2f}"), fmt_stat(m.get(f"dev_{metric}")),
                      fmt_stat(m["median_step_s"], "{:.3f}"),
                      "-" if h["max_orth_penalty"] is None else f"{h['max_orth_penalty']:.3g}",
                      "-" if h["max_gen_norm"] is None else f"{h['max_gen_norm']:.3g}"])
+    goals = {label: goal_check(conv, label, metric) for label in labels if label != "adalora"}
     results = {"experiment": NAME, "command": command, "env": env, "task": task, "seeds": seeds, "window": window,
-               "args": base, "variants": {label: {"overrides": VARIANTS[label][0], "what": VARIANTS[label][1]}
+               "args": base, "variants": {label: {"overrides": table[label][0], "what": table[label][1]}
                                           for label in labels},
-               "convergence": conv, "health": health, "plot": os.path.basename(png),
+               "convergence": conv, "goal_check": goals, "health": health, "plot": os.path.basename(png),
                "gap_plot": os.path.basename(gap_png),
                "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
                "runs": run_index(runs)}
@@ -248,5 +323,10 @@ def run_formulation(opts=None) -> dict:
                               "time ratio", "loss gap, same batches", "steps below AdaLoRA's loss",
                               f"dev {metric}", "median step (s)", "max orth penalty",
                               "max generated norm"], rows), "",
+              "## Goal check", "",
+              f"Against the goal (AdaLoRA's final loss in <= {GOAL_STEPS}x its steps and <= {GOAL_TIME}x its "
+              f"time, final dev {metric} within {GOAL_DEV_POINTS:g} point), over the seeds on which AdaLoRA's loss "
+              "came down beyond its noise:", "",
+              goal_table({f"`{label}`": g for label, g in goals.items()}), "",
               "![loss curves](loss_curves.png)", "", "![loss gap to AdaLoRA](loss_gap.png)", "", FULL_SIZE]
     return write_outputs(out, results, lines)

@@ -51,6 +51,9 @@ def run_experiment(name: str, opts=None) -> dict:
         raise ValueError(f"Unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}.")
     opts = as_options(opts)
     opts.name = name
+    if name != "formulation" and (opts.variants or opts.variant):
+        raise ValueError(f"--variants / --variant choose formulations of the 'formulation' experiment; {name!r} "
+                         f"has none: leave them out, or run 'hyperadalora experiment formulation'.")
     return EXPERIMENTS[name](opts)
 
 
@@ -91,6 +94,10 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
                                               "ablation-hypernet, gamma, rank-allocation: the first)")
     p.add_argument("--variants", type=_csv, help="formulation: comma-separated variant labels ("
                                                  + ", ".join(FORMULATION_VARIANTS) + ")")
+    p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE,...",
+                   help="formulation: a variant of your own, repeatable: the library default with these HyperAdaLoRA "
+                        "options (and lr_scale), e.g. rows10:feature_lr_ratio=10,hypernet=mlp; without --variants "
+                        "it runs beside adalora and default")
     p.add_argument("--batch-sizes", dest="batch_sizes", type=_int_csv, help="efficiency: e.g. 1,2,4,8,16,32")
     p.add_argument("--eval-every", dest="eval_every", type=int, help="nlu-convergence: dev evaluation interval")
     p.add_argument("--max-train-examples", dest="max_train_examples", type=int)
