@@ -243,32 +243,37 @@ def test_nlu_convergence_tiny(tmp_path, tiny_bert_dir, glue_dir):
 def _conv(per_seed: dict) -> dict:
     """A `convergence` result with only what `goal_check` reads: {seed: (target_90, steps, time, dev, ref dev)}."""
     return {"reference": "adalora", "per_seed": {
-        s: {"target_90": t90, "methods": {"adalora": {"steps_ratio": 1.0, "time_ratio": 1.0, "dev_accuracy": ref},
+        s: {"target_90": t90, "target_loss": None if t90 is None else t90 - 0.09, "methods": {"adalora": {"steps_ratio": 1.0, "time_ratio": 1.0, "dev_accuracy": ref},
                                            "hyper": {"steps_ratio": st, "time_ratio": ti, "dev_accuracy": dev}}}
         for s, (t90, st, ti, dev, ref) in per_seed.items()}}
 
 
 def test_goal_check_verdicts():
-    from hyperadalora.experiments.common import goal_check, goal_table
+    from hyperadalora.experiments.common import CLASSIFICATION_QUALITY, goal_check, goal_table
 
-    met = goal_check(_conv({0: (0.5, 0.6, 0.5, 0.80, 0.80), 1: (0.5, 0.95, 0.9, 0.80, 0.805)}), "hyper", "accuracy")
+    def check(per_seed):
+        return goal_check(_conv(per_seed), "hyper", CLASSIFICATION_QUALITY)
+
+    met = check({0: (0.5, 0.6, 0.5, 0.80, 0.80), 1: (0.5, 0.95, 0.9, 0.80, 0.805)})
     assert met["verdict"] == "met" and met["steps_ratio"] == pytest.approx(0.775) and met["seeds_within_goal"] == 1
-    assert met["dev_points"] == pytest.approx(-0.25)
-    slow = goal_check(_conv({0: (0.5, 0.6, 0.5, 0.8, 0.8), 1: (0.5, 1.1, 0.9, 0.8, 0.8)}), "hyper", "accuracy")
+    assert met["quality"]["accuracy"]["points"] == pytest.approx(-0.25)
+    assert met["reference_drop"] == pytest.approx(0.9)   # start - target: the 90% level is 0.09 above the target
+    slow = check({0: (0.5, 0.6, 0.5, 0.8, 0.8), 1: (0.5, 1.1, 0.9, 0.8, 0.8)})
     assert slow["verdict"] == "not met" and slow["steps_ratio"] == pytest.approx(0.85)
     # a seed that never reaches the target fails the goal, whatever the others do
-    never = goal_check(_conv({0: (0.5, 0.5, 0.5, 0.8, 0.8), 1: (0.5, None, None, 0.8, 0.8)}), "hyper", "accuracy")
+    never = check({0: (0.5, 0.5, 0.5, 0.8, 0.8), 1: (0.5, None, None, 0.8, 0.8)})
     assert never["verdict"] == "not met" and never["not_reached"] == 1 and never["steps_ratio"] is None
     # dev more than 1 point below fails it
-    worse = goal_check(_conv({0: (0.5, 0.5, 0.5, 0.78, 0.80)}), "hyper", "accuracy")
-    assert worse["verdict"] == "not met" and worse["dev_ok"] is False
+    worse = check({0: (0.5, 0.5, 0.5, 0.78, 0.80)})
+    assert worse["verdict"] == "not met" and worse["quality"]["accuracy"]["ok"] is False
     # seeds on which the reference's loss did not come down are left out; none left: not measurable
-    flat = goal_check(_conv({0: (None, 0.5, 0.5, 0.8, 0.8), 1: (0.5, 1.0, 1.0, 0.8, 0.8)}), "hyper", "accuracy")
+    flat = check({0: (None, 0.5, 0.5, 0.8, 0.8), 1: (0.5, 1.0, 1.0, 0.8, 0.8)})
     assert flat["measurable_seeds"] == 1 and flat["steps_ratio"] == 1.0
-    none = goal_check(_conv({0: (None, 0.5, 0.5, 0.8, 0.8)}), "hyper", "accuracy")
+    none = check({0: (None, 0.5, 0.5, 0.8, 0.8)})
     assert none["verdict"] == "not measurable"
     table = goal_table({"a": met, "b": never, "c": none})
     assert "**met**" in table and "never reached on 1 seed(s)" in table and "did not come down" in table
+    assert "accuracy -2.00 (>= -1: no)" in goal_table({"w": worse})
 
 
 def test_nlu_convergence_reuse(tmp_path, tiny_bert_dir, glue_dir, capsys):
@@ -483,7 +488,9 @@ def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
         ev = ds["runs"]["0"][m]["final_eval"]
         assert "bleu4" in ev and "rouge1" in ev and ev["n_generated"] == 2
     assert ds["train_time_ratio"]["mean"] > 0
-    assert "BLEU-4" in report
+    assert "BLEU-4" in report and "## Goal check" in report
+    assert set(ds["goal_check"]["quality"]) == {"bleu4", "rouge1"}
+    assert ds["goal_check"]["quality"]["bleu4"]["bound"] == 0.5
 
 
 def test_cli_subcommand(tmp_path, tiny_bert_dir, glue_dir, capsys):
