@@ -249,10 +249,10 @@ def _conv(per_seed: dict) -> dict:
 
 
 def test_goal_check_verdicts():
-    from hyperadalora.experiments.common import CLASSIFICATION_QUALITY, goal_check, goal_table
+    from hyperadalora.experiments.common import CLASSIFICATION_BOUND, goal_check, goal_table
 
     def check(per_seed):
-        return goal_check(_conv(per_seed), "hyper", CLASSIFICATION_QUALITY)
+        return goal_check(_conv(per_seed), "hyper", {"accuracy": CLASSIFICATION_BOUND})
 
     met = check({0: (0.5, 0.6, 0.5, 0.80, 0.80), 1: (0.5, 0.95, 0.9, 0.80, 0.805)})
     assert met["verdict"] == "met" and met["steps_ratio"] == pytest.approx(0.775) and met["seeds_within_goal"] == 1
