@@ -244,7 +244,8 @@ def _conv(per_seed: dict) -> dict:
     """A `convergence` result with only what `goal_check` reads: {seed: (target_90, steps, time, dev, ref dev)}."""
     return {"reference": "adalora", "per_seed": {
         s: {"target_90": t90, "target_loss": None if t90 is None else t90 - 0.09, "methods": {"adalora": {"steps_ratio": 1.0, "time_ratio": 1.0, "dev_accuracy": ref},
-                                           "hyper": {"steps_ratio": st, "time_ratio": ti, "dev_accuracy": dev}}}
+                                           "hyper": {"steps_ratio": st, "time_ratio": ti, "dev_accuracy": dev,
+                                                     "loss_gap": -0.01}}}
         for s, (t90, st, ti, dev, ref) in per_seed.items()}}
 
 
@@ -257,7 +258,7 @@ def test_goal_check_verdicts():
     met = check({0: (0.5, 0.6, 0.5, 0.80, 0.80), 1: (0.5, 0.95, 0.9, 0.80, 0.805)})
     assert met["verdict"] == "met" and met["steps_ratio"] == pytest.approx(0.775) and met["seeds_within_goal"] == 1
     assert met["quality"]["accuracy"]["points"] == pytest.approx(-0.25)
-    assert met["reference_drop"] == pytest.approx(0.9)   # start - target: the 90% level is 0.09 above the target
+    assert met["reference_drop"] == pytest.approx(0.9) and met["loss_gap"] == pytest.approx(-0.01)   # start - target: the 90% level is 0.09 above the target
     slow = check({0: (0.5, 0.6, 0.5, 0.8, 0.8), 1: (0.5, 1.1, 0.9, 0.8, 0.8)})
     assert slow["verdict"] == "not met" and slow["steps_ratio"] == pytest.approx(0.85)
     # a seed that never reaches the target fails the goal, whatever the others do

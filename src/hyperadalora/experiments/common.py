@@ -604,6 +604,8 @@ def goal_check(conv: dict, label: str, quality: dict) -> dict:
             points = scale * float(np.mean([a - b for a, b in pairs]))
             out["quality"][metric] = {"points": points, "bound": bound, "ok": points >= -bound}
     quality_ok = all(q["ok"] for q in out["quality"].values())
+    gaps = [p["methods"][label].get("loss_gap") for p in conv["per_seed"].values()]
+    out["loss_gap"] = float(np.mean(gaps)) if gaps and None not in gaps else None  # beside the verdict, all seeds
     seeds = [s for s, p in conv["per_seed"].items() if p["target_90"] is not None]
     out["measurable_seeds"] = len(seeds)
     if not seeds:
@@ -625,7 +627,8 @@ def goal_check(conv: dict, label: str, quality: dict) -> dict:
 
 
 def goal_table(checks: dict) -> str:
-    """Markdown table of `goal_check` results, one row per name (e.g. task)."""
+    """Markdown table of `goal_check` results, one row per name (e.g. task), with the paired loss gap beside them:
+    it needs no target, so it still measures where the verdict is "not measurable"."""
     rows = []
     for name, g in checks.items():
         if g["verdict"] == "not measurable":
@@ -638,8 +641,10 @@ def goal_table(checks: dict) -> str:
         quality = ", ".join(f"{METRIC_NAMES.get(m, m)} {q['points']:+.2f} (>= -{q['bound']:g}{'' if q['ok'] else ': no'})"
                             for m, q in g["quality"].items()) or "n/a"
         drop = "n/a" if g["reference_drop"] is None else f"{g['reference_drop']:.3f}"
-        rows.append([name, drop, steps, time, quality, f"**{g['verdict']}**"])
+        gap = "n/a" if g.get("loss_gap") is None else f"{g['loss_gap']:+.4f}"
+        rows.append([name, drop, gap, steps, time, quality, f"**{g['verdict']}**"])
     return markdown_table(["", "the reference's loss drop (start - final, smoothed)",
+                           "loss gap to the reference, same batches (all seeds)",
                            f"steps ratio, mean (goal <= {GOAL_STEPS})", f"time ratio, mean (goal <= {GOAL_TIME})",
                            "final dev quality vs the reference, points (goal)", "verdict"], rows)
 
