@@ -418,6 +418,9 @@ def test_formulation_runs_a_variant_of_ones_own_from_the_command_line(tmp_path, 
         code = cli.main(["experiment", "formulation", "--model", tiny_bert_dir, "--data-dir", glue_dir,
                          "--output-dir", str(tmp_path / "bad"), "--variant", spec])
         assert code == 2 and message in capsys.readouterr().err, spec
+    code = cli.main(["experiment", "formulation", "--output-dir", str(tmp_path / "bad"), "--variant", "a:hypernet=mlp",
+                     "--variant", "a:hypernet=cnn"])
+    assert code == 2 and "--variant a is given twice" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     code = cli.main(["experiment", "gamma", "--output-dir", str(tmp_path / "bad"), "--variant", "mine:hypernet=mlp"])
     assert code == 2 and "choose formulations of the 'formulation' experiment" in capsys.readouterr().err

@@ -261,7 +261,12 @@ def parse_variant(spec: str) -> tuple[str, tuple[dict, str]]:
 
 def run_formulation(opts=None) -> dict:
     opts = as_options(opts)
-    custom = dict(parse_variant(spec) for spec in opts.variant)  # bad input fails before anything is written
+    custom = {}  # bad input fails before anything is written
+    for spec in opts.variant:
+        name, variant = parse_variant(spec)
+        if name in custom:
+            raise ValueError(f"--variant {name} is given twice; give each of your variants its own name.")
+        custom[name] = variant
     out = output_dir(opts, NAME)
     setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
     task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
