@@ -411,7 +411,10 @@ def final_smoothed(rows: list[dict], window: int, key: str = "task_loss") -> flo
     return float(smooth([r[key] for r in rows], window)[-1])
 
 
-def drop_target(rows: list[dict], target: float, window: int, fraction: float = 0.9,
+DROP_FRACTION = 0.9  # the "90% of the reference's drop" level of the reports
+
+
+def drop_target(rows: list[dict], target: float, window: int, fraction: float = DROP_FRACTION,
                 key: str = "task_loss") -> Optional[float]:
     """The loss ``fraction`` of the way down from the run's initial smoothed loss (the mean of its first ``window``
     values) to ``target``; None when the run's loss did not come down by more than twice the standard error of
@@ -612,9 +615,9 @@ def goal_check(conv: dict, label: str, quality: dict) -> dict:
         return {**out, "steps_ratio": None, "time_ratio": None, "not_reached": 0, "seeds_within_goal": 0,
                 "reference_drop": None, "verdict": "not measurable"}
     rows = [conv["per_seed"][s]["methods"][label] for s in seeds]
-    # the reference's drop, start - final smoothed loss: drop_target's 90% level is start - 0.9 * drop
-    out["reference_drop"] = float(np.mean([10 * (conv["per_seed"][s]["target_90"] - conv["per_seed"][s]["target_loss"])
-                                           for s in seeds]))
+    # the reference's drop, start - final smoothed loss: drop_target's level is start - DROP_FRACTION * drop
+    out["reference_drop"] = float(np.mean([(conv["per_seed"][s]["target_90"] - conv["per_seed"][s]["target_loss"])
+                                           / (1 - DROP_FRACTION) for s in seeds]))
     steps, times = [r["steps_ratio"] for r in rows], [r["time_ratio"] for r in rows]
     not_reached = sum(v is None for v in steps)
     out.update(not_reached=not_reached,
