@@ -227,6 +227,19 @@ def test_hyperadalora_trainer_builds_the_hypernetwork_groups_and_their_schedule(
     assert model.total_rank == 1 * model.n_layers            # rank allocation ran (callback added by the trainer)
 
 
+def test_hyperadalora_trainer_warms_up_the_hypernetworks(tmp_path):
+    model = ha.get_peft_model(make_bert(num_layers=1), hyper_config(hypernet_warmup_steps=2))
+    spy = LrSpy()
+    trainer = ha.HyperAdaLoraTrainer(model=model, args=make_trainer(model, tmp_path, spy).args,
+                                     train_dataset=TinyDataset(), callbacks=[spy])
+    trainer.train()
+    warmup = [0.5, 1.0] + [1.0] * (MAX_STEPS - 2)
+    assert len(spy.lrs) == MAX_STEPS
+    for step, lrs in enumerate(spy.lrs):  # the heads at the Trainer's lr, both hypernetwork groups warmed up
+        assert lrs["hypernetworks"] / lrs["modules_to_save"] == pytest.approx(warmup[step])
+        assert lrs["feature_embeddings"] / lrs["modules_to_save"] == pytest.approx(30.0 * warmup[step])
+
+
 def test_hyperadalora_trainer_runs_generated_methods_and_peft_adalora(tmp_path):
     hyper = ha.get_peft_model(make_bert(num_layers=1), ha.HyperLoraConfig(r=2, target_modules=["query", "value"],
                                                                           task_type="SEQ_CLS", hypernet="mlp"))

@@ -305,8 +305,9 @@ def test_reuse_refuses_a_run_made_with_other_library_defaults(tmp_path, tiny_ber
 
 def test_reuse_accepts_a_run_recorded_before_an_option_was_added_only_if_the_run_now_sets_it_to_none(
         tmp_path, tiny_bert_dir, glue_dir, capsys):
-    """An option absent from an older run's record matches only a current value of None ("as before"): identity
-    (default None) is reused; feature_dim (default 4 since the feature-dim study; the runs before it had no such
+    """An option absent from an older run's record matches only a current value of None ("as before") or the value
+    every earlier run used (train.OPTIONS_ADDED_LATER): identity (default None) and hypernet_warmup_steps at 0 are
+    reused; feature_dim (default 4 since the feature-dim study; the runs before it had no such
     option and 8-wide row embeddings) or any other difference makes the run train again."""
     opts = tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, tasks=["wnli"], steps=4)
     run_experiment("nlu-convergence", opts)
@@ -319,6 +320,11 @@ def test_reuse_accepts_a_run_recorded_before_an_option_was_added_only_if_the_run
     opts.reuse = True
     run_experiment("nlu-convergence", opts)
     assert capsys.readouterr().out.count("reusing") == 2        # both runs reused
+    summary = json.load(open(path))
+    assert summary["hypernetwork_options"].pop("hypernet_warmup_steps") == 0   # added later, at 0 ("as before")
+    json.dump(summary, open(path, "w"))
+    run_experiment("nlu-convergence", opts)
+    assert capsys.readouterr().out.count("reusing") == 2        # train.OPTIONS_ADDED_LATER: still reused
     summary = json.load(open(path))
     assert summary["hypernetwork_options"].pop("feature_dim") == ha.HyperAdaLoraConfig.feature_dim == 4
     json.dump(summary, open(path, "w"))

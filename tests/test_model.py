@@ -415,6 +415,25 @@ def test_feature_lr_ratio_final_is_validated_and_sets_a_geometric_schedule():
     assert feature_lr_multiplier(ha.HyperAdaLoraConfig(), 100, 101) == 1.0    # None: constant
 
 
+def test_hypernet_warmup_is_validated_and_ramps_both_hypernetwork_groups():
+    from hyperadalora.generator import FEATURE_GROUP, HYPERNET_GROUP, group_lr_factor
+
+    with pytest.raises(ValueError, match=r"hypernet_warmup_steps=-1 must be >= 0"):
+        ha.HyperAdaLoraConfig(hypernet_warmup_steps=-1)
+    with pytest.raises(TypeError, match=r"hypernet_warmup_steps must be an integer"):
+        ha.HyperAdaLoraConfig(hypernet_warmup_steps=2.5)
+    with pytest.raises(ValueError, match=r"hypernet_warmup_steps=20 > total_step=10: .* Lower hypernet_warmup_steps"):
+        ha.HyperAdaLoraConfig(hypernet_warmup_steps=20, total_step=10)
+    c = ha.HyperAdaLoraConfig(hypernet_warmup_steps=4, feature_lr_ratio_final=3.0)
+    bodies, rows, head = {"name": HYPERNET_GROUP}, {"name": FEATURE_GROUP}, {"name": "modules_to_save"}
+    assert [group_lr_factor(bodies, c, s, 101) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    # the row embeddings: the warm-up times their own schedule; the heads: neither
+    assert group_lr_factor(rows, c, 1, 101) == pytest.approx(0.5 * 0.1 ** (1 / 100))
+    assert group_lr_factor(rows, c, 100, 101) == pytest.approx(0.1)
+    assert [group_lr_factor(head, c, s, 101) for s in range(6)] == [1.0] * 6
+    assert group_lr_factor(bodies, ha.HyperAdaLoraConfig(), 0, 101) == 1.0      # 0: no warm-up
+
+
 def test_feature_dim_is_validated():
     with pytest.raises(ValueError, match=r"feature_dim=0 must be >= 1 \(or None: hypernet_dim\)"):
         ha.HyperAdaLoraConfig(feature_dim=0)

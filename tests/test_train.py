@@ -56,6 +56,20 @@ def test_row_embedding_lr_follows_its_schedule(tmp_path, tokenizer):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * (5 - i) / 5 for i in range(5)])
 
 
+def test_hypernetwork_warmup_in_the_training_loop(tmp_path, tokenizer):
+    # hypernet_warmup_steps=3: the row embeddings' lr rises over 3 steps, on top of the run's linear decay
+    args = TrainArgs(method="hyperadalora", task="sst2", max_steps=5, batch_size=8, lr=1e-3, max_length=16, seed=0,
+                     output_dir=str(tmp_path / "run"), progress=False, tinit=1, tfinal=1, deltaT=1,
+                     hyper={"hypernet_warmup_steps": 3})
+    summary = train(args, model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
+                    train_examples=toy_examples(64), eval_examples=toy_examples(8, seed=1))
+    rows, _ = read_metrics(summary["metrics"])
+    warmup = [1 / 3, 2 / 3, 1.0, 1.0, 1.0]
+    assert [r["lr_rows"] for r in rows] == pytest.approx([1e-3 * (5 - i) / 5 * 30.0 * warmup[i] for i in range(5)])
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * (5 - i) / 5 for i in range(5)])
+    assert summary["hypernetwork_options"]["hypernet_warmup_steps"] == 3
+
+
 @pytest.mark.parametrize("method", ["hyperadalora", "adalora", "lora"])
 def test_short_run_lowers_the_loss(tmp_path, tokenizer, method):
     # AdaLoRA and HyperAdaLoRA (increment_scale='width') start from lambda = 0 and move it by ~lr per step: they need

@@ -20,7 +20,7 @@ import warnings
 
 from transformers import Trainer, TrainerCallback
 
-from .generator import FEATURE_GROUP
+from .generator import FEATURE_GROUP, HYPERNET_GROUP
 
 
 def _unwrap(model):
@@ -81,7 +81,7 @@ class HypernetworkLrCallback(TrainerCallback):
         if target is None or optimizer is None:
             return
         wanted = {g["name"]: g["lr"] for g in target.optimizer_param_groups(1.0) if g["name"] in
-                  ("hypernetworks", FEATURE_GROUP)}
+                  (HYPERNET_GROUP, FEATURE_GROUP)}
         have = {g.get("name") for g in optimizer.param_groups}
         missing = sorted(name for name, ratio in wanted.items() if ratio != 1.0 and name not in have)
         if missing:

@@ -49,6 +49,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "feature_lr_ratio_final": (lambda v: _optional(v, float, "--feature-lr-ratio-final"),
                                "row-embedding lr / lr at the last step, reached geometrically (default none: "
                                "constant)"),
+    "hypernet_warmup_steps": (int, "steps over which the hypernetworks' lr rises linearly to its ratios (default 0)"),
     "init": (str, "orthonormal | principal | normal"),
     "identity": (lambda v: _optional(v, str, "--identity"),
                  "zero_output | offset (static generation) | none (the generation's default)"),

@@ -149,6 +149,11 @@ class HyperAdaLoraConfig:
                                                                                  "the run's optimizer steps (on top "
                                                                                  "of the run's own lr schedule). "
                                                                                  "None: constant."})
+    hypernet_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps over which the hypernetworks' "
+                                                                    "learning rates (bodies and row embeddings) "
+                                                                    "rise linearly to their ratios (on top of the "
+                                                                    "run's own lr schedule; the heads are not "
+                                                                    "warmed up). 0: no warm-up."})
     hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
                                                                          "in backward instead of storing them."})
     init: str = field(default="principal", metadata={"help": "Seed state of P and Q: 'orthonormal' (random), "
@@ -164,7 +169,8 @@ class HyperAdaLoraConfig:
 
     def __post_init__(self):
         for name in ("init_r", "target_r", "deltaT", "hypernet_dim", "hypernet_heads", "hypernet_ffn_mult",
-                     "element_chunk", "max_element_tokens", "tinit", "tfinal", "seed", "n_induced"):
+                     "element_chunk", "max_element_tokens", "tinit", "tfinal", "seed", "n_induced",
+                     "hypernet_warmup_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
@@ -199,6 +205,8 @@ class HyperAdaLoraConfig:
         for name in ("hypernet_dim", "hypernet_heads", "element_chunk", "max_element_tokens", "n_induced"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.hypernet_warmup_steps < 0:
+            raise ValueError(f"hypernet_warmup_steps={self.hypernet_warmup_steps} must be >= 0 (0: no warm-up).")
         if self.hypernet_ffn_mult < 0:
             raise ValueError(f"hypernet_ffn_mult={self.hypernet_ffn_mult} must be >= 0 (0: no feed-forward block).")
         if self.init_r < 1:
@@ -221,6 +229,10 @@ class HyperAdaLoraConfig:
                 raise ValueError(
                     f"tinit + tfinal = {self.tinit} + {self.tfinal} >= total_step = {self.total_step}: no step is left "
                     f"for the budget to shrink. Lower tinit/tfinal or raise total_step.")
+            if self.hypernet_warmup_steps > self.total_step:
+                raise ValueError(
+                    f"hypernet_warmup_steps={self.hypernet_warmup_steps} > total_step={self.total_step}: the "
+                    f"hypernetworks would never reach their learning rate. Lower hypernet_warmup_steps.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
         if self.orth_reg_weight < 0:

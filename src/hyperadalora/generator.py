@@ -288,13 +288,21 @@ def feature_lr_multiplier(cfg, step: int, total_steps: int) -> float:
     return (final / start) ** frac
 
 
+HYPERNET_GROUP = "hypernetworks"  # the optimizer group of the bodies (and module / position embeddings)
+
+
 def group_lr_factor(group: dict, cfg, step: int, total_steps: int) -> float:
-    """Factor on an optimizer group's lr at 0-based step ``step``: the row embeddings' schedule
-    (`feature_lr_multiplier`) for their group, 1.0 for any other group. Used by the training loop and the Trainer
-    callback alike."""
-    if group.get("name") != FEATURE_GROUP:
+    """Factor on an optimizer group's lr at 0-based step ``step``: for the hypernetworks' two groups the linear
+    warm-up over ``hypernet_warmup_steps`` and, for the row embeddings, their schedule (`feature_lr_multiplier`);
+    1.0 for any other group. Used by the training loop and the Trainer callback alike."""
+    name = group.get("name")
+    if name not in (HYPERNET_GROUP, FEATURE_GROUP):
         return 1.0
-    return feature_lr_multiplier(cfg, step, total_steps)
+    warmup = getattr(cfg, "hypernet_warmup_steps", 0)
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if name == FEATURE_GROUP:
+        factor *= feature_lr_multiplier(cfg, step, total_steps)
+    return factor
 
 
 def hypernetwork_param_groups(generators: nn.ModuleDict, cfg, lr: float, weight_decay: float = 0.0) -> list[dict]:
@@ -305,7 +313,7 @@ def hypernetwork_param_groups(generators: nn.ModuleDict, cfg, lr: float, weight_
     ids = {id(p) for p in features}
     body = [p for p in generators.parameters() if id(p) not in ids]
     feature_ratio = cfg.feature_lr_ratio if cfg.feature_lr_ratio is not None else cfg.hypernet_lr_ratio
-    groups = [{"params": body, "lr": lr * cfg.hypernet_lr_ratio, "weight_decay": weight_decay, "name": "hypernetworks"},
+    groups = [{"params": body, "lr": lr * cfg.hypernet_lr_ratio, "weight_decay": weight_decay, "name": HYPERNET_GROUP},
               {"params": features, "lr": lr * feature_ratio, "weight_decay": weight_decay,
                "name": FEATURE_GROUP}]
     return [g for g in groups if g["params"]]

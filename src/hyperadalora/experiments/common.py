@@ -297,9 +297,10 @@ def _same_args(summary: dict, args: TrainArgs) -> bool:
     current = json.loads(json.dumps(dataclasses.asdict(args), default=str))
     free = set(train_lib.RESUME_FREE_ARGS) - {"data_dir", "data_path", "model", "max_eval_examples",
                                                "gen_eval_examples", "max_new_tokens", "eval_every"}
-    recorded, options = summary.get("hypernetwork_options", {}), train_lib.hypernetwork_options(args)
-    # an option added to the library after the run (absent from its record) matches only at None: such options are
-    # added with None meaning "as before" (feature_dim, feature_lr_ratio)
+    recorded = train_lib.recorded_options(summary.get("hypernetwork_options", {}))
+    options = train_lib.hypernetwork_options(args)
+    # an option added to the library after the run (absent from its record) matches only at None, or at the value
+    # every earlier run used (train.OPTIONS_ADDED_LATER)
     if recorded and any(recorded.get(k, None) != v for k, v in options.items()):
         return False
     if not recorded and options:
