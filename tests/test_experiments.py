@@ -188,6 +188,10 @@ def test_command_line_round_trips_through_the_parser():
         cmd = common.command_line("nlu-convergence", ExperimentOptions(seeds=seeds))
         back = common.as_options(vars(parser.parse_args(shlex.split(cmd)[1:])))
         assert back.seeds == seeds and common.seed_list(back, 1) == seeds, cmd
+    specs = ["w20:hypernet_warmup_steps=20,lr_scale=2", "mlp:hypernet=mlp"]  # repeated, each with its commas
+    cmd = common.command_line("formulation", ExperimentOptions(variant=specs))
+    assert "--variant w20:hypernet_warmup_steps=20,lr_scale=2 --variant mlp:hypernet=mlp" in cmd
+    assert common.as_options(vars(parser.parse_args(shlex.split(cmd)[1:]))).variant == specs
     assert common.seed_list(common.as_options({"seeds": "3"}), 1) == [0, 1, 2]
     assert common.seed_list(common.as_options({}), 2) == [0, 1]
     for bad in ("0", "-1", "a", "2,2", "1,x", [], True):

@@ -254,6 +254,8 @@ def command_line(name: str, opts: ExperimentOptions) -> str:
             parts.append(flag)
         elif f.name == "data_path":
             parts += [flag, *map(str, v)]
+        elif f.name == "variant":  # repeatable: one flag per variant (each holds commas of its own)
+            parts += [p for spec in v for p in (flag, str(spec))]
         elif isinstance(v, list):  # one seed as "5," (a bare "5" would mean seeds 0..4)
             parts += [flag, ",".join(map(str, v)) + ("," if f.name == "seeds" and len(v) == 1 else "")]
         else:
