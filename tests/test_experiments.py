@@ -481,6 +481,23 @@ def test_efficiency_tiny(tmp_path, tiny_bert_dir):
     assert data["kind"] == "classification"
 
 
+def test_dev_speed_reads_the_steps_to_the_references_final_dev_loss():
+    def run(losses, every=10):  # dev loss at steps every, 2 * every, ...; train time 0.5 s per step
+        evals = [{"type": "eval", "step": every * (i + 1), "eval_loss": v} for i, v in enumerate(losses)]
+        rows = [{"step": k, "train_time": 0.5 * k} for k in range(1, every * len(losses) + 1)]
+        return {"rows": rows, "evals": evals, "summary": {"final_eval": {"eval_loss": losses[-1]}}}
+
+    runs = {0: {"ref": run([2.0, 1.8, 1.7, 1.6]), "new": run([1.9, 1.6, 1.5, 1.4])},    # 20 vs 40 steps
+            1: {"ref": run([2.0, 1.5, 1.6, 1.55]), "new": run([2.0, 1.9, 1.8, 1.7])}}  # ref at 20; new never
+    speed = common.dev_speed(runs, "ref", "new")
+    assert speed["per_seed"][0] == {"target": 1.6, "reference_steps": 40, "steps": 20, "steps_ratio": 0.5,
+                                    "time_ratio": 0.5}
+    assert speed["per_seed"][1]["reference_steps"] == 20 and speed["per_seed"][1]["steps"] is None
+    assert speed["steps_ratio"]["mean"] == 0.5 and speed["steps_ratio"]["n"] == 1 and speed["not_reached"] == 1
+    with pytest.raises(ValueError, match="no final 'eval_loss'"):
+        common.dev_speed({0: {"ref": {**run([1.0]), "summary": {}}, "new": run([1.0])}}, "ref", "new")
+
+
 def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
     model_dir = tmp_path / "llama"
     make_llama(vocab=tokenizer.vocab_size).save_pretrained(model_dir)
@@ -495,9 +512,15 @@ def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(nlg, "DEFAULT_ALPACA_FILE", "no/such/file.json")   # hermetic: only the tiny file
     res = run_experiment("nlg", tiny(tmp_path, model=str(model_dir), data_path=[str(data_file)], steps=5,
                                      batch_size=4, max_length=32, max_eval_examples=2))
-    report, data = check_outputs(res, n_png=2)
+    report, data = check_outputs(res, n_png=3)
     ds = data["datasets"]["tiny_alpaca"]
     assert ds["gap_plot"] == "gap_tiny_alpaca.png" and "(gap_tiny_alpaca.png)" in report
+    assert ds["dev_plot"] == "dev_tiny_alpaca.png" and "(dev_tiny_alpaca.png)" in report
+    assert ds["args"]["eval_every"] == 1 and sorted(map(int, ds["dev_loss_at_checkpoints"]["adalora"])) == [1, 2, 3, 4, 5]
+    speed = ds["dev_speed"]["per_seed"]["0"]
+    final = ds["runs"]["0"]["adalora"]["final_eval"]["eval_loss"]
+    assert speed["target"] == final and 1 <= speed["reference_steps"] <= 5   # AdaLoRA reaches its own final loss
+    assert "## Speed on the dev loss" in report
     for m in ("adalora", "hyperadalora"):
         ev = ds["runs"]["0"][m]["final_eval"]
         assert "bleu4" in ev and "rouge1" in ev and ev["n_generated"] == 2

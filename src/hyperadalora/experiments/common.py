@@ -583,6 +583,37 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
             "per_seed": per_seed, "methods": agg}
 
 
+def dev_speed(runs_by_seed: dict, reference: str, label: str, metric: str = "eval_loss") -> dict:
+    """Steps and training time for ``label`` to reach the reference's **final dev loss**, read at the evaluations
+    (``eval_every`` and the final one), against the reference's own steps and time to it.
+
+    The dev set is the same at every evaluation, so this speed has no batch noise: it measures runs whose training
+    loss does not come down beyond the noise of its batches (where `drop_target` finds no level). Its resolution is
+    the evaluation interval. Per seed and, for the ratios, statistics over the seeds; ``not_reached`` counts the
+    seeds on which ``label`` never got there."""
+    def first_at_or_below(run, target):
+        hit = [step for step, v in sorted(eval_by_step(run["evals"], metric).items()) if v <= target]
+        if not hit:
+            return None, None
+        times = {r["step"]: r.get("train_time", r.get("time")) for r in run["rows"]}
+        return hit[0], times.get(hit[0])
+
+    per_seed = {}
+    for seed, runs in runs_by_seed.items():
+        target = (runs[reference]["summary"].get("final_eval") or {}).get(metric)
+        if target is None:
+            raise ValueError(f"dev_speed: the {reference!r} run of seed {seed} has no final {metric!r}.")
+        ref_step, ref_time = first_at_or_below(runs[reference], target)
+        step, t = first_at_or_below(runs[label], target)
+        per_seed[seed] = {"target": target, "reference_steps": ref_step, "steps": step,
+                          "steps_ratio": step / ref_step if step and ref_step else None,
+                          "time_ratio": t / ref_time if t and ref_time else None}
+    seeds = per_seed.values()
+    return {"metric": metric, "per_seed": per_seed, "steps_ratio": stats([p["steps_ratio"] for p in seeds]),
+            "time_ratio": stats([p["time_ratio"] for p in seeds]),
+            "not_reached": sum(p["steps"] is None for p in seeds)}
+
+
 # The goal the project holds itself to (issue 6): the method reaches the reference's final training loss in at most
 # 0.8x its steps and 0.8x its training time, with its final dev quality within a bound: 1 point of accuracy
 # (classification), 0.5 of BLEU-4 and of ROUGE-1 (instruction tuning).
