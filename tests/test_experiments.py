@@ -276,6 +276,19 @@ def test_goal_check_verdicts():
     assert flat["measurable_seeds"] == 1 and flat["steps_ratio"] == 1.0
     none = check({0: (None, 0.5, 0.5, 0.8, 0.8)})
     assert none["verdict"] == "not measurable"
+    # instruction tuning: a goal on the quality alone; the speed is measured all the same, for information
+    quality_only = goal_check(_conv({0: (None, 0.5, 0.5, 0.8, 0.8)}), "hyper", {"accuracy": CLASSIFICATION_BOUND},
+                              speed=False)
+    assert quality_only["verdict"] == "met" and quality_only["speed_in_goal"] is False
+    slow_but_good = goal_check(_conv({0: (0.5, 1.2, 1.1, 0.8, 0.8)}), "hyper", {"accuracy": CLASSIFICATION_BOUND},
+                               speed=False)
+    assert slow_but_good["verdict"] == "met" and slow_but_good["steps_ratio"] == pytest.approx(1.2)
+    assert goal_check(_conv({0: (0.5, 0.5, 0.5, 0.78, 0.8)}), "hyper", {"accuracy": CLASSIFICATION_BOUND},
+                      speed=False)["verdict"] == "not met"
+    assert goal_check(_conv({0: (0.5, 0.5, 0.5, None, 0.8)}), "hyper", {"accuracy": CLASSIFICATION_BOUND},
+                      speed=False)["verdict"] == "not measurable"        # no quality to judge
+    assert "(not part of this goal)" in goal_table({"q": slow_but_good})
+    assert "(goal <= 0.8)" in goal_table({"a": met}) and "(not part of this goal)" not in goal_table({"a": met})
     table = goal_table({"a": met, "b": never, "c": none})
     assert "**met**" in table and "never reached on 1 seed(s)" in table and "did not come down" in table
     assert "accuracy -2.00 (>= -1: no)" in goal_table({"w": worse})
@@ -525,7 +538,8 @@ def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
         ev = ds["runs"]["0"][m]["final_eval"]
         assert "bleu4" in ev and "rouge1" in ev and ev["n_generated"] == 2
     assert ds["train_time_ratio"]["mean"] > 0
-    assert "BLEU-4" in report and "## Goal check" in report
+    assert "BLEU-4" in report and "## Goal check" in report and "is set for the classification tasks" in report
+    assert ds["goal_check"]["speed_in_goal"] is False and ds["goal_check"]["verdict"] in ("met", "not met")
     assert set(ds["goal_check"]["quality"]) == {"bleu4", "rouge1"}
     assert ds["goal_check"]["quality"]["bleu4"]["bound"] == 0.5
 
