@@ -453,6 +453,15 @@ def eval_by_step(evals: list[dict], metric: str) -> dict:
     return {int(e["step"]): float(e[metric]) for e in evals if metric in e}
 
 
+def eval_points(runs_by_seed: dict, label: str, metric: str) -> dict:
+    """{step: stats over the seeds} of ``label``'s dev ``metric`` at each evaluation (the final one included)."""
+    per_step = {}
+    for runs in runs_by_seed.values():
+        for step, v in eval_by_step(runs[label]["evals"], metric).items():
+            per_step.setdefault(step, []).append(v)
+    return {step: stats(vs) for step, vs in sorted(per_step.items())}
+
+
 def primary_metric(final_eval: dict) -> Optional[str]:
     for k in ("accuracy", "f1", "matthews", "rouge1", "bleu4"):
         if k in final_eval:
@@ -672,7 +681,7 @@ def goal_table(checks: dict) -> str:
     """Markdown table of `goal_check` results, one row per name (e.g. task), with the paired loss gap beside them:
     it needs no target, so it still measures where the verdict is "not measurable"."""
     rows = []
-    speed = any(g.get("speed_in_goal", True) for g in checks.values())
+    speed = all(g.get("speed_in_goal", True) for g in checks.values())  # as `goal_section` words the goal
     for name, g in checks.items():
         if g["measurable_seeds"] == 0:
             steps = time = f"n/a: the reference's loss did not come down beyond its noise on any of {g['seeds']} seeds"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from .common import (DEFAULT_ALPACA_FILE, GENERATION_QUALITY, as_options, base_args,
-                     command_line, convergence, convergence_table, curves, dev_speed, environment, eval_by_step,
+                     command_line, convergence, convergence_table, curves, dev_speed, environment, eval_points,
                      fmt, fmt_stat, gap_note, goal_check, goal_section, markdown_table, output_dir, pick,
                      plot_eval_points, plot_gap_bands, plot_loss_bands, report_header, repo_path, run_variants,
                      seed_list, seeds_note, settings_of, stats, window_for, write_outputs)
@@ -97,8 +97,7 @@ def run_nlg(opts=None) -> dict:
                                  f"{label}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{note}", window)
         goals[label] = goal_check(conv, "hyperadalora", GENERATION_QUALITY, speed=False)  # the goal: quality
         speed = dev_speed(runs, "adalora", "hyperadalora")
-        dev = {m: {step: stats([eval_by_step(rs[m]["evals"], "eval_loss").get(step) for rs in runs.values()])
-                   for step in sorted(eval_by_step(runs[seeds[0]][m]["evals"], "eval_loss"))} for m in METHODS}
+        dev = {m: eval_points(runs, m, "eval_loss") for m in METHODS}
         dev_png = plot_eval_points(dev, os.path.join(out, f"dev_{label}.png"),
                                    f"{label}: dev loss at checkpoints{note}", "dev loss")
         results["datasets"][label] = {

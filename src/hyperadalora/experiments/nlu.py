@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 
 from .common import (CLASSIFICATION_BOUND, as_options, available_tasks, base_args, command_line,
-                     convergence, convergence_table, curves, environment, eval_by_step, fmt_stat, gap_note, goal_check,
+                     convergence, convergence_table, curves, environment, eval_points, fmt_stat, gap_note, goal_check,
                      goal_section, markdown_table, output_dir, pick, plot_eval_points,
                      plot_gap_bands, plot_loss_bands, primary_metric, report_header, run_variants, seed_list,
-                     seeds_note, settings_of, stats, window_for, write_outputs)
+                     seeds_note, settings_of, window_for, write_outputs)
 
 NAME = "nlu-convergence"
 TASKS = ("rte", "wnli", "sst2", "mnli")
@@ -63,13 +63,7 @@ def run_nlu_convergence(opts=None) -> dict:
         metric = primary_metric(runs[seeds[0]]["adalora"]["summary"]["final_eval"]) or "accuracy"
         metric_keys = [k for k in ("accuracy", "f1", "matthews") if f"dev_{k}" in conv["methods"]["adalora"]]
         # dev metric at each checkpoint: stats over seeds
-        dev = {}
-        for label in METHODS:
-            per_step = {}
-            for seed in seeds:
-                for step, v in eval_by_step(runs[seed][label]["evals"], metric).items():
-                    per_step.setdefault(step, []).append(v)
-            dev[label] = {step: stats(vs) for step, vs in sorted(per_step.items())}
+        dev = {label: eval_points(runs, label, metric) for label in METHODS}
         series = {label: curves(runs, label) for label in METHODS}
         marks = {label: conv["methods"][label]["steps_to_target"]["mean"] for label in METHODS}
         target = conv["target_loss"]["mean"]
