@@ -1,6 +1,7 @@
 """The training loop and the CLI, end to end on a tiny BERT (no network, no shared data)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -169,6 +170,21 @@ def test_cli_bad_input_gives_a_clear_message(argv, message, capsys, tmp_path):
     code = cli.main(argv + ["--output-dir", str(tmp_path / "o")])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, hyper, message", [
+    ("hyperadalora", {"hypernet_warmup_steps": -1}, "hypernet_warmup_steps=-1"),
+    ("hyperadalora", {"hypernet_warmup_steps": 50}, "> total_step=5"),
+    ("hyperlora", {"feature_lr_ratio": 0}, "feature_lr_ratio=0.0"),
+])
+def test_adapter_options_are_checked_before_the_model_loads(tmp_path, method, hyper, message):
+    """A bad option fails at once, not after loading a (possibly large) model: here the model does not exist, so
+    only the option's own message can come first; nothing is written."""
+    args = TrainArgs(method=method, task="sst2", model=str(tmp_path / "no-such-model"), max_steps=5,
+                     output_dir=str(tmp_path / "out"), hyper=hyper)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(args)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value, expected", [("true", True), ("False", False), ("1", True), ("off", False)])

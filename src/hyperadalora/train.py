@@ -196,31 +196,38 @@ def build_adapter_model(args: TrainArgs, model, task_type: str):
         return _build_adapter_model(args, model, task_type)
 
 
-def _build_adapter_model(args: TrainArgs, model, task_type: str):
-    targets = args.target_modules or default_target_modules(model)
+def adapter_config(args: TrainArgs, targets, task_type: str):
+    """The adapter config of ``args.method`` (validated by its own ``__post_init__``)."""
     common = dict(target_modules=targets, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                   task_type=task_type)
     if args.method == "hyperadalora":
-        cfg = HyperAdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
-                                 deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight,
-                                 seed=args.seed, **common, **args.hyper)
-        wrapped = get_peft_model(model, cfg)
-        return wrapped, wrapped.update_and_allocate
+        return HyperAdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
+                                  deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight,
+                                  seed=args.seed, **common, **args.hyper)
     if args.method in method_lib.METHODS:  # hyperlora, hyperdora, hydralora, hyperhydralora
-        cfg = method_lib.config_from_options(args.method, r=args.init_r, seed=args.seed, n_heads=args.n_heads,
-                                             hyper=args.hyper, **common)
-        wrapped = method_lib.get_peft_model(model, cfg)
-        return wrapped, wrapped.after_optimizer_step
+        return method_lib.config_from_options(args.method, r=args.init_r, seed=args.seed, n_heads=args.n_heads,
+                                              hyper=args.hyper, **common)
     from peft import AdaLoraConfig, LoraConfig
-    from peft import get_peft_model as peft_get_peft_model
 
     if args.method == "adalora":
-        cfg = AdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
-                            deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight, **common)
-        wrapped = peft_get_peft_model(model, cfg)
-        return wrapped, wrapped.base_model.update_and_allocate
-    cfg = LoraConfig(r=args.init_r, use_dora=args.method == "dora", **common)
-    return peft_get_peft_model(model, cfg), None
+        return AdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
+                             deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight,
+                             **common)
+    return LoraConfig(r=args.init_r, use_dora=args.method == "dora", **common)
+
+
+def _build_adapter_model(args: TrainArgs, model, task_type: str):
+    cfg = adapter_config(args, args.target_modules or default_target_modules(model), task_type)
+    if args.method == "hyperadalora":
+        wrapped = get_peft_model(model, cfg)
+        return wrapped, wrapped.update_and_allocate
+    if args.method in method_lib.METHODS:
+        wrapped = method_lib.get_peft_model(model, cfg)
+        return wrapped, wrapped.after_optimizer_step
+    from peft import get_peft_model as peft_get_peft_model
+
+    wrapped = peft_get_peft_model(model, cfg)
+    return wrapped, (wrapped.base_model.update_and_allocate if args.method == "adalora" else None)
 
 
 def param_groups(wrapped, args: TrainArgs) -> list[dict]:
@@ -510,6 +517,9 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     from .models import load_model_and_tokenizer
 
     spec = data_lib.get_task(args.task)
+    # the adapter's options are checked before the model and data load (minutes for a large model); the target
+    # modules, which need the model, are checked when the adapter is built
+    adapter_config(args, args.target_modules or ["query"], "SEQ_CLS" if spec.kind == "classification" else "CAUSAL_LM")
     ckpt = None
     if args.resume:  # verified before anything is loaded or written
         ckpt = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(args.resume), verified=True)
