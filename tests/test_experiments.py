@@ -534,6 +534,12 @@ def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
     final = ds["runs"]["0"]["adalora"]["final_eval"]["eval_loss"]
     assert speed["target"] == final and 1 <= speed["reference_steps"] <= 5   # AdaLoRA reaches its own final loss
     assert "## Speed on the dev loss" in report
+    # --eval-every 0: only the final evaluation, so no speed is read from the dev loss
+    res = run_experiment("nlg", tiny(tmp_path, model=str(model_dir), data_path=[str(data_file)], steps=5,
+                                     batch_size=4, max_length=32, max_eval_examples=2, eval_every=0))
+    report, data = check_outputs(res, n_png=3)
+    assert data["datasets"]["tiny_alpaca"]["dev_speed"] is None
+    assert "n/a: --eval-every 0 evaluates only at the end" in report
     for m in ("adalora", "hyperadalora"):
         ev = ds["runs"]["0"][m]["final_eval"]
         assert "bleu4" in ev and "rouge1" in ev and ev["n_generated"] == 2

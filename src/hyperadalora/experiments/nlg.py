@@ -96,7 +96,8 @@ def run_nlg(opts=None) -> dict:
         gap_png = plot_gap_bands(series, "adalora", os.path.join(out, f"gap_{label}.png"),
                                  f"{label}: HyperAdaLoRA's loss minus AdaLoRA's, same batches{note}", window)
         goals[label] = goal_check(conv, "hyperadalora", GENERATION_QUALITY, speed=False)  # the goal: quality
-        speed = dev_speed(runs, "adalora", "hyperadalora")
+        # with --eval-every 0 the only evaluation is the last: no speed to read from it
+        speed = dev_speed(runs, "adalora", "hyperadalora") if base.eval_every else None
         dev = {m: eval_points(runs, m, "eval_loss") for m in METHODS}
         dev_png = plot_eval_points(dev, os.path.join(out, f"dev_{label}.png"),
                                    f"{label}: dev loss at checkpoints{note}", "dev loss")
@@ -123,10 +124,14 @@ def run_nlg(opts=None) -> dict:
                                  fmt_stat(c.get("dev_rouge1"), "{:.2f}"), fmt_stat(c.get("dev_eval_loss")),
                                  fmt_stat(c.get("loss_gap"), "{:.4f}"), fmt_stat(c["train_time_s"], "{:.1f}"),
                                  fmt_stat(c["time_to_target_s"], "{:.1f}")])
-        speed_rows.append([label, fmt_stat(stats([p["target"] for p in speed["per_seed"].values()])),
-                           ", ".join(fmt(p["reference_steps"], "{:d}") for p in speed["per_seed"].values()),
-                           ", ".join(fmt(p["steps"], "{:d}", "never") for p in speed["per_seed"].values()),
-                           fmt_stat(speed["steps_ratio"], "{:.2f}"), fmt_stat(speed["time_ratio"], "{:.2f}")])
+        if speed is None:
+            speed_rows.append([label, "n/a: --eval-every 0 evaluates only at the end", "", "", "", ""])
+        else:
+            per_seed = speed["per_seed"].values()
+            speed_rows.append([label, fmt_stat(stats([p["target"] for p in per_seed])),
+                               ", ".join(fmt(p["reference_steps"], "{:d}") for p in per_seed),
+                               ", ".join(fmt(p["steps"], "{:d}", "never") for p in per_seed),
+                               fmt_stat(speed["steps_ratio"], "{:.2f}"), fmt_stat(speed["time_ratio"], "{:.2f}")])
         n_gen = runs[seeds[0]]["adalora"]["summary"]["final_eval"].get("n_generated")
         sections += [f"## {label}", "", f"Data: `{path}`; BLEU-4 / ROUGE-1 (0-100) of greedy generations "
                      f"({base.max_new_tokens} new tokens) for {n_gen} held-out prompts; dev loss on "
