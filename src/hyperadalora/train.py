@@ -196,9 +196,10 @@ def build_adapter_model(args: TrainArgs, model, task_type: str):
         return _build_adapter_model(args, model, task_type)
 
 
-def task_type_of(spec) -> str:
-    """peft's task type for a task: SEQ_CLS (classification) or CAUSAL_LM (instruction tuning)."""
-    return "SEQ_CLS" if spec.kind == "classification" else "CAUSAL_LM"
+def task_type_of(kind: str) -> str:
+    """peft's task type for a task kind (`data.TaskSpec.kind`): SEQ_CLS (classification) or CAUSAL_LM (instruction
+    tuning)."""
+    return "SEQ_CLS" if kind == "classification" else "CAUSAL_LM"
 
 
 def adapter_config(args: TrainArgs, targets, task_type: str):
@@ -524,7 +525,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     spec = data_lib.get_task(args.task)
     # the adapter's options are checked before the model and data load (minutes for a large model); the target
     # modules, which need the model, are checked when the adapter is built
-    adapter_config(args, args.target_modules or ["query"], task_type_of(spec))
+    adapter_config(args, args.target_modules or ["query"], task_type_of(spec.kind))
     ckpt = None
     if args.resume:  # verified before anything is loaded or written
         ckpt = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(args.resume), verified=True)
@@ -552,7 +553,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                                                max_examples=args.max_eval_examples, seed=args.seed)
     if model is None:
         model, tokenizer, _ = load_model_and_tokenizer(args.model, spec.kind, num_labels=max(spec.num_labels, 2))
-    task_type = task_type_of(spec)
+    task_type = task_type_of(spec.kind)
     wrapped, allocate = build_adapter_model(args, model, task_type)
     wrapped.to(device)
 

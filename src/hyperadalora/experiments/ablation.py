@@ -41,10 +41,10 @@ def parameter_counts(args, kind: str = "classification") -> dict:
     trained task head (the same for every method)."""
     from ..model import HyperAdaLoraModel
     from ..models import load_model_and_tokenizer
-    from ..train import build_adapter_model
+    from ..train import build_adapter_model, task_type_of
 
     base, _, _ = load_model_and_tokenizer(args.model, kind, num_labels=2)
-    wrapped, _ = build_adapter_model(args, base, "SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+    wrapped, _ = build_adapter_model(args, base, task_type_of(kind))
     if isinstance(wrapped, HyperAdaLoraModel):
         roles = {role: sum(p.numel() for p in wrapped.generators[role].parameters()) for role in wrapped.ROLES}
         hyper = sum(p.numel() for p in wrapped.hypernetwork_parameters())

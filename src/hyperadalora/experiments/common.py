@@ -677,11 +677,17 @@ def goal_check(conv: dict, label: str, quality: dict, speed: bool = True) -> dic
     return {**out, "verdict": "met" if met else "not met"}
 
 
+def speed_in_goal(checks: dict) -> bool:
+    """Whether the speed bound is part of these `goal_check` results' goal (the table's headers and the section's
+    wording follow it)."""
+    return all(g.get("speed_in_goal", True) for g in checks.values())
+
+
 def goal_table(checks: dict) -> str:
     """Markdown table of `goal_check` results, one row per name (e.g. task), with the paired loss gap beside them:
     it needs no target, so it still measures where the verdict is "not measurable"."""
     rows = []
-    speed = all(g.get("speed_in_goal", True) for g in checks.values())  # as `goal_section` words the goal
+    speed = speed_in_goal(checks)
     for name, g in checks.items():
         if g["measurable_seeds"] == 0:
             steps = time = f"n/a: the reference's loss did not come down beyond its noise on any of {g['seeds']} seeds"
@@ -707,7 +713,7 @@ def goal_section(checks: dict, quality: str) -> list[str]:
     """The reports' "Goal check" section: the goal in words (``quality``: its dev-quality part) and `goal_table`."""
     measure = ("Speed: means over the seeds on which AdaLoRA's loss came down beyond its noise (on the others there "
                "is no speed to measure); a seed on which the method never reaches the target fails it.")
-    if all(g.get("speed_in_goal", True) for g in checks.values()):
+    if speed_in_goal(checks):
         goal = (f"AdaLoRA's final smoothed training loss in <= {GOAL_STEPS}x its steps and <= {GOAL_TIME}x its "
                 f"training time, {quality}. {measure}")
     else:
