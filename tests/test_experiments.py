@@ -129,6 +129,26 @@ def test_paired_gap_compares_the_same_steps_only():
     assert common.paired_gap(rows, ref, skip=20) == {"loss_gap": None, "steps_below": None}
 
 
+def test_loss_per_epoch_splits_the_runs_at_each_pass_over_the_training_set():
+    def run(level, n=10, per_epoch=4):
+        return {"rows": [{"step": s, "epoch": (s - 1) // per_epoch, "task_loss": level - 0.01 * s}
+                         for s in range(1, n + 1)]}
+
+    runs = {0: {"ref": run(1.0), "hyper": run(0.9)}, 1: {"ref": run(1.2), "hyper": run(1.0)}}
+    per_epoch = common.loss_per_epoch(runs, ["ref", "hyper"], "ref")
+    assert [(e["epoch"], e["first_step"], e["last_step"]) for e in per_epoch] == [(0, 1, 4), (1, 5, 8), (2, 9, 10)]
+    assert per_epoch[0]["ref"]["mean"] == pytest.approx(1.1 - 0.025)            # seeds 1.0 and 1.2, steps 1-4
+    assert per_epoch[2]["hyper_gap"]["mean"] == pytest.approx(-0.15)             # -0.1 on seed 0, -0.2 on seed 1
+    assert "ref_gap" not in per_epoch[0]
+    text = "\n".join(common.epoch_section(per_epoch, ["ref", "hyper"], "ref"))
+    assert "| 3 | 9-10 |" in text and "hyper - ref, same batches" in text
+    one = common.loss_per_epoch({0: {"ref": run(1.0, n=3), "hyper": run(0.9, n=3)}}, ["ref", "hyper"], "ref")
+    assert len(one) == 1 and "first pass" in common.epoch_section(one, ["ref", "hyper"], "ref")[0]
+    no_epoch = {0: {"ref": {"rows": [{"step": 1, "task_loss": 1.0}]}, "hyper": {"rows": []}}}
+    assert common.loss_per_epoch(no_epoch, ["ref", "hyper"], "ref") == []
+    assert common.epoch_section([], ["ref"], "ref") == []
+
+
 def test_convergence_statistics_over_seeds():
     def run(slope, seed_shift):
         rows = [{"step": i + 1, "task_loss": 1.0 - slope * i + seed_shift, "train_time": i + 1.0} for i in range(50)]
@@ -240,6 +260,8 @@ def test_nlu_convergence_tiny(tmp_path, tiny_bert_dir, glue_dir):
     # same data order: step 1 is the identity for both methods, so their first losses match
     c = data["tasks"]["sst2"]["curves"]
     assert c["adalora"]["task_loss"][0][0] == pytest.approx(c["hyperadalora"]["task_loss"][0][0], abs=1e-4)
+    assert data["tasks"]["rte"]["loss_per_epoch"][0]["first_step"] == 1           # 48 examples, batch 8: one pass
+    assert "within the first pass over the training set" in report
     assert "## Goal check" in report and data["tasks"]["sst2"]["goal_check"]["verdict"] in (
         "met", "not met", "not measurable")
 

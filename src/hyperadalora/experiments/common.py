@@ -462,6 +462,54 @@ def eval_points(runs_by_seed: dict, label: str, metric: str) -> dict:
     return {step: stats(vs) for step, vs in sorted(per_step.items())}
 
 
+def loss_per_epoch(runs_by_seed: dict, labels: Iterable[str], reference: str, key: str = "task_loss") -> list[dict]:
+    """Per pass over the training set (the ``epoch`` the loop logs with every step): its steps, and per label the
+    mean raw ``key`` over those steps (stats over the seeds) and, but for the reference, its mean gap to the
+    reference at the same steps. On the first pass every batch is new data, so the training loss is a held-out
+    loss there; after it, a falling loss may be memorisation. [] when the rows carry no epoch."""
+    first = next(iter(runs_by_seed.values()))[reference]["rows"]
+    if not first or any("epoch" not in r for r in first):
+        return []
+    out = []
+    for epoch in sorted({int(r["epoch"]) for r in first}):
+        steps = [r["step"] for r in first if int(r["epoch"]) == epoch]
+        row = {"epoch": epoch, "first_step": min(steps), "last_step": max(steps)}
+        for label in labels:
+            means, gaps = [], []
+            for runs in runs_by_seed.values():
+                ref = {r["step"]: r[key] for r in runs[reference]["rows"] if int(r.get("epoch", -1)) == epoch}
+                own = {r["step"]: r[key] for r in runs[label]["rows"] if int(r.get("epoch", -1)) == epoch}
+                if own:
+                    means.append(float(np.mean(list(own.values()))))
+                shared = sorted(set(own) & set(ref))
+                if label != reference and shared:
+                    gaps.append(float(np.mean([own[s] - ref[s] for s in shared])))
+            row[label] = stats(means)
+            if label != reference:
+                row[f"{label}_gap"] = stats(gaps)
+        out.append(row)
+    return out
+
+
+def epoch_section(per_epoch: list[dict], labels: Iterable[str], reference: str) -> list[str]:
+    """The report's lines for `loss_per_epoch`: a table when the run makes more than one pass, else one sentence."""
+    if not per_epoch:
+        return []
+    if len(per_epoch) == 1:
+        return ["The whole run is within the first pass over the training set: every batch is new data, so the "
+                "training loss is a loss on examples the model has not been trained on.", ""]
+    labels = list(labels)
+    others = [label for label in labels if label != reference]
+    table = markdown_table(
+        ["pass over the training set", "steps"] + [f"{label} mean loss" for label in labels]
+        + [f"{label} - {reference}, same batches" for label in others],
+        [[row["epoch"] + 1, f"{row['first_step']}-{row['last_step']}"] + [fmt_stat(row[label]) for label in labels]
+         + [fmt_stat(row[f"{label}_gap"]) for label in others] for row in per_epoch])
+    return ["Training task loss per pass over the training set (raw, mean over the pass's steps). On the first pass "
+            "every batch is new data, so the loss there measures what generalises; on later passes a falling loss "
+            "may be the training set being memorised.", "", table, ""]
+
+
 def primary_metric(final_eval: dict) -> Optional[str]:
     for k in ("accuracy", "f1", "matthews", "rouge1", "bleu4"):
         if k in final_eval:

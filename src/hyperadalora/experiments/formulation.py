@@ -21,8 +21,8 @@ import dataclasses
 import os
 import re
 
-from .common import (CLASSIFICATION_BOUND, as_options, convergence, curves, fmt_stat, gap_note,
-                     goal_check, goal_section, markdown_table, output_dir, plot_gap_bands,
+from .common import (CLASSIFICATION_BOUND, as_options, convergence, curves, epoch_section, fmt_stat, gap_note,
+                     goal_check, goal_section, loss_per_epoch, markdown_table, output_dir, plot_gap_bands,
                      plot_loss_bands, primary_metric, report_header, run_index, run_variants, settings_of,
                      single_task_setup, write_outputs)
 
@@ -306,10 +306,11 @@ def run_formulation(opts=None) -> dict:
                      "-" if h["max_orth_penalty"] is None else f"{h['max_orth_penalty']:.3g}",
                      "-" if h["max_gen_norm"] is None else f"{h['max_gen_norm']:.3g}"])
     goals = {label: goal_check(conv, label, {metric: CLASSIFICATION_BOUND}) for label in labels if label != "adalora"}
+    per_epoch = loss_per_epoch(runs, labels, "adalora")
     results = {"experiment": NAME, "command": command, "env": env, "task": task, "seeds": seeds, "window": window,
                "args": base, "variants": {label: {"overrides": table[label][0], "what": table[label][1]}
                                           for label in labels},
-               "convergence": conv, "goal_check": goals, "health": health, "plot": os.path.basename(png),
+               "convergence": conv, "goal_check": goals, "loss_per_epoch": per_epoch, "health": health, "plot": os.path.basename(png),
                "gap_plot": os.path.basename(gap_png),
                "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
                "runs": run_index(runs)}
@@ -329,5 +330,6 @@ def run_formulation(opts=None) -> dict:
                               f"dev {metric}", "median step (s)", "max orth penalty",
                               "max generated norm"], rows), "",
               *goal_section({f"`{label}`": g for label, g in goals.items()}, f"final dev {metric} within 1 point"),
+              *epoch_section(per_epoch, labels, "adalora"),
               "![loss curves](loss_curves.png)", "", "![loss gap to AdaLoRA](loss_gap.png)", "", FULL_SIZE]
     return write_outputs(out, results, lines)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (CLASSIFICATION_BOUND, as_options, available_tasks, base_args, command_line,
-                     convergence, convergence_table, curves, environment, eval_points, fmt_stat, gap_note, goal_check,
-                     goal_section, markdown_table, output_dir, pick, plot_eval_points,
+from .common import (CLASSIFICATION_BOUND, as_options, available_tasks, base_args, command_line, convergence,
+                     convergence_table, curves, environment, epoch_section, eval_points, fmt_stat, gap_note,
+                     goal_check, goal_section, loss_per_epoch, markdown_table, output_dir, pick, plot_eval_points,
                      plot_gap_bands, plot_loss_bands, primary_metric, report_header, run_variants, seed_list,
                      seeds_note, settings_of, window_for, write_outputs)
 
@@ -75,9 +75,10 @@ def run_nlu_convergence(opts=None) -> dict:
         dev_png = plot_eval_points(dev, os.path.join(out, f"dev_{task}.png"),
                                    f"{task}: dev {metric} at checkpoints{note}", f"dev {metric}")
         goals[task] = goal_check(conv, "hyperadalora", {metric: CLASSIFICATION_BOUND})
+        per_epoch = loss_per_epoch(runs, METHODS, "adalora")
         results["tasks"][task] = {
             "args": base, "metric": metric, "convergence": conv, "goal_check": goals[task],
-            "dev_at_checkpoints": dev,
+            "dev_at_checkpoints": dev, "loss_per_epoch": per_epoch,
             "plots": [os.path.basename(loss_png), os.path.basename(gap_png), os.path.basename(dev_png)],
             "curves": {label: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for label, (s, v) in series.items()},
             "runs": {str(seed): {label: {"output_dir": r["args"].output_dir, "summary": {
@@ -99,6 +100,7 @@ def run_nlu_convergence(opts=None) -> dict:
                      f"Target: AdaLoRA's final smoothed training task loss (trailing mean over {window} steps) = "
                      f"{fmt_stat(conv['target_loss'])}.", "",
                      convergence_table(conv, metric_keys), "",
+                     *epoch_section(per_epoch, METHODS, "adalora"),
                      f"Dev {metric} at checkpoints (step {steps} = the end of training):", "", dev_table, "",
                      f"![{task} loss]({os.path.basename(loss_png)})", "",
                      f"![{task} loss gap]({os.path.basename(gap_png)})", "",
