@@ -1,6 +1,9 @@
 """RankAllocationCallback with a real transformers.Trainer: HyperAdaLoRA and peft's AdaLoRA reach their target rank,
-counting optimizer steps (not micro-batches); any other model is refused at on_train_begin."""
+counting optimizer steps (not micro-batches); any other model is refused at on_train_begin. HyperAdaLoraTrainer's
+checkpoints and save_model: the adapter (load_adapter) and the training state, not the base model; exact resume and
+load_best_model_at_end."""
 
+import os
 import warnings
 
 import peft
@@ -266,3 +269,218 @@ def test_total_step_that_differs_from_the_trainers_steps_is_flagged(tmp_path):
     with pytest.warns(UserWarning, match=rf"assumes total_step={MAX_STEPS * 10} optimizer steps, but the Trainer "
                                          rf"will take {MAX_STEPS}.*Set total_step={MAX_STEPS}"):
         trainer.train()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints and save_model
+def hyper_trainer(model, out, callbacks=(), **overrides):
+    kw = dict(output_dir=str(out), max_steps=MAX_STEPS, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+              save_strategy="steps", save_steps=MAX_STEPS // 2, logging_strategy="no", remove_unused_columns=False,
+              disable_tqdm=True, learning_rate=1e-3, seed=0, dataloader_num_workers=0)
+    extra = {k: overrides.pop(k) for k in ("eval_dataset", "compute_metrics", "processing_class", "data_collator")
+             if k in overrides}
+    kw.update(overrides)
+    return ha.HyperAdaLoraTrainer(model=model, args=TrainingArguments(**kw), train_dataset=TinyDataset(),
+                                  callbacks=list(callbacks), **extra)
+
+
+class LossSpy(TrainerCallback):
+    """The task loss of every optimizer step, exactly (not the rounded logged value)."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.losses[state.global_step] = model.last_task_loss.item()
+
+
+def file_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+def base_names(path):
+    """The keys of a safetensors file as names of the transformers model's parameters."""
+    return {k.removeprefix("model.").removeprefix("base_model.").removeprefix("modules_to_save.")
+            .replace(".base_layer.", ".") for k in file_keys(path)}
+
+
+def dir_bytes(path, names):
+    return sum(os.path.getsize(os.path.join(path, n)) for n in names)
+
+
+def hyperlora_config():
+    return ha.HyperLoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS", hypernet="mlp",
+                              hypernet_dim=16)
+
+
+def outputs(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+EVAL_BATCH = {"input_ids": TinyDataset(n=8, seed=3).input_ids, "attention_mask": torch.ones(8, 8, dtype=torch.long)}
+BIG_BERT = dict(num_layers=1, hidden=64, vocab=1000)  # the base model outweighs the hypernetworks
+
+
+def test_checkpoint_holds_the_adapter_and_training_state_not_the_base_model(tmp_path):
+    from safetensors.torch import load_file
+
+    model = ha.get_peft_model(make_bert(**BIG_BERT), hyper_config())
+    frozen = {n.replace(".base_layer.", ".") for n, p in model.base_model.named_parameters() if not p.requires_grad}
+    assert "bert.embeddings.word_embeddings.weight" in frozen
+    # what Trainer writes for this model: the whole state dict, base model included
+    Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "whole"), report_to=[], use_cpu=True)
+            ).save_model(str(tmp_path / "whole"))
+    whole = os.path.getsize(tmp_path / "whole" / "model.safetensors")
+    assert frozen <= base_names(tmp_path / "whole" / "model.safetensors")
+
+    hyper_trainer(model, tmp_path / "run").train()
+    for step in (MAX_STEPS // 2, MAX_STEPS):
+        ckpt = tmp_path / "run" / f"checkpoint-{step}"
+        names = set(os.listdir(ckpt))
+        assert {"adapter_model.safetensors", "hyperadalora_config.json", "training_state.safetensors",
+                "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"} <= names
+        assert "model.safetensors" not in names
+        for file in ("adapter_model.safetensors", "training_state.safetensors"):
+            keys = base_names(ckpt / file)
+            assert keys and not keys & frozen, f"{file} holds frozen base weights: {sorted(keys & frozen)[:3]}"
+            assert not any("base_layer" in k or "bert.embeddings" in k for k in file_keys(ckpt / file))
+        small = dir_bytes(ckpt, ["adapter_model.safetensors", "training_state.safetensors"])
+        assert small * 4 < whole, (small, whole)
+    state = load_file(str(tmp_path / "run" / f"checkpoint-{MAX_STEPS}" / "training_state.safetensors"))
+    assert torch.equal(state["allocator.mask"], model.allocator.mask.cpu())  # the masks of the last step
+
+    # the adapter of the last checkpoint is the trained model's
+    loaded = ha.load_adapter(make_bert(**BIG_BERT), str(tmp_path / "run" / f"checkpoint-{MAX_STEPS}"))
+    assert loaded.rank_pattern == model.rank_pattern and model.total_rank == model.n_layers
+    torch.testing.assert_close(outputs(loaded, EVAL_BATCH), outputs(model, EVAL_BATCH), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs(loaded, EVAL_BATCH), outputs(make_bert(**BIG_BERT), EVAL_BATCH), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["hyperadalora", "hyperlora"])
+def test_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, method):
+    from hyperadalora.checkpoint import model_state
+
+    def make():
+        config = hyper_config(importance="sensitivity") if method == "hyperadalora" else hyperlora_config()
+        return ha.get_peft_model(make_bert(num_layers=1), config)
+
+    straight, spy = make(), LossSpy()
+    hyper_trainer(straight, tmp_path / "a", [spy]).train()
+    mid = tmp_path / "a" / f"checkpoint-{MAX_STEPS // 2}"
+
+    resumed, spy2 = make(), LossSpy()
+    trainer = hyper_trainer(resumed, tmp_path / "b", [spy2])
+    trainer.train(resume_from_checkpoint=str(mid))
+    assert trainer.state.global_step == MAX_STEPS
+    assert sorted(spy2.losses) == list(range(MAX_STEPS // 2 + 1, MAX_STEPS + 1))
+    assert spy2.losses == {s: spy.losses[s] for s in spy2.losses}  # bit for bit
+    assert len(set(spy.losses.values())) > 1
+    tensors, meta = model_state(straight)
+    tensors2, meta2 = model_state(resumed)
+    meta.pop("mask_version", None), meta2.pop("mask_version", None)  # a cache key (bumped by a load)
+    assert meta2 == meta and tensors2.keys() == tensors.keys()
+    assert all(torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    assert resumed.rank_pattern == straight.rank_pattern
+    if method == "hyperadalora":
+        assert resumed.total_rank == resumed.n_layers and "allocator.ipt" in tensors  # the EMAs travel too
+        assert meta["allocator"]["n_maskings"] >= 2
+    # and the final checkpoints are the same adapter
+    a = ha.load_adapter(make_bert(num_layers=1), str(tmp_path / "a" / f"checkpoint-{MAX_STEPS}"))
+    b = ha.load_adapter(make_bert(num_layers=1), str(tmp_path / "b" / f"checkpoint-{MAX_STEPS}"))
+    assert torch.equal(outputs(a, EVAL_BATCH), outputs(b, EVAL_BATCH))
+
+
+@pytest.mark.filterwarnings("ignore:The rank budget schedule assumes")  # stopped halfway on purpose
+def test_an_older_whole_model_checkpoint_is_still_read(tmp_path):
+    from safetensors.torch import load_file
+
+    class WholeModelTrainer(ha.HyperAdaLoraTrainer):  # how checkpoints were written before
+        _save = Trainer._save
+
+    runs = {}
+    for name, cls in (("new", ha.HyperAdaLoraTrainer), ("old", WholeModelTrainer)):
+        model = ha.get_peft_model(make_bert(num_layers=1), hyper_config())
+        cls(model=model, args=hyper_trainer(model, tmp_path / name, max_steps=MAX_STEPS // 2).args,
+            train_dataset=TinyDataset()).train()
+        runs[name] = tmp_path / name / f"checkpoint-{MAX_STEPS // 2}"
+    assert "model.safetensors" in os.listdir(runs["old"])
+    assert "training_state.safetensors" not in os.listdir(runs["old"])
+
+    fresh = ha.get_peft_model(make_bert(num_layers=1), hyper_config())
+    hyper_trainer(fresh, tmp_path / "b")._load_from_checkpoint(str(runs["old"]))  # Trainer's own loading
+    reference = load_file(str(runs["new"] / "training_state.safetensors"))
+    generators = {k: v for k, v in fresh.generators.state_dict().items()}
+    assert generators and all(torch.equal(v, reference[f"model.generators.{k}"]) for k, v in generators.items())
+    # the whole-model file never held the rank allocator (not a module): its masks are lost, so such a resume is
+    # not exact (only the hypernetworks and heads come back)
+    assert fresh.allocator.mask.all() and not reference["allocator.mask"].all()
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from hyperadalora.checkpoint import model_state
+
+    scores = iter([1.0, 0.0])  # the first evaluation (step 6) is the best
+    model = ha.get_peft_model(make_bert(num_layers=1), hyper_config())
+    trainer = hyper_trainer(model, tmp_path, eval_strategy="steps", eval_steps=MAX_STEPS // 2,
+                            load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
+                            eval_dataset=TinyDataset(n=8), compute_metrics=lambda pred: {"score": next(scores)})
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{MAX_STEPS // 2}")
+    best = load_file(str(tmp_path / f"checkpoint-{MAX_STEPS // 2}" / "training_state.safetensors"))
+    last = load_file(str(tmp_path / f"checkpoint-{MAX_STEPS}" / "training_state.safetensors"))
+    now = model_state(model)[0]
+    assert now.keys() == best.keys()
+    assert all(torch.equal(now[k], best[k]) for k in best)
+    assert not all(torch.equal(now[k], last[k]) for k in last)
+    assert model.allocator.last_step == MAX_STEPS // 2 and torch.equal(model.allocator.mask.cpu(),
+                                                                         best["allocator.mask"])
+
+
+@pytest.mark.parametrize("method", ["hyperadalora", "hyperlora"])
+def test_save_model_writes_a_loadable_adapter(tmp_path, method):
+    from transformers import AutoTokenizer, default_data_collator
+
+    from hyperadalora.models import minilm_path
+
+    config = hyper_config(total_step=4, tinit=1, tfinal=1, deltaT=1) if method == "hyperadalora" else hyperlora_config()
+    model = ha.get_peft_model(make_bert(num_layers=1), config)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    trainer = hyper_trainer(model, tmp_path / "run", save_strategy="no", max_steps=4, processing_class=tokenizer,
+                            data_collator=default_data_collator)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    names = set(os.listdir(tmp_path / "final"))
+    config_name = "hyperadalora_config.json" if method == "hyperadalora" else "method_config.json"
+    assert {"adapter_model.safetensors", config_name, "training_state.safetensors", "training_args.bin",
+            "tokenizer_config.json"} <= names
+    assert "model.safetensors" not in names
+    loaded = ha.load_adapter(make_bert(num_layers=1), str(tmp_path / "final"))
+    assert loaded.rank_pattern == model.rank_pattern
+    torch.testing.assert_close(outputs(loaded, EVAL_BATCH), outputs(model, EVAL_BATCH), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_training_state_is_refused(tmp_path):
+    model = ha.get_peft_model(make_bert(num_layers=1), hyper_config())
+    model.save_pretrained(str(tmp_path / "adapter"))  # an adapter only: nothing to resume training from
+    trainer = hyper_trainer(model, tmp_path / "run")
+    with pytest.raises(ValueError, match="has no training_state.safetensors"):
+        trainer._load_from_checkpoint(str(tmp_path / "adapter"))
+
+
+def test_other_models_keep_the_trainers_saving(tmp_path):
+    lora = peft.get_peft_model(make_bert(num_layers=1), peft.LoraConfig(r=2, target_modules=["query"]))
+    hyper_trainer(lora, tmp_path / "lora").save_model(str(tmp_path / "lora"))
+    names = set(os.listdir(tmp_path / "lora"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names  # peft's own adapter
+    assert not names & {"training_state.safetensors", "hyperadalora_config.json", "model.safetensors"}
+
+    plain = make_bert(num_layers=1)
+    hyper_trainer(plain, tmp_path / "plain").save_model(str(tmp_path / "plain"))
+    names = set(os.listdir(tmp_path / "plain"))
+    assert {"config.json", "model.safetensors"} <= names and "training_state.safetensors" not in names

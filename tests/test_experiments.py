@@ -163,7 +163,8 @@ def test_convergence_statistics_over_seeds():
     assert conv["methods"]["fast"]["dev_accuracy"]["std"] > 0
     text = common.fmt_stat(conv["methods"]["fast"]["steps_to_target"], "{:.1f}")
     assert "±" in text and "[" in text
-    assert common.fmt_stat(common.stats([None, None])) == "n/a (not reached)"
+    assert common.fmt_stat(common.stats([None, None], "not reached")) == "n/a (not reached)"
+    assert common.fmt_stat(common.stats([None, None])) == "n/a"                    # e.g. a loss gap: no reason
     assert "(1/2 seeds)" in common.fmt_stat(common.stats([3.0, None]))
     assert common.window_for(300) == 25 and common.window_for(60) == 6 and common.window_for(4) == 5
 

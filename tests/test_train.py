@@ -172,6 +172,92 @@ def test_cli_bad_input_gives_a_clear_message(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "lora", "--hypernet", "attention"], "--hypernet: hypernetwork options; --method lora has none"),
+    (["--method", "adalora", "--momentum", "0.5"], "--method adalora has no hypernetworks"),
+    (["--method", "lora", "--target-r", "1", "--tinit", "2"], "--target-r, --tinit: the rank budget schedule"),
+    (["--method", "hyperlora", "--deltaT", "5"], "not to --method hyperlora"),
+    (["--n-heads", "4"], "--n-heads applies to hydralora and hyperhydralora only"),
+    (["--dtype", "bfloat16", "--precision", "fp32"], "disagree"),
+    (["--device", "gpu"], "not a device name"),
+])
+def test_cli_refuses_options_the_method_does_not_use(argv, message, capsys, tmp_path):
+    message = message.replace("has none", "has no hypernetworks")
+    code = cli.main(["train", "--max-steps", "5", "--output-dir", str(tmp_path / "o")] + argv)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_demo_refuses_a_method(capsys, tmp_path):
+    assert cli.main(["demo", "--method", "lora", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "demo always compares adalora with hyperadalora" in capsys.readouterr().err
+
+
+def test_device_that_is_not_there_fails_before_the_model_loads(tmp_path):
+    from hyperadalora.train import check_device
+
+    check_device(None)
+    check_device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            train(TrainArgs(task="sst2", model=str(tmp_path / "none"), device="cuda", output_dir=str(tmp_path / "o")))
+        assert not (tmp_path / "o").exists()
+
+
+def test_schedule_defaults_fit_a_very_short_run():
+    for steps in (1, 2, 3, 10):
+        args = TrainArgs(method="hyperadalora", max_steps=steps)
+        assert args.tinit + args.tfinal < steps
+    assert (TrainArgs(max_steps=300).tinit, TrainArgs(max_steps=300).tfinal) == (30, 60)  # 10% / 20%, as before
+    TrainArgs(method="lora", max_steps=1, tinit=1, tfinal=1)  # no schedule: not checked
+    with pytest.raises(ValueError, match="tinit \\+ tfinal"):
+        TrainArgs(method="adalora", max_steps=5, tinit=2, tfinal=3)
+
+
+def test_a_run_directory_is_never_overwritten_by_accident(tmp_path, tokenizer):
+    def run(steps, lr, **kw):
+        args = TrainArgs(method="hyperadalora", task="sst2", max_steps=steps, batch_size=8, lr=lr, max_length=16,
+                         progress=False, save_every=2, keep_checkpoints=2, tinit=0, tfinal=1, deltaT=1, **kw)
+        return train(args, model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
+                     train_examples=toy_examples(32), eval_examples=toy_examples(8, seed=1))
+
+    out = tmp_path / "run"
+    run(6, 1e-3, output_dir=str(out))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
+        run(4, 5e-3, output_dir=str(out))
+    assert (out / "metrics.jsonl").read_text() == before                      # untouched
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+    summary = run(4, 5e-3, output_dir=str(out), overwrite=True)               # replaced: no stale checkpoint left
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert summary["checkpoint"].endswith("step-0000004") and summary["args"]["lr"] == 5e-3
+    # resuming without an output dir continues in the resumed run's directory (a checkpoint's run, too)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-0000004")
+    resumed = run(4, 5e-3, resume=str(out / "checkpoints" / "step-0000002"))
+    assert resumed["args"]["output_dir"] == str(out) and resumed["resumed_from"].endswith("step-0000002")
+    assert len(read_metrics(str(out / "metrics.jsonl"))[0]) == 4
+    # resuming into another directory that holds a run is refused as well
+    other = tmp_path / "other"
+    run(2, 1e-3, output_dir=str(other))
+    with pytest.raises(FileExistsError):
+        run(4, 5e-3, resume=str(out), output_dir=str(other))
+
+
+def test_a_failed_run_leaves_no_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):  # the embedded task's data loads; the model does not exist
+        train(TrainArgs(task="sentiment", model=str(tmp_path / "no-such-model"), max_steps=5,
+                        max_train_examples=16, output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        train(TrainArgs(task="sentiment", model=str(tmp_path / "empty"), max_steps=5, max_train_examples=16,
+                        output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("method, hyper, message", [
     ("hyperadalora", {"hypernet_warmup_steps": -1}, "hypernet_warmup_steps=-1"),
     ("hyperadalora", {"hypernet_warmup_steps": 50}, "> total_step=5"),

@@ -12,13 +12,28 @@ row embeddings' schedule ``feature_lr_ratio_final``), which only an optimizer bu
 rate. `HyperAdaLoraTrainer` builds its optimizer from those groups (with the optimizer class and settings of
 ``TrainingArguments``) and adds the callbacks the model needs; with a plain `Trainer`, `HypernetworkLrCallback`
 (which `RankAllocationCallback` includes) warns when the optimizer lacks the groups and applies the schedule.
+
+Saving: for this package's models, `HyperAdaLoraTrainer` writes into a checkpoint (``checkpoint-N/``) and into
+``save_model(dir)`` the adapter as the model's own ``save_pretrained(dir)`` writes it (``adapter_model.safetensors``
+and ``hyperadalora_config.json`` / ``method_config.json``: load it with `hyperadalora.load_adapter`) and, in
+``training_state.safetensors``, what an exact resume needs (`checkpoint.model_state`: the hypernetworks with their
+recurrent state and anchors, the trained heads and parameters, the rank masks and importance EMAs; the allocator's
+bookkeeping in the file's metadata), never the frozen base model. ``resume_from_checkpoint`` and
+``load_best_model_at_end`` read that file back; a whole-model ``model.safetensors`` written by earlier versions is
+still read by Trainer's own loading (it never held the rank allocator: such a resume restarts from full masks).
+Any other model (peft's own, a plain transformers model), and DeepSpeed / FSDP runs, are saved as `Trainer` saves
+them.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
+import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .generator import FEATURE_GROUP, HYPERNET_GROUP
 
@@ -64,6 +79,73 @@ def _hypernetwork_model(model):
     if isinstance(model, GeneratedAdapterModel) and model.generated:
         return model
     return None
+
+
+TRAINING_STATE_NAME = "training_state.safetensors"
+STATE_METADATA_KEY = "hyperadalora_state"
+
+
+def _adapter_model(model):
+    """The HyperAdaLoRA / generated-adapter model (this package's, saved with its own ``save_pretrained``), or None."""
+    from .methods import GeneratedAdapterModel
+    from .model import HyperAdaLoraModel
+
+    model = _unwrap(model)
+    return model if isinstance(model, (HyperAdaLoraModel, GeneratedAdapterModel)) else None
+
+
+def _has_training_state(model) -> bool:
+    """Whether ``model`` (an adapter model of this package) has a training state (a fixed HyperAdaLoRA adapter,
+    loaded or with its hypernetworks dropped, has none: only its adapter is saved)."""
+    from .model import HyperAdaLoraModel
+
+    return not (isinstance(model, HyperAdaLoraModel) and model.fixed)
+
+
+def _commit_pending(model) -> None:
+    """Commit the recurrent state of the last training generation once the hypernetworks were updated, as the next
+    training forward would (HyperAdaLoRA's `update_and_allocate` did it already under `RankAllocationCallback`;
+    a generated-adapter method commits lazily): the saved state is then the one the next step starts from."""
+    from .model import HyperAdaLoraModel
+
+    if isinstance(model, HyperAdaLoraModel):
+        if not model.fixed:
+            model._maybe_commit(auto=False)
+    else:
+        model.after_optimizer_step()
+
+
+def save_training_state(model, directory: str) -> str:
+    """Write ``directory/training_state.safetensors``: `checkpoint.model_state` of ``model`` (its JSON metadata in
+    the file's metadata). Returns the path."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import model_state
+
+    tensors, meta = model_state(model)
+    path = os.path.join(directory, TRAINING_STATE_NAME)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt", STATE_METADATA_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_training_state(model, directory: str) -> None:
+    """Put the state of ``directory/training_state.safetensors`` back into ``model`` (`checkpoint.load_model_state`:
+    a state of another method or model shape raises `checkpoint.CheckpointError`)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError, load_model_state
+
+    path = os.path.join(directory, TRAINING_STATE_NAME)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[STATE_METADATA_KEY])
+        tensors = load_file(path)
+    except Exception as e:  # missing metadata, or safetensors' own errors for a truncated or corrupted file
+        raise CheckpointError(f"Cannot read the training state {path} ({type(e).__name__}: {e}).") from e
+    load_model_state(model, tensors, meta, where=path)
 
 
 class HypernetworkLrCallback(TrainerCallback):
@@ -141,7 +223,9 @@ class HyperAdaLoraTrainer(Trainer):
     AdaLoRA: the optimizer is built from ``model.optimizer_param_groups(learning_rate, weight_decay)`` (the
     hypernetworks' own learning rates) with the optimizer class and settings of ``TrainingArguments``; rank
     allocation (`RankAllocationCallback`) and the hypernetworks' lr schedule (`HypernetworkLrCallback`) are added
-    unless given. Anything else behaves as `Trainer`."""
+    unless given. Checkpoints and ``save_model`` hold the adapter in the model's ``save_pretrained`` format
+    (`hyperadalora.load_adapter` reads it) and ``training_state.safetensors`` (an exact resume), not the frozen
+    base model; for any other model (peft's AdaLoRA...) they are `Trainer`'s. Anything else behaves as `Trainer`."""
 
     def __init__(self, *args, callbacks=None, **kwargs):
         super().__init__(*args, callbacks=callbacks, **kwargs)
@@ -166,3 +250,57 @@ class HyperAdaLoraTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             return self.optimizer
         return super().create_optimizer(model)
+
+    # ------------------------------------------------------------------ saving and loading
+    def _own_saving(self, model=None):
+        """The adapter model whose saving this trainer does itself, or None (Trainer's own saving: another model,
+        or DeepSpeed / FSDP / SageMaker MP, whose checkpoints Trainer writes and reads its own way)."""
+        from transformers.trainer import is_sagemaker_mp_enabled
+
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or is_sagemaker_mp_enabled():
+            return None
+        return _adapter_model(self.model if model is None else model)
+
+    def _save(self, output_dir=None, state_dict=None):
+        target = self._own_saving() if state_dict is None else None
+        if target is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        if _has_training_state(target):
+            _commit_pending(target)  # before save_pretrained: it generates from the committed state
+        target.save_pretrained(output_dir)
+        if _has_training_state(target):
+            save_training_state(target, output_dir)
+        # what Trainer._save writes besides the model
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        elif getattr(self.data_collator, "tokenizer", None) is not None:
+            self.data_collator.tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self._own_saving(model)
+        if target is None or not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE_NAME)):
+            if target is not None and not os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint!r}: it has no {TRAINING_STATE_NAME} "
+                                 f"(the training state of a HyperAdaLoraTrainer checkpoint; a checkpoint of a fixed "
+                                 f"adapter, loaded or with its hypernetworks dropped, has only the adapter).")
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # incl. an older whole-model file
+        load_training_state(target, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        target = self._own_saving()
+        if target is None or not os.path.isfile(os.path.join(best, TRAINING_STATE_NAME)):
+            if target is not None and not os.path.isfile(os.path.join(best, "model.safetensors")):
+                warnings.warn(f"The best checkpoint {best} has no {TRAINING_STATE_NAME} (a fixed adapter's): the "
+                              f"model is left as it is at the end of training.", stacklevel=2)
+                return None
+            return super()._load_best_model()  # incl. an older whole-model file
+        load_training_state(target, best)
+        return None

@@ -1,4 +1,10 @@
-"""The command line: ``hyperadalora {train,demo} ...`` (one parser, subcommands mapped to functions)."""
+"""The command line: ``hyperadalora {train,demo,experiment} ...`` (one parser, subcommands mapped to functions).
+
+- ``hyperadalora train``: fine-tune one model with one method (HyperAdaLoRA, peft's LoRA / DoRA / AdaLoRA, or the
+  other generated-adapter methods), writing metrics, a summary, checkpoints and the adapter;
+- ``hyperadalora demo``: a short offline comparison of AdaLoRA and HyperAdaLoRA, with a report and a plot;
+- ``hyperadalora experiment NAME``: the paper's experiments (``hyperadalora experiment --help`` lists them).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "task": (str, "cola sst2 mrpc qqp mnli qnli rte wnli | sentiment (embedded) | alpaca (instruction)"),
     "data_dir": (str, "GLUE TSV root (e.g. ../shared/data/glue); default: embedded data or the hub"),
     "data_path": (str, "instruction data file (Alpaca-style JSON / JSONL)"),
-    "max_steps": (int, "optimizer steps"), "batch_size": (int, "examples per micro-batch"),
+    "max_steps": (int, "optimizer steps"), "batch_size": (int, "examples per micro-batch (per process)"),
     "grad_accum": (int, "micro-batches per optimizer step"), "lr": (float, "learning rate"),
     "weight_decay": (float, "AdamW weight decay"), "warmup_steps": (int, "linear warm-up steps"),
     "scheduler": (str, "linear | constant"), "max_grad_norm": (float, "gradient clipping (0: off)"),
@@ -24,13 +30,17 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "max_train_examples": (int, "subsample the training set"), "max_eval_examples": (int, "subsample the dev set"),
     "eval_every": (int, "evaluate every N steps (0: only at the end)"),
     "gen_eval_examples": (int, "instruction tasks: held-out prompts to generate for BLEU/ROUGE"),
-    "max_new_tokens": (int, "generation length"), "output_dir": (str, "where metrics.jsonl, summary.json, adapter/ go"),
+    "max_new_tokens": (int, "generation length"),
+    "output_dir": (str, "where metrics.jsonl, summary.json, checkpoints/ and adapter/ go (default: runs/train; "
+                        "with --resume: the resumed run's directory)"),
     "dtype": (str, "float32 | bfloat16"), "device": (str, "cpu | cuda (default: auto)"),
     "precision": (str, "fp32 | bf16 (bf16 autocast of the model; the hypernetworks stay fp32); same as --dtype"),
-    "init_r": (int, "initial rank"), "target_r": (int, "final average rank"), "lora_alpha": (float, "alpha"),
-    "lora_dropout": (float, "adapter dropout"), "tinit": (int, "steps before pruning"),
-    "tfinal": (int, "steps at the final budget"), "deltaT": (int, "re-mask interval"),
-    "orth_reg_weight": (float, "gamma of the orthogonal regulariser"),
+    "init_r": (int, "initial rank (lora, dora and the other methods: their rank r)"),
+    "target_r": (int, "final average rank (hyperadalora, adalora)"), "lora_alpha": (float, "alpha"),
+    "lora_dropout": (float, "adapter dropout"), "tinit": (int, "steps before pruning (default: 10%% of the steps)"),
+    "tfinal": (int, "steps at the final budget (default: 20%% of the steps)"),
+    "deltaT": (int, "re-mask interval (hyperadalora, adalora)"),
+    "orth_reg_weight": (float, "gamma of the orthogonal regulariser (hyperadalora, adalora)"),
     "resume": (str, "continue from a checkpoint directory, or a run's output dir (its newest valid checkpoint)"),
     "save_every": (int, "write a checkpoint every N optimizer steps (0: only at the end)"),
     "keep_checkpoints": (int, "newest checkpoints to keep (0: write none)"),
@@ -104,18 +114,74 @@ def load_yaml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+# Options that only some methods use: given for another method, they are an error, not silently ignored.
+SCHEDULE_OPTIONS = ("target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")   # rank budget schedule
+HYDRA_METHODS = ("hydralora", "hyperhydralora")
+
+
+def _defaults() -> dict:
+    """The train flags' defaults, for the help text: TrainArgs' and HyperAdaLoraConfig's."""
+    from .config import HyperAdaLoraConfig
+    from .train import TrainArgs
+
+    out = {}
+    for cls in (TrainArgs, HyperAdaLoraConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in TRAIN_FLAGS and f.default is not dataclasses.MISSING and f.default is not None:
+                out.setdefault(f.name, f.default)
+    return out
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
+    defaults = _defaults()
     for name, (typ, help_) in TRAIN_FLAGS.items():
+        if name in defaults and "default" not in help_:
+            value = defaults[name]
+            help_ += f" (default: {str(value).lower() if isinstance(value, bool) else value})"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     parser.add_argument("--target-modules", dest="target_modules", default=None,
                         help="comma-separated module name suffixes (default: all attention and MLP projections)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
+                        help="replace a run already in --output-dir (its summary, metrics, checkpoints and adapter); "
+                             "without it such a directory is refused")
+
+
+def check_options_apply(options: dict) -> None:
+    """Options given (flags or YAML) that the chosen method does not use are an error: a user who sets them
+    expects them to act. dtype and precision name the same setting and must agree when both are given."""
+    from .train import HYPER_FIELDS, SCHEDULED_METHODS
+
+    method = options.get("method", "hyperadalora")
+
+    def hint(names) -> str:
+        one = "it" if len(names) == 1 else "them"
+        return f"leave {one} out, or choose a method that uses {one}"
+
+    given = [k for k in SCHEDULE_OPTIONS if options.get(k) is not None]
+    if given and method not in SCHEDULED_METHODS:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: the rank budget schedule applies "
+                         f"to hyperadalora and adalora only, not to --method {method} ({hint(given)}).")
+    if options.get("n_heads") is not None and method not in HYDRA_METHODS:
+        raise ValueError(f"--n-heads applies to {' and '.join(HYDRA_METHODS)} only, not to --method {method} "
+                         f"({hint(['n_heads'])}).")
+    hyper = [k for k in HYPER_FIELDS if k in options or k in (options.get("hyper") or {})]
+    if hyper and method in ("adalora", "lora", "dora", "hydralora"):
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in hyper)}: hypernetwork options; "
+                         f"--method {method} has no hypernetworks ({hint(hyper)}).")
+    dtype, precision = options.get("dtype"), options.get("precision")
+    if dtype is not None and precision is not None:
+        from .train import DTYPES
+
+        if DTYPES.get(precision, precision) != dtype:
+            raise ValueError(f"--dtype {dtype} and --precision {precision} disagree (they name the same setting): "
+                             f"give one of them.")
 
 
 def collect_options(ns: argparse.Namespace) -> dict:
     options = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    for name in list(TRAIN_FLAGS) + ["target_modules", "progress"]:
+    for name in list(TRAIN_FLAGS) + ["target_modules", "progress", "overwrite"]:
         value = getattr(ns, name, None)
         if value is not None:
             options[name] = None if value is NONE else value
@@ -127,7 +193,9 @@ def collect_options(ns: argparse.Namespace) -> dict:
 def cmd_train(ns) -> int:
     from .train import TrainingInterrupted, args_from_dict, train
 
-    args = args_from_dict(collect_options(ns))
+    options = collect_options(ns)
+    check_options_apply(options)
+    args = args_from_dict(options)
     try:
         summary = train(args)
     except TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint was written
@@ -145,9 +213,13 @@ def cmd_demo(ns) -> int:
     from .experiments import compare
     from .train import args_from_dict
 
+    given = collect_options(ns)
+    if "method" in given:
+        raise ValueError(f"demo always compares adalora with hyperadalora (method={given['method']!r} given): drop "
+                         f"--method, or train one method with `hyperadalora train --method {given['method']}`.")
+    check_options_apply(given)
     options = {"task": "sentiment", "max_steps": 200, "batch_size": 16, "max_length": 64, "lr": 1e-3,
-               "max_eval_examples": 500, "output_dir": ns.output_dir, **collect_options(ns)}
-    options.pop("method", None)
+               "max_eval_examples": 500, "output_dir": ns.output_dir, **given}
     base = args_from_dict(options)
     command = "hyperadalora demo " + " ".join(sys.argv[2:])
     result = compare(base, {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}},
@@ -163,10 +235,12 @@ def cmd_demo(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyperadalora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hyperadalora", description=__doc__.replace("``", "'"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hyperadalora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="fine-tune with hyperadalora, adalora or lora")
+    p = sub.add_parser("train", help="fine-tune one model with one method (--method: hyperadalora, adalora, lora, "
+                                     "dora, hyperlora, hyperdora, hydralora, hyperhydralora)")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="a short real comparison of adalora and hyperadalora (offline)")
@@ -185,7 +259,7 @@ def main(argv=None) -> int:
         ns.output_dir = "runs/demo"
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as e:
         if os.environ.get("HYPERADALORA_DEBUG"):
             raise
         print(f"hyperadalora {ns.command}: error: {e}", file=sys.stderr)

@@ -265,7 +265,9 @@ def _load_sentiment(split: str, file: Path | None = None) -> list[dict]:
 
 def _instruction_file(task: str, path: str | None, data_dir: str | None) -> Path:
     if path is None and data_dir is None:
-        raise ValueError(f"task {task!r} needs path= (or --data-dir) naming an Alpaca-style JSON/JSONL file")
+        raise ValueError(f"task {task!r} needs its data: --data-path FILE (Python: path=) naming an Alpaca-style "
+                         f"JSON / JSONL file, or --data-dir DIR (data_dir=) holding one, e.g. "
+                         f"--data-path ../shared/data/instruct/alpaca/alpaca_en_demo.json")
     p = Path(path if path is not None else data_dir)
     if p.is_dir():
         found = sorted(q for q in p.iterdir() if q.suffix in (".json", ".jsonl"))

@@ -99,8 +99,15 @@ def resolve_model_path(name_or_path: Optional[str], kind: str = "classification"
         if not os.path.isfile(name_or_path):
             raise FileNotFoundError(f"Model file {name_or_path!r} does not exist.")
         return convert_gguf(name_or_path)
-    if os.path.exists(os.path.expanduser(name_or_path)):
-        return os.path.expanduser(name_or_path)
+    local = os.path.expanduser(name_or_path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise FileNotFoundError(f"Model directory {name_or_path!r} has no config.json: it is not a transformers "
+                                    f"model (expected config.json, the weights and the tokenizer files, as "
+                                    f"save_pretrained writes them), nor a .gguf file.")
+        return local
+    if os.path.exists(local):
+        raise FileNotFoundError(f"Model path {name_or_path!r} is a file: give a model directory or a .gguf file.")
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"Model path {name_or_path!r} does not exist.")
     return name_or_path  # a hub name

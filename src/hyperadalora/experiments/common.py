@@ -349,6 +349,7 @@ def base_args(opts: ExperimentOptions, **defaults) -> TrainArgs:
     kw.setdefault("progress", opts.progress)
     kw.setdefault("keep_checkpoints", 0)
     kw.setdefault("save_adapter", False)
+    kw.setdefault("overwrite", True)  # an experiment re-runs into its own run directories (--reuse reads them)
     return TrainArgs(**kw)
 
 
@@ -381,8 +382,9 @@ def run_variants(base: TrainArgs, variants: dict, out_dir: str, seeds: Iterable[
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def stats(values) -> dict:
-    """Mean, std (population), min, max over the values that are numbers; ``n`` counts them of ``n_total``."""
+def stats(values, missing: Optional[str] = None) -> dict:
+    """Mean, std (population), min, max over the values that are numbers; ``n`` counts them of ``n_total``;
+    ``missing``: what a seed without a number means (e.g. "not reached"), shown by `fmt_stat`."""
     vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(float(v))]
     out = {"n": len(vals), "n_total": len(list(values)), "values": [None if v is None else v for v in values]}
@@ -391,13 +393,16 @@ def stats(values) -> dict:
         out.update(mean=float(a.mean()), std=float(a.std()), min=float(a.min()), max=float(a.max()))
     else:
         out.update(mean=None, std=None, min=None, max=None)
+    if missing:
+        out["missing"] = missing
     return out
 
 
 def fmt_stat(s: Optional[dict], f: str = "{:.4f}") -> str:
-    """``mean ± std [min, max]`` (one seed: the value); ``n/a`` when no seed has a number."""
+    """``mean ± std [min, max]`` (one seed: the value); ``n/a`` when no seed has a number (with the reason, for
+    statistics that give one: ``n/a (not reached)``)."""
     if not s or s.get("mean") is None:
-        return "n/a (not reached)" if s and s.get("n_total") else "n/a"
+        return f"n/a ({s['missing']})" if s and s.get("n_total") and s.get("missing") else "n/a"
     text = f.format(s["mean"])
     if s["n_total"] > 1:
         text += f" ± {f.format(s['std'])} [{f.format(s['min'])}, {f.format(s['max'])}]"
@@ -586,6 +591,10 @@ def _plt():
     return plt
 
 
+# per-label results of `convergence` that are missing where a run never reached the target
+REACH_KEYS = ("steps_to_target", "time_to_target_s", "steps_ratio", "time_ratio", "steps_to_90", "steps_ratio_90")
+
+
 def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None,
                 target_fn: Optional[Callable[[dict], float]] = None) -> dict:
     """Steps-to-target of every label, per seed and as statistics over the seeds.
@@ -635,7 +644,8 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
     agg = {}
     for label in labels:
         keys = list(dict.fromkeys(k for p in per_seed.values() for k in p["methods"][label]))
-        agg[label] = {k: stats([p["methods"][label].get(k) for p in per_seed.values()]) for k in keys}
+        agg[label] = {k: stats([p["methods"][label].get(k) for p in per_seed.values()],
+                               "not reached" if k in REACH_KEYS else None) for k in keys}
     return {"reference": reference, "window": window, "target_loss": stats([p["target_loss"] for p in per_seed.values()]),
             "per_seed": per_seed, "methods": agg}
 
@@ -666,8 +676,9 @@ def dev_speed(runs_by_seed: dict, reference: str, label: str, metric: str = "eva
                           "steps_ratio": step / ref_step if step and ref_step else None,
                           "time_ratio": t / ref_time if t and ref_time else None}
     seeds = per_seed.values()
-    return {"metric": metric, "per_seed": per_seed, "steps_ratio": stats([p["steps_ratio"] for p in seeds]),
-            "time_ratio": stats([p["time_ratio"] for p in seeds]),
+    return {"metric": metric, "per_seed": per_seed,
+            "steps_ratio": stats([p["steps_ratio"] for p in seeds], "not reached"),
+            "time_ratio": stats([p["time_ratio"] for p in seeds], "not reached"),
             "not_reached": sum(p["steps"] is None for p in seeds)}
 
 
