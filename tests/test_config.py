@@ -1,5 +1,6 @@
 """HyperAdaLoraConfig: every invalid setting fails when the config is built, with a message that says what to fix."""
 
+import dataclasses
 import json
 import re
 
@@ -17,7 +18,7 @@ def test_defaults_are_valid():
     assert cfg.init_r == 3 and cfg.target_r == 2 and cfg.total_step is None
     assert isinstance(cfg.lora_alpha, float)
     HyperAdaLoraConfig(total_step=10, tinit=4, tfinal=5)  # tinit + tfinal == total_step - 1 is fine
-    HyperAdaLoraConfig(target_r=0)  # everything pruned is allowed
+    HyperAdaLoraConfig(target_r=1)  # down to rank 1 per layer on average
     HyperAdaLoraConfig(init_r=4, target_r=4)
 
 
@@ -25,9 +26,9 @@ def test_defaults_are_valid():
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(init_r=2, target_r=3), r"target_r=3 > init_r=2.*only shrink"),
     (dict(init_r=0, target_r=0), r"init_r=0 must be >= 1"),
-    (dict(target_r=-1), r"target_r=-1 must be >= 0"),
+    (dict(target_r=-1), r"target_r=-1 must be >= 1"),
     (dict(deltaT=0), r"deltaT=0 must be >= 1"),
-    (dict(tinit=-1), r"tinit=-1 and tfinal=0 must be >= 0"),
+    (dict(tinit=-1), r"tinit=-1 must be >= 0"),
     (dict(tfinal=-2), r"tfinal=-2 must be >= 0"),
     (dict(total_step=10, tinit=5, tfinal=5), r"tinit \+ tfinal = 5 \+ 5 >= total_step = 10"),
     (dict(total_step=10, tinit=11), r"tinit \+ tfinal = 11 \+ 0 >= total_step = 10.*Lower tinit/tfinal"),
@@ -48,6 +49,32 @@ def test_defaults_are_valid():
 def test_invalid_values(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         HyperAdaLoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, named, fix", [
+    (dict(lora_alpha=0), "lora_alpha=0.0", "Use a positive value"),
+    (dict(lora_alpha=-8), "lora_alpha=-8.0", "Use a positive value"),
+    (dict(target_r=0), "target_r=0", "Set target_r between 1 and init_r=3"),
+    (dict(target_r=-2), "target_r=-2", "Set target_r between 1 and init_r=3"),
+    (dict(lora_dropout=1.5), "lora_dropout=1.5", "0: no dropout"),
+    (dict(tinit=-1), "tinit=-1", "0: none"),
+    (dict(tfinal=-3), "tfinal=-3", "0: none"),
+    (dict(deltaT=0), "deltaT=0", "1: at every step"),
+    (dict(total_step=0), "total_step=0", "set it to the number of optimizer steps"),
+    (dict(total_step=10, tinit=6, tfinal=4), "tinit + tfinal = 6 + 4 >= total_step = 10", "Lower tinit/tfinal"),
+])
+def test_adapter_and_schedule_values_are_refused_when_the_config_is_built(kwargs, named, fix):
+    # lora_alpha <= 0 used to train (with a switched-off or sign-flipped adapter) and target_r=0 to prune every layer
+    # to rank 0, refused only by export_lora at the end; the message names the field, the value and what to change
+    with pytest.raises(ValueError) as info:
+        HyperAdaLoraConfig(**kwargs)
+    assert named in str(info.value) and fix in str(info.value)
+
+
+def test_total_step_may_be_left_for_later_but_is_required_to_train():
+    cfg = HyperAdaLoraConfig(total_step=None, tinit=50, tfinal=100)  # the schedule is checked once total_step is known
+    with pytest.raises(ValueError, match="total_step is required for training"):
+        ha.get_peft_model(make_bert(), dataclasses.replace(cfg, target_modules=BERT_TARGETS))
 
 
 @pytest.mark.parametrize("field", ["hypernet_dim", "hypernet_heads", "n_induced", "element_chunk"])

@@ -299,6 +299,12 @@ def test_hydra_heads_diverge_and_router_learns(batch):
     ("hyperdora", {"lora_dropout": 1.0}, "lora_dropout=1.0"),
     ("hyperdora", {"generation": "fixed"}, "generation='fixed'"),
     ("hydralora", {"task_type": "NOPE"}, "task_type='NOPE'"),
+    ("hyperlora", {"r": -2}, r"r=-2 must be >= 1 .*set r to a positive rank"),
+    ("hydralora", {"n_heads": -1}, "n_heads=-1 must be >= 1"),
+    *[(m, {"lora_alpha": 0}, r"lora_alpha=0.0 must be > 0.*Use a positive value") for m in ALL],
+    ("hyperdora", {"lora_alpha": -4}, r"lora_alpha=-4.0 must be > 0.*flips its sign"),
+    *[(m, {"lora_dropout": 1.5}, r"lora_dropout=1.5 must be in \[0, 1\).*0: no dropout") for m in ALL],
+    ("hyperlora", {"hypernet_dim": 0}, r"HyperLoraConfig: hypernet_dim=0 must be >= 1"),
 ])
 def test_config_validation_says_what_to_change(method, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -327,6 +333,88 @@ def test_load_onto_other_shapes_fails_clearly(tmp_path, batch):
     trained("hyperlora", batch, steps=1).save_pretrained(tmp_path / "a")
     with pytest.raises(ValueError, match="another base model"):
         ha.load_adapter(make_bert(hidden=48), tmp_path / "a")
+
+
+# ---------------------------------------------------------------------------------------------- misuse, refused clearly
+def _is_untouched_base(model):
+    return (not any(isinstance(m, (M.AdapterLayer, ha.SVDLinear)) for m in model.modules())
+            and all(p.requires_grad for p in model.parameters()))
+
+
+@pytest.mark.parametrize("method", GENERATED)
+def test_principal_init_refuses_a_layer_narrower_than_r_naming_it(method):
+    # BERT's head is Linear(32, 2): r=3 used to crash at the first forward ("mat1 and mat2 shapes cannot be
+    # multiplied"): the principal seeds have only min(in, out) = 2 singular vectors
+    base = make_bert()
+    with pytest.raises(ValueError) as info:
+        ha.get_peft_model(base, cfg(method, r=3, init="principal", target_modules=["query", "classifier"]))
+    message = str(info.value)
+    for part in ("'classifier'", "in_features=32", "out_features=2", "r=3", "init='principal'", "Lower r to <= 2",
+                 "init='orthonormal'"):
+        assert part in message, (part, message)
+    assert _is_untouched_base(base)
+    ha.get_peft_model(base, cfg(method, r=2, init="principal", target_modules=["query", "classifier"]))
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_a_rank_above_a_layers_width_trains_where_nothing_needs_it_below(batch, method):
+    # a rank above min(in, out) is a valid (if wasteful) LoRA: only the principal seeds refuse it
+    options = {"init": "orthonormal"} if method in GENERATED else {}
+    model = ha.get_peft_model(make_bert(), cfg(method, r=3, target_modules=["query", "classifier"], **options))
+    train_steps(model, batch, 2)
+    assert torch.isfinite(logits(model, batch)).all()
+
+
+@pytest.mark.parametrize("method", ["hyperlora", "hydralora"])
+def test_load_onto_a_model_with_fewer_layers_names_the_missing_modules(tmp_path, method):
+    ha.get_peft_model(make_bert(num_layers=2), cfg(method)).save_pretrained(tmp_path / "a")
+    small = make_bert(num_layers=1)
+    with pytest.raises(ValueError) as info:  # used to load layer 0's adapters and drop layer 1's silently
+        ha.load_adapter(small, tmp_path / "a")
+    message = str(info.value)
+    assert "6 of its 12 adapted layers have no matching nn.Linear" in message
+    assert "bert.encoder.layer.1.output.dense" in message and "bert.encoder.layer.0." not in message
+    assert _is_untouched_base(small)
+
+
+@pytest.mark.parametrize("second", ["get_peft_model", "load_adapter"])
+def test_a_model_that_already_carries_adapters_is_refused(tmp_path, second):
+    base_model = make_bert()
+    ha.get_peft_model(base_model, cfg("hyperlora")).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError) as info:
+        if second == "get_peft_model":
+            ha.get_peft_model(base_model, cfg("hydralora"))
+        else:
+            ha.load_adapter(base_model, tmp_path / "a")
+    message = str(info.value)
+    assert message.startswith(f"{second}: the model already carries adapters (")
+    assert "LoraLayer" in message and "Pass an unmodified base model (load it again" in message
+
+
+def test_load_failure_leaves_the_model_unchanged(tmp_path):
+    ha.get_peft_model(make_bert(), cfg("hyperdora")).save_pretrained(tmp_path / "a")
+    other = make_bert(hidden=48)
+    with pytest.raises(ValueError, match="another base model"):
+        ha.load_adapter(other, tmp_path / "a")
+    assert _is_untouched_base(other)
+
+
+@pytest.mark.parametrize("allocate", [False, True])
+def test_fused_optimizer_steps_commit_the_recurrent_state(batch, allocate):
+    # torch.optim.AdamW(fused=True) (transformers' default optim) does not bump the parameters' version counters:
+    # the recurrent state used never to commit
+    model = ha.get_peft_model(make_bert(), cfg("hyperlora", generation="recurrent", identity="zero_output"))
+    states0 = [s.clone() for s in model.generators["A"].states()]
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2), fused=True)
+    model.train()
+    for step in range(1, 4):
+        model(**batch).loss.backward()
+        opt.step()
+        if allocate:
+            model.after_optimizer_step(step)
+        opt.zero_grad()
+    model(**batch)
+    assert any(not torch.equal(a, b) for a, b in zip(states0, model.generators["A"].states()))
 
 
 def test_causal_lm_hyperhydralora_generates():
@@ -365,7 +453,8 @@ def test_cli_train_every_new_method(tmp_path, tokenizer, capsys):
     for method in ["dora", *ALL]:
         out = tmp_path / method
         code = cli.main(["train", "--method", method, "--task", "sst2", "--model", model_dir, "--data-dir", data_dir,
-                         "--max-steps", "3", "--batch-size", "8", "--max-length", "16", "--n-heads", "2",
+                         "--max-steps", "3", "--batch-size", "8", "--max-length", "16",
+                         *(["--n-heads", "2"] if method in HYDRA else []),  # refused for the other methods
                          "--output-dir", str(out), "--no-progress"])
         assert code == 0, capsys.readouterr().err
         summary = json.loads((out / "summary.json").read_text())

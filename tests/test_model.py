@@ -228,11 +228,14 @@ def test_save_load_roundtrip(tmp_path, batch, options):
 
 
 def test_save_load_with_a_layer_at_rank_zero(tmp_path, batch):
-    model = _trained(batch, target_r=0, total_step=20)
-    assert model.total_rank == 0
+    model = _trained(batch, target_r=1, total_step=20)
+    model.allocator.mask[0] = False  # (target_r=0, pruning every layer, is refused by the config)
+    model._mask_version += 1
+    assert model.rank_pattern[model.target_names[0]] == 0 and model.total_rank > 0
     ref = model(input_ids=batch["input_ids"]).logits
     model.save_pretrained(tmp_path / "a")
     loaded = ha.load_adapter(make_bert(), tmp_path / "a")
+    assert loaded.rank_pattern == model.rank_pattern
     assert (loaded(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-5
 
 
@@ -494,8 +497,12 @@ def test_to_basis_keeps_orthonormal_columns_and_their_signs():
 
 
 def test_orthonormal_basis_needs_as_many_rows_as_ranks():
-    with pytest.raises(ValueError, match="basis='orthonormal' needs at least as many rows as ranks"):
+    # the model names the first layer too narrow (the generator's own check, without the layer, stays behind it)
+    with pytest.raises(ValueError, match=r"'bert\.encoder\.layer\.0\.attention\.self\.query' \(in_features=4, "
+                                         r"out_features=4\) is narrower than init_r=6: basis='orthonormal'"):
         ha.get_peft_model(make_bert(hidden=4), cfg(basis="orthonormal", init_r=6, target_r=2, init="orthonormal"))
+    with pytest.raises(ValueError, match="basis='orthonormal' needs at least as many rows as ranks"):
+        ha.generator.RoleGenerator("P", [4, 8], 6, 1, "orthonormal", cfg(), torch.Generator(), basis="orthonormal")
 
 
 def test_lambda_codes_give_every_layers_singular_values_their_own_fast_codes(bert, batch):
@@ -648,3 +655,186 @@ def test_orthogonal_penalty_is_built_before_the_base_model_runs(bert, batch):
     handle.remove()
     assert order == ["penalty", "base"]
     assert out.loss.item() == pytest.approx(model.last_task_loss.item() + 0.1 * model.last_orth_penalty.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ misuse, refused clearly
+def _is_untouched_base(model, requires_grad=True):
+    """No adapter layer left in the model and every parameter's requires_grad as a fresh model has it."""
+    from hyperadalora.methods import AdapterLayer
+
+    return (not any(isinstance(m, (ha.SVDLinear, AdapterLayer)) for m in model.modules())
+            and all(p.requires_grad == requires_grad for p in model.parameters()))
+
+
+@pytest.mark.parametrize("options, setting", [({}, "init='principal'"),
+                                              ({"init": "orthonormal", "basis": "orthonormal"}, "basis='orthonormal'")])
+def test_a_layer_narrower_than_init_r_is_refused_naming_it(options, setting):
+    # BERT's head is Linear(32, 2): init_r=3 used to crash at the first forward ("mat1 and mat2 shapes cannot be
+    # multiplied (2x2 and 3x8)"): the principal seeds have only min(in, out) = 2 singular vectors
+    base = make_bert()
+    with pytest.raises(ValueError) as info:
+        ha.get_peft_model(base, cfg(target_modules=["classifier"], **options))
+    message = str(info.value)
+    for part in ("'classifier'", "in_features=32", "out_features=2", "init_r=3", setting, "Lower init_r to <= 2"):
+        assert part in message, (part, message)
+    assert _is_untouched_base(base)  # refused before the model was changed: it can be used again
+    ha.get_peft_model(base, cfg(target_modules=["classifier"], init_r=2, **options))
+
+
+def test_a_layer_narrower_than_init_r_trains_with_orthonormal_seeds(batch):
+    # rank above min(in, out) is fine for the adapter itself: only the principal seeds (and basis='orthonormal')
+    # need it below
+    model = ha.get_peft_model(make_bert(), cfg(target_modules=["classifier", "query"], init="orthonormal"))
+    model.train()
+    model(**batch).loss.backward()
+    assert model.adapters[-1].P.shape == (2, 3)
+
+
+def test_load_onto_a_model_with_fewer_layers_names_the_missing_modules(tmp_path, batch):
+    model = ha.get_peft_model(make_bert(num_layers=2), cfg())
+    model.save_pretrained(tmp_path / "a")
+    small = make_bert(num_layers=1)
+    with pytest.raises(ValueError) as info:  # used to load layer 0's adapters and drop layer 1's silently
+        ha.load_adapter(small, tmp_path / "a")
+    message = str(info.value)
+    assert "6 of its 12 adapted layers have no matching nn.Linear" in message
+    assert "bert.encoder.layer.1.attention.self.query" in message and "bert.encoder.layer.0." not in message
+    assert _is_untouched_base(small)
+
+
+def test_load_refuses_saved_head_weights_the_model_does_not_take(tmp_path):
+    model = ha.get_peft_model(make_bert(), cfg())
+    model.save_pretrained(tmp_path / "a")
+    other = make_bert()
+    other.renamed_head = other.classifier
+    del other.classifier
+    with pytest.raises(ValueError, match=r"saved module weights that no module of the model takes: classifier\.bias"):
+        ha.load_adapter(other, tmp_path / "a")
+
+
+@pytest.mark.parametrize("second", ["get_peft_model", "load_adapter", "get_peft_model on the returned model"])
+def test_a_model_that_already_carries_adapters_is_refused(tmp_path, second):
+    # the README's flow with the same base_model object: get_peft_model changed it in place, so load_adapter used
+    # to fail with "target_modules='bert\\.encoder...' matches no nn.Linear module"
+    base_model = make_bert()
+    model = ha.get_peft_model(base_model, cfg())
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError) as info:
+        if second == "get_peft_model":
+            ha.get_peft_model(base_model, cfg())
+        elif second == "load_adapter":
+            ha.load_adapter(base_model, tmp_path / "a")
+        else:
+            ha.get_peft_model(model, cfg())
+    message = str(info.value)
+    assert message.startswith(second.split()[0] + ": the model already carries adapters")
+    assert "SVDLinear" in message or "HyperAdaLoraModel" in message
+    assert "Pass an unmodified base model (load it again" in message and "matches no nn.Linear" not in message
+    ha.load_adapter(make_bert(), tmp_path / "a")  # a fresh base model loads
+
+
+def test_a_peft_model_is_refused():
+    import peft
+
+    base = make_bert()
+    peft.get_peft_model(base, peft.LoraConfig(target_modules=["query", "value"]))
+    with pytest.raises(ValueError, match=r"already carries adapters \('bert\.encoder\.layer\.0\.attention\.self"
+                                         r"\.query' is a peft\.tuners\.lora\.layer\.Linear"):
+        ha.get_peft_model(base, cfg())
+
+
+def _fused_steps(model, batch, steps, allocate):
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2), fused=True)
+    model.train()
+    for step in range(1, steps + 1):
+        model(**batch).loss.backward()
+        opt.step()
+        if allocate:
+            model.update_and_allocate(step)
+        opt.zero_grad()
+
+
+def test_fused_optimizer_steps_are_seen_without_version_bumps(bert, batch):
+    # torch.optim.AdamW(fused=True) (transformers' default optim "adamw_torch_fused") updates in place without
+    # bumping the parameters' version counters: the model used to miss its steps entirely
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    p.sum().backward()
+    opt.step()
+    assert p._version == 0 and not torch.equal(p.detach(), torch.ones(3))  # the cause, as seen by the model
+
+    model = ha.get_peft_model(bert, cfg(generation="recurrent", identity="zero_output"))
+    state0 = model.generators["P"].states()[0].clone()
+    with pytest.warns(UserWarning, match="update_and_allocate"):  # rank allocation is not running: said
+        _fused_steps(model, batch, 3, allocate=False)
+    # and the recurrent state commits (the first generation is the seed state itself: the third forward commits the
+    # second's, made after one step)
+    assert not torch.equal(state0, model.generators["P"].states()[0])
+
+
+def test_fused_optimizer_with_update_and_allocate_allocates_without_a_warning(bert, batch):
+    import warnings
+
+    model = ha.get_peft_model(bert, cfg(generation="recurrent", identity="zero_output"))
+    state0 = model.generators["P"].states()[0].clone()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*update_and_allocate")
+        _fused_steps(model, batch, 20, allocate=True)
+        model(**batch)
+    assert model.allocator.last_step == 20 and model.total_rank == model.n_layers  # the target, reached
+    assert not torch.equal(state0, model.generators["P"].states()[0])  # committed by update_and_allocate
+
+
+def test_eval_after_a_fused_step_regenerates(bert, batch):
+    model = ha.get_peft_model(bert, cfg())
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2), fused=True)
+    model.train()
+    model(**batch).loss.backward()
+    model.eval()
+    model(input_ids=batch["input_ids"])       # generated and cached
+    before = model.adapters[0].P.clone()
+    opt.step()                                # moves the hypernetworks without a version bump
+    model(input_ids=batch["input_ids"])       # used to serve the cached, stale tensors
+    assert not torch.allclose(before, model.adapters[0].P)
+
+
+def test_gradient_accumulation_does_not_commit_or_warn(bert, batch):
+    import warnings
+
+    model = ha.get_peft_model(bert, cfg(generation="recurrent", identity="zero_output"))
+    state0 = model.generators["P"].states()[0].clone()
+    model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*update_and_allocate")
+        for _ in range(3):  # micro-batches, no optimizer step
+            model(**batch).loss.backward()
+    assert torch.equal(state0, model.generators["P"].states()[0])
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_plain_trainer_with_its_default_fused_optimizer(tmp_path, bert, with_callback):
+    import warnings
+
+    from transformers import Trainer, TrainingArguments
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.arange(i, i + 6) % 100, "labels": torch.tensor(i % 2)}
+
+    model = ha.get_peft_model(bert, cfg(total_step=4, tinit=1, tfinal=1, deltaT=1))
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True, learning_rate=1e-2)
+    assert args.optim == "adamw_torch_fused"  # the default in transformers 5
+    trainer = Trainer(model=model, args=args, train_dataset=Data(),
+                      callbacks=[ha.RankAllocationCallback()] if with_callback else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [w for w in caught if "update_and_allocate() was not called" in str(w.message)]
+    if with_callback:
+        assert not said and model.allocator.last_step == 4 and model.total_rank == model.n_layers
+    else:
+        assert len(said) == 1 and model.allocator.last_step == 0

@@ -210,21 +210,33 @@ class HyperAdaLoraConfig:
         if self.hypernet_ffn_mult < 0:
             raise ValueError(f"hypernet_ffn_mult={self.hypernet_ffn_mult} must be >= 0 (0: no feed-forward block).")
         if self.init_r < 1:
-            raise ValueError(f"init_r={self.init_r} must be >= 1.")
-        if self.target_r < 0:
-            raise ValueError(f"target_r={self.target_r} must be >= 0.")
+            raise ValueError(f"init_r={self.init_r} must be >= 1: the rank of every adapter at the start (AdaLoRA "
+                             f"starts at 1.5 times the target rank, e.g. init_r=3 for target_r=2).")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0: the update is scaled by lora_alpha / init_r, "
+                             f"so 0 switches the adapter off and a negative value flips its sign. Use a positive "
+                             f"value (e.g. 16, the default).")
+        if self.target_r < 1:
+            raise ValueError(f"target_r={self.target_r} must be >= 1: it is the average rank per layer left at the end "
+                             f"of the schedule, and {self.target_r} would prune every layer to rank 0 (an empty "
+                             f"adapter). Set target_r between 1 and init_r={self.init_r}.")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r={self.target_r} > init_r={self.init_r}: the budget can only shrink; "
                              f"lower target_r or raise init_r.")
         if self.deltaT < 1:
-            raise ValueError(f"deltaT={self.deltaT} must be >= 1.")
-        if self.tinit < 0 or self.tfinal < 0:
-            raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} must be >= 0.")
+            raise ValueError(f"deltaT={self.deltaT} must be >= 1: the ranks are re-masked every deltaT optimizer "
+                             f"steps while the budget shrinks (1: at every step).")
+        for name, meaning in (("tinit", "at the full budget before pruning starts"),
+                              ("tfinal", "at the final budget at the end of the run")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0: it counts the optimizer steps {meaning} "
+                                 f"(0: none).")
         if self.total_step is not None:
             if isinstance(self.total_step, bool) or not isinstance(self.total_step, int):
                 raise TypeError(f"total_step must be an integer, got {self.total_step!r}.")
             if self.total_step < 1:
-                raise ValueError(f"total_step={self.total_step} must be >= 1 (the number of optimizer steps).")
+                raise ValueError(f"total_step={self.total_step} must be >= 1: set it to the number of optimizer "
+                                 f"steps of the run (or leave it None for a config used only to load an adapter).")
             if self.tinit + self.tfinal >= self.total_step:
                 raise ValueError(
                     f"tinit + tfinal = {self.tinit} + {self.tfinal} >= total_step = {self.total_step}: no step is left "
@@ -234,7 +246,8 @@ class HyperAdaLoraConfig:
                     f"hypernet_warmup_steps={self.hypernet_warmup_steps} > total_step={self.total_step}: the "
                     f"hypernetworks would never reach their learning rate. Lower hypernet_warmup_steps.")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1): it is the probability of zeroing "
+                             f"an input feature of the adapter (0: no dropout; 0.05-0.1 is usual).")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight={self.orth_reg_weight} must be >= 0.")
         if not 0.0 <= self.momentum <= 1.0:

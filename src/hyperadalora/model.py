@@ -9,9 +9,9 @@ Training step, as with peft's AdaLoRA::
     optimizer.zero_grad()
 
 `update_and_allocate` also commits the recurrent state. If nobody calls it, the model notices that the
-hypernetworks were updated (parameter versions) at the next forward, commits the state itself and warns
-once that rank allocation is not running (peft #1327): use `HyperAdaLoraTrainer`, or `RankAllocationCallback`
-with a `Trainer`.
+hypernetworks were updated (parameter versions, or for fused optimizers, which do not bump them, a copy of the
+output projections: `phi_changed`) at the next forward, commits the state itself and warns once that rank
+allocation is not running (peft #1327): use `HyperAdaLoraTrainer`, or `RankAllocationCallback` with a `Trainer`.
 """
 
 from __future__ import annotations
@@ -84,6 +84,128 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _adapter_types() -> tuple:
+    """The module types that mean a model already carries adapters: this package's wrappers and adapter layers, and
+    peft's tuners and tuner layers."""
+    from .methods.base import AdapterLayer  # here: methods.base imports this module
+
+    types = [AdapterWrapper, SVDLinear, AdapterLayer]
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+        types += [PeftModel, BaseTuner, BaseTunerLayer]
+    except ImportError:  # pragma: no cover - peft is a dependency
+        pass
+    return tuple(types)
+
+
+def refuse_adapted_model(model: nn.Module, action: str) -> None:
+    """Raise a ValueError if ``model`` already carries adapters (of this package or of peft).
+
+    `get_peft_model` and `load_adapter` replace the target layers of the model they are given *in place*, so a base
+    model that went through one of them once is no longer a base model; without this check the second call fails
+    with a puzzling "matches no nn.Linear module" (the targets are now adapter layers)."""
+    types = _adapter_types()
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
+    if not found:
+        return
+    name, module = found[0]
+    where = "the model itself" if name == "" else repr(name)
+    cls = type(module)
+    kind = cls.__name__ if cls.__module__.startswith(__package__) else f"{cls.__module__}.{cls.__qualname__}"
+    raise ValueError(
+        f"{action}: the model already carries adapters ({where} is a {kind}; {len(found)} adapter module(s) in "
+        f"all). get_peft_model and load_adapter (this package's and peft's) put the adapters into the model they are "
+        f"given, in place, so a model that went through one of them is no longer a base model. Pass an unmodified "
+        f"base model (load it again, e.g. with from_pretrained), or keep using the model that get_peft_model / "
+        f"load_adapter returned (its merge_and_unload() gives back a plain transformers model).")
+
+
+def check_rank_fits(model: nn.Module, names: list[str], r: int, rank_field: str, reason: str, fix: str) -> None:
+    """Raise a ValueError naming the first target layer whose smaller dimension is below the rank ``r``.
+
+    ``reason``: why the rank must fit (e.g. the principal initialisation needs ``r`` singular vectors); ``fix``:
+    the setting that avoids it, besides a lower rank or leaving the layer out."""
+    for name in names:
+        layer = model.get_submodule(name)
+        smaller = min(layer.in_features, layer.out_features)
+        if smaller < r:
+            raise ValueError(
+                f"Target layer {name!r} (in_features={layer.in_features}, out_features={layer.out_features}) is "
+                f"narrower than {rank_field}={r}: {reason} (here {smaller}). Lower {rank_field} to <= {smaller}, leave "
+                f"{name!r} out of target_modules (train it in full with modules_to_save instead), or {fix}.")
+
+
+class _Injection:
+    """Undo an adapter injection that failed half-way: put the base layers back and restore requires_grad, so that
+    a model refused by `get_peft_model` / `load_adapter` stays the unmodified base model it was."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.replaced: list[tuple[str, nn.Module]] = []
+
+    def replace(self, name: str, layer: nn.Module) -> None:
+        original = self.model.get_submodule(name)
+        _replace(self.model, name, layer)
+        self.replaced.append((name, original))
+
+    def took(self, names: list[str], layers: list[nn.Module]) -> None:
+        """The adapter ``layers`` (each with its ``base_layer``) were injected at ``names`` (by a wrapper)."""
+        self.replaced = [(name, layer.base_layer) for name, layer in zip(names, layers)]
+
+    def undo(self) -> None:
+        for name, original in reversed(self.replaced):
+            _replace(self.model, name, original)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        self.replaced = []
+
+
+def saved_layers_missing(model: nn.Module, names: list[str]) -> list[str]:
+    """Descriptions of the saved target layers ``names`` that have no nn.Linear of that name in ``model``."""
+    modules = dict(model.named_modules())
+    missing = []
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            missing.append(name)
+        elif not isinstance(module, nn.Linear):
+            missing.append(f"{name} (a {type(module).__name__}, not nn.Linear)")
+    return missing
+
+
+def saved_heads_missing(model: nn.Module, tensors: dict, modules_to_save, target_names) -> list[str]:
+    """The saved ``modules_to_save.*`` tensors that no module to save of ``model`` takes (what load_adapter would
+    otherwise drop silently)."""
+    targets = set(target_names)
+    heads = [n for n, _ in model.named_modules() if n not in targets
+             and any(n == t or n.endswith("." + t) for t in modules_to_save or ())]
+    prefixes = tuple(f"modules_to_save.{n}." for n in heads)
+    return sorted(k[len("modules_to_save."):] for k in tensors
+                  if k.startswith("modules_to_save.") and not k.startswith(prefixes))
+
+
+def refuse_missing_modules(model: nn.Module, directory, target_names: list[str], tensors: dict,
+                           modules_to_save) -> None:
+    """Raise a ValueError if the adapter saved in ``directory`` has layers or heads that ``model`` lacks."""
+    missing = saved_layers_missing(model, target_names)
+    heads = saved_heads_missing(model, tensors, modules_to_save, target_names)
+    if not missing and not heads:
+        return
+    parts = []
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+        parts.append(f"{len(missing)} of its {len(target_names)} adapted layers have no matching nn.Linear in the "
+                     f"model: {shown}")
+    if heads:
+        shown = ", ".join(heads[:8]) + (f", ... ({len(heads) - 8} more)" if len(heads) > 8 else "")
+        parts.append(f"saved module weights that no module of the model takes: {shown}")
+    raise ValueError(f"The adapter in {str(directory)!r} does not fit this model: {'; '.join(parts)}. It was trained "
+                     f"on another base model (e.g. one with more layers): load it onto the model it was trained on.")
+
+
 def _save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
     tmp = path + ".tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -103,6 +225,27 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def phi_fingerprint(generators: nn.ModuleDict) -> torch.Tensor:
+    """A copy of the hypernetworks' output projections (token width x hypernet_dim numbers per role): every optimizer
+    step that trains the hypernetworks moves them, since every generated entry depends on them.
+
+    Parameter version counters (`_version`) miss the steps of fused optimizers: ``torch.optim.AdamW(fused=True)``,
+    transformers' default ``optim="adamw_torch_fused"``, update the parameters in place without bumping them."""
+    return torch.cat([g.hypernet.out_proj.weight.detach().reshape(-1) for g in generators.values()])
+
+
+def phi_changed(generators: nn.ModuleDict, version: Optional[int], fingerprint: Optional[torch.Tensor]) -> bool:
+    """Whether the hypernetworks were updated since their parameter versions summed to ``version`` and their
+    `phi_fingerprint` was ``fingerprint``. The versions answer for free for every optimizer that bumps them (the
+    fingerprint is compared, one small device-to-host read, only when they did not move)."""
+    if sum(p._version for p in generators.parameters()) != version:
+        return True
+    if fingerprint is None:
+        return False
+    now = phi_fingerprint(generators)
+    return now.shape != fingerprint.shape or not torch.equal(now, fingerprint.to(now))
 
 
 def principal_subspaces(adapters: list, r: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -144,16 +287,50 @@ class HyperAdaLoraModel(AdapterWrapper):
         if not _fixed and config.total_step is None:
             raise ValueError("HyperAdaLoraConfig.total_step is required for training: set it to the number of "
                              "optimizer steps of the run (as for peft's AdaLoraConfig).")
+        refuse_adapted_model(model, "load_adapter" if _fixed else "get_peft_model")
         self.peft_config = config
         self.base_model = model
+        self.target_names = find_target_modules(model, config)
+        if not _fixed:  # what the generators need of every layer, checked before the model is touched
+            if config.init == "principal":
+                check_rank_fits(model, self.target_names, config.init_r, "init_r",
+                                "init='principal' seeds P and Q with the top init_r singular vectors of the layer's "
+                                "weight, and it has min(in_features, out_features) of them", "use init='orthonormal'")
+            if config.basis == "orthonormal":
+                check_rank_fits(model, self.target_names, config.init_r, "init_r",
+                                "basis='orthonormal' makes the init_r columns of P and rows of Q orthonormal, which "
+                                "needs init_r <= min(in_features, out_features)", "use basis='free' or 'unit'")
+        injection = _Injection(model)
+        try:
+            self._inject(model, config, _fixed, injection)
+        except BaseException:
+            injection.undo()
+            raise
+        self._pending: Optional[dict] = None        # last training generation: role -> [group tensors]
+        self._pending_version: Optional[int] = None
+        self._pending_fingerprint: Optional[torch.Tensor] = None
+        self._pending_committed = False
+        self._cache_key = None
+        self._cache_fingerprint: Optional[torch.Tensor] = None
+        self._mask_version = 0
+        self._warned_no_allocate = False
+        self._allocate_called = False
+        self.mask_divergences = 0                  # multi-process: masks replaced by process 0's (should stay 0)
+        self.last_task_loss: Optional[torch.Tensor] = None
+        self.last_orth_penalty: Optional[torch.Tensor] = None
+        # Trainer reads the forward's signature (columns to keep, label names): show the base model's.
+        self.__class__ = with_signature_of(HyperAdaLoraModel, type(model))
+
+    def _inject(self, model: nn.Module, config: HyperAdaLoraConfig, _fixed: bool, injection: _Injection) -> None:
+        """Replace the target layers, build the rank allocator and (to train) the hypernetworks. `__init__` undoes
+        the replacement if anything here fails."""
         for p in model.parameters():
             p.requires_grad_(False)
-        self.target_names = find_target_modules(model, config)
         scaling = config.lora_alpha / config.init_r
         self.adapters: list[SVDLinear] = []
         for i, name in enumerate(self.target_names):
             layer = SVDLinear(model.get_submodule(name), i, scaling, config.lora_dropout)
-            _replace(model, name, layer)
+            injection.replace(name, layer)
             self.adapters.append(layer)
         self.saved_module_names = self._mark_modules_to_save()
         n, r = len(self.adapters), config.init_r
@@ -182,18 +359,6 @@ class HyperAdaLoraModel(AdapterWrapper):
             finally:
                 torch.random.set_rng_state(torch_state)
             self.generators.to(device)
-        self._pending: Optional[dict] = None        # last training generation: role -> [group tensors]
-        self._pending_version: Optional[int] = None
-        self._pending_committed = False
-        self._cache_key = None
-        self._mask_version = 0
-        self._warned_no_allocate = False
-        self._allocate_called = False
-        self.mask_divergences = 0                  # multi-process: masks replaced by process 0's (should stay 0)
-        self.last_task_loss: Optional[torch.Tensor] = None
-        self.last_orth_penalty: Optional[torch.Tensor] = None
-        # Trainer reads the forward's signature (columns to keep, label names): show the base model's.
-        self.__class__ = with_signature_of(HyperAdaLoraModel, type(model))
 
     # ------------------------------------------------------------------ set-up helpers
     @property
@@ -215,6 +380,12 @@ class HyperAdaLoraModel(AdapterWrapper):
 
     def _phi_version(self) -> int:
         return sum(p._version for p in self.generators.parameters())
+
+    def _phi_fingerprint(self) -> torch.Tensor:
+        return phi_fingerprint(self.generators)
+
+    def _phi_changed(self, version: Optional[int], fingerprint: Optional[torch.Tensor]) -> bool:
+        return phi_changed(self.generators, version, fingerprint)
 
     # ------------------------------------------------------------------ generation
     def _generate(self, track: bool) -> dict:
@@ -247,7 +418,8 @@ class HyperAdaLoraModel(AdapterWrapper):
 
     def _maybe_commit(self, auto: bool) -> None:
         """Recurrent state: once the hypernetworks have been updated, the last generation becomes the state."""
-        if self._pending is None or self._pending_committed or self._phi_version() == self._pending_version:
+        if (self._pending is None or self._pending_committed
+                or not self._phi_changed(self._pending_version, self._pending_fingerprint)):
             return
         if auto and not self._allocate_called and not self._warned_no_allocate:
             warnings.warn("HyperAdaLoRA: the hypernetworks were updated but update_and_allocate() was not called: "
@@ -281,17 +453,19 @@ class HyperAdaLoraModel(AdapterWrapper):
                         if t.requires_grad:
                             t.retain_grad()
             self._pending, self._pending_version = outs, self._phi_version()
+            self._pending_fingerprint = self._phi_fingerprint()
             self._pending_committed = False
             self._cache_key = None
         else:
-            key = (self._phi_version(), self._mask_version, self.allocator.last_step,
+            version = self._phi_version()
+            key = (version, self._mask_version, self.allocator.last_step,
                    tuple(s.data_ptr() for g in self.generators.values() for s in g.states()),
                    tuple(s._version for g in self.generators.values() for s in g.states()))
-            if key == self._cache_key:
+            if key == self._cache_key and not self._phi_changed(version, self._cache_fingerprint):
                 return None
             with torch.no_grad():
                 outs = self._generate(track=False)
-            self._cache_key = key
+            self._cache_key, self._cache_fingerprint = key, self._phi_fingerprint()
         self._install(outs)
         return outs
 
@@ -454,6 +628,7 @@ class HyperAdaLoraModel(AdapterWrapper):
         self._mask_version = int(state.get("mask_version", 0)) + 1
         self._allocate_called = bool(state.get("allocate_called", False))
         self._pending, self._pending_version, self._cache_key = None, None, None
+        self._pending_fingerprint = self._cache_fingerprint = None
         self._pending_committed = False
 
     # ------------------------------------------------------------------ the final adapter
@@ -564,10 +739,28 @@ def load_adapter(model: nn.Module, directory: str) -> HyperAdaLoraModel:
         tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from e
-    if saved.get("target_names"):
-        config.target_modules = [re.escape(n) for n in saved["target_names"]]
-        config.target_modules = "|".join(config.target_modules)
+    names = saved.get("target_names") or sorted(k[:-len(".lora_P")] for k in tensors if k.endswith(".lora_P"))
+    if names:
+        config.target_modules = "|".join(re.escape(n) for n in names)
+    refuse_adapted_model(model, "load_adapter")
+    refuse_missing_modules(model, directory, names, tensors, config.modules_to_save)
+    injection = _Injection(model)  # to give the model back unchanged if the file does not fit it
     wrapped = HyperAdaLoraModel(model, config, _fixed=True)
+    injection.took(wrapped.target_names, wrapped.adapters)
+    try:
+        _load_fixed_tensors(wrapped, tensors, path)
+    except BaseException:
+        injection.undo()
+        raise
+    wrapped.fixed = True
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    return wrapped
+
+
+def _load_fixed_tensors(wrapped: HyperAdaLoraModel, tensors: dict, path: str) -> None:
+    """Check every saved tensor against the model first, then load them (a misfit changes nothing)."""
+    layers = []
     for name, layer in zip(wrapped.target_names, wrapped.adapters):
         try:
             P, lam, Q = (tensors[f"{name}.lora_{k}"] for k in ("P", "lambda", "Q"))
@@ -577,18 +770,21 @@ def load_adapter(model: nn.Module, directory: str) -> HyperAdaLoraModel:
             raise ValueError(f"Adapter for {name!r} has shape (out={P.shape[0]}, in={Q.shape[1]}) but the model's "
                              f"layer is (out={layer.out_features}, in={layer.in_features}): this adapter was trained "
                              f"on another base model.")
-        w = layer.base_layer.weight
-        layer.set_fixed(P.to(w.device), lam.to(w.device), Q.to(w.device))
+        layers.append((layer, P, lam, Q))
+    heads = []
     for name in wrapped.saved_module_names:
         module = wrapped.base_model.get_submodule(name)
         prefix = f"modules_to_save.{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if state:
-            try:
-                module.load_state_dict(state)
-            except RuntimeError as e:
-                raise ValueError(f"Saved weights of {name!r} do not fit the model: {e}") from None
-    wrapped.fixed = True
-    for p in wrapped.parameters():
-        p.requires_grad_(False)
-    return wrapped
+            own = module.state_dict()
+            misfit = sorted(set(own) ^ set(state)) + [k for k in state if k in own and own[k].shape != state[k].shape]
+            if misfit:
+                raise ValueError(f"Saved weights of {name!r} do not fit the model (keys missing, unexpected or of "
+                                 f"another shape: {misfit[:5]}): this adapter was trained on another base model.")
+            heads.append((module, state))
+    for layer, P, lam, Q in layers:
+        w = layer.base_layer.weight
+        layer.set_fixed(P.to(w.device), lam.to(w.device), Q.to(w.device))
+    for module, state in heads:
+        module.load_state_dict(state)

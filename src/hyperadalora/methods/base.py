@@ -35,7 +35,8 @@ from torch import nn
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..layer import flat_base_forward
-from ..model import ADAPTER_WEIGHTS_NAME, _replace, _save_safetensors, find_target_modules
+from ..model import (ADAPTER_WEIGHTS_NAME, _Injection, _replace, _save_safetensors, check_rank_fits,
+                     find_target_modules, phi_changed, phi_fingerprint, refuse_adapted_model, refuse_missing_modules)
 from ..wrapper import AdapterWrapper, with_signature_of
 
 METHOD_CONFIG_NAME = "method_config.json"
@@ -72,11 +73,14 @@ class MethodConfig:
                 raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
             setattr(self, name, float(value))
         if self.r < 1:
-            raise ValueError(f"r={self.r} must be >= 1 (the rank of the adapter).")
+            raise ValueError(f"r={self.r} must be >= 1 (the rank of the adapter): set r to a positive rank, e.g. 8.")
         if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0 (the update is scaled by lora_alpha / r).")
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0: the update is scaled by lora_alpha / r, so 0 "
+                             f"switches the adapter off and a negative value flips its sign. Use a positive value "
+                             f"(e.g. 16, the default).")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1): it is the probability of zeroing "
+                             f"an input feature of the adapter (0: no dropout; 0.05-0.1 is usual).")
         if self.task_type is not None:
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
             if self.task_type not in TASK_TYPES:
@@ -370,24 +374,34 @@ class GeneratedAdapterModel(AdapterWrapper):
         if not isinstance(config, MethodConfig):
             raise TypeError(f"config must be a MethodConfig (e.g. HyperLoraConfig), got {type(config).__name__}.")
         self.method = get_method(config.method)
+        refuse_adapted_model(model, "load_adapter" if trained_only else "get_peft_model")
         self.peft_config = config
         self.base_model = model
-        for p in model.parameters():
-            p.requires_grad_(False)
         self.target_names = find_target_modules(model, config)
         generated = () if trained_only else self.method.generated
+        if generated and config.init == "principal":  # checked before the model is touched
+            check_rank_fits(model, self.target_names, config.r, "r",
+                            "init='principal' seeds the generated tensors with the top r singular vectors of the "
+                            "layer's weight, and it has min(in_features, out_features) of them",
+                            "use init='orthonormal'")
         device = next(model.parameters()).device
+        injection = _Injection(model)
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)  # initialisation independent of the caller's RNG
         try:
+            for p in model.parameters():
+                p.requires_grad_(False)
             self.adapters: list[AdapterLayer] = []
             for i, name in enumerate(self.target_names):
                 layer = self.method.layer_cls(model.get_submodule(name), config, i, generated)
-                _replace(model, name, layer.to(device))
+                injection.replace(name, layer.to(device))
                 self.adapters.append(layer)
             self.saved_module_names = self._mark_modules_to_save()
             if generated:
                 self._build_generators(config, generated)
+        except BaseException:
+            injection.undo()  # a refused model stays the base model it was
+            raise
         finally:
             torch.random.set_rng_state(torch_state)
         if generated:
@@ -395,8 +409,10 @@ class GeneratedAdapterModel(AdapterWrapper):
             self.seeds.to(device)
         self._pending: Optional[dict] = None       # last training generation: role -> [group tensors]
         self._pending_version: Optional[int] = None
+        self._pending_fingerprint: Optional[torch.Tensor] = None
         self._pending_committed = False
         self._cache_key = None
+        self._cache_fingerprint: Optional[torch.Tensor] = None
         self.last_task_loss: Optional[torch.Tensor] = None
         self.__class__ = with_signature_of(GeneratedAdapterModel, type(model))
 
@@ -476,6 +492,10 @@ class GeneratedAdapterModel(AdapterWrapper):
     def _phi_version(self) -> int:
         return sum(p._version for p in self.generators.parameters())
 
+    def _phi_changed(self, version: Optional[int], fingerprint: Optional[torch.Tensor]) -> bool:
+        """Updated since ``version`` / ``fingerprint`` (see `model.phi_changed`: fused optimizers included)."""
+        return phi_changed(self.generators, version, fingerprint)
+
     def _generate(self, track: bool) -> dict:
         return {role: g.generate(track=track) for role, g in self.generators.items()}
 
@@ -493,7 +513,8 @@ class GeneratedAdapterModel(AdapterWrapper):
     @torch.no_grad()
     def _commit(self) -> None:
         """Once the hypernetworks were updated, the last training generation becomes the recurrent state."""
-        if self._pending is None or self._pending_committed or self._phi_version() == self._pending_version:
+        if (self._pending is None or self._pending_committed
+                or not self._phi_changed(self._pending_version, self._pending_fingerprint)):
             return
         for role, g in self.generators.items():
             g.commit(self._pending[role], self.peft_config.momentum)
@@ -522,16 +543,18 @@ class GeneratedAdapterModel(AdapterWrapper):
         if training_pass:
             outs = self._generate(track=True)
             self._pending, self._pending_version = outs, self._phi_version()
+            self._pending_fingerprint = phi_fingerprint(self.generators)
             self._pending_committed = False
             self._cache_key = None
         else:
             states = [s for g in self.generators.values() for s in g.states()]
-            key = (self._phi_version(), tuple(s.data_ptr() for s in states), tuple(s._version for s in states))
-            if key == self._cache_key:
+            version = self._phi_version()
+            key = (version, tuple(s.data_ptr() for s in states), tuple(s._version for s in states))
+            if key == self._cache_key and not self._phi_changed(version, self._cache_fingerprint):
                 return None
             with torch.no_grad():
                 outs = self._generate(track=False)
-            self._cache_key = key
+            self._cache_key, self._cache_fingerprint = key, phi_fingerprint(self.generators)
         self._install(outs)
         return outs
 
@@ -564,6 +587,7 @@ class GeneratedAdapterModel(AdapterWrapper):
                              f"unexpected {sorted(set(tensors) - expected)[:5]}.")
         self.load_state_dict(tensors, strict=False)
         self._pending, self._pending_version, self._cache_key = None, None, None
+        self._pending_fingerprint = self._cache_fingerprint = None
         self._pending_committed = False
 
     # ------------------------------------------------------------------ the final adapter
@@ -623,8 +647,6 @@ def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
     config = MethodConfig.from_pretrained(directory)
     with open(os.path.join(directory, METHOD_CONFIG_NAME)) as f:
         names = json.load(f).get("target_names")
-    if names:
-        config.target_modules = "|".join(re.escape(n) for n in names)
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
@@ -632,11 +654,32 @@ def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
         tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from e
+    if not names:  # the layers the file has tensors for
+        names = sorted({k.split(".lora_", 1)[0] for k in tensors
+                        if ".lora_" in k and not k.startswith("modules_to_save.")})
+    if names:
+        config.target_modules = "|".join(re.escape(n) for n in names)
+    refuse_adapted_model(model, "load_adapter")
+    refuse_missing_modules(model, directory, names, tensors, config.modules_to_save)
+    injection = _Injection(model)  # to give the model back unchanged if the file does not fit it
     wrapped = GeneratedAdapterModel(model, config, trained_only=True)
+    injection.took(wrapped.target_names, wrapped.adapters)
+    try:
+        _load_layer_tensors(wrapped, tensors, path)
+    except BaseException:
+        injection.undo()
+        raise
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    return wrapped
+
+
+def _load_layer_tensors(wrapped: GeneratedAdapterModel, tensors: dict, path: str) -> None:
+    """Check every saved tensor against the model first, then load them (a misfit changes nothing)."""
+    layers = []
     for name, layer in zip(wrapped.target_names, wrapped.adapters):
-        expected = layer.adapter_state()
         state = {}
-        for key, ref in expected.items():
+        for key, ref in layer.adapter_state().items():
             full = f"{name}.{key}"
             if full not in tensors:
                 raise ValueError(f"{path} has no tensor {full!r}: the adapter was saved for another model.")
@@ -644,15 +687,20 @@ def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
                 raise ValueError(f"Adapter tensor {full!r} has shape {tuple(tensors[full].shape)} but the model's "
                                  f"layer needs {tuple(ref.shape)}: this adapter was trained on another base model.")
             state[key] = tensors[full]
-        layer.load_state_dict(state, strict=False)  # every key was checked above; the base layer is not in the file
+        layers.append((layer, state))
+    heads = []
     for name in wrapped.saved_module_names:
+        module = wrapped.base_model.get_submodule(name)
         prefix = f"modules_to_save.{name}."
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if sub:
-            try:
-                wrapped.base_model.get_submodule(name).load_state_dict(sub)
-            except RuntimeError as e:
-                raise ValueError(f"Saved weights of {name!r} do not fit the model: {e}") from None
-    for p in wrapped.parameters():
-        p.requires_grad_(False)
-    return wrapped
+            own = module.state_dict()
+            misfit = sorted(set(own) ^ set(sub)) + [k for k in sub if k in own and own[k].shape != sub[k].shape]
+            if misfit:
+                raise ValueError(f"Saved weights of {name!r} do not fit the model (keys missing, unexpected or of "
+                                 f"another shape: {misfit[:5]}): this adapter was trained on another base model.")
+            heads.append((module, sub))
+    for layer, state in layers:
+        layer.load_state_dict(state, strict=False)  # every key was checked above; the base layer is not in the file
+    for module, sub in heads:
+        module.load_state_dict(sub)
