@@ -139,15 +139,19 @@ def test_one_shared_hypernetwork_per_generated_role(method):
 
 def test_hypernetwork_options_are_hyperadaloras():
     """Every hypernetwork option of HyperAdaLoraConfig (and any added later) is a field of the generated methods'
-    configs, with its default, and is validated the same way."""
+    configs, with its default (but where `METHOD_DEFAULTS` says otherwise: init), and is validated the same way."""
     hyper = {f.name: f.default for f in dataclasses.fields(ha.HyperAdaLoraConfig)
              if f.name not in M.base.ADALORA_ONLY_FIELDS + M.base.ADAPTER_FIELDS}
+    assert M.base.METHOD_DEFAULTS == {"init": "orthonormal"} and hyper["init"] == "principal"
+    hyper.update(M.base.METHOD_DEFAULTS)
     for method in GENERATED:
         fields = {f.name: f.default for f in dataclasses.fields(M.get_method(method).config_cls)}
         assert hyper.items() <= fields.items()
         assert not set(M.base.ADALORA_ONLY_FIELDS) & set(fields)
     with pytest.raises(ValueError, match="HyperLoraConfig: hypernet='rnn'"):
         M.HyperLoraConfig(hypernet="rnn")
+    with pytest.raises(ValueError, match="basis='unit' applies to HyperAdaLoRA's P and Q only"):
+        M.HyperLoraConfig(basis="unit")   # the generated methods have no P, Q: it would be ignored
     c = M.HyperLoraConfig(momentum=1, output_scale=2)
     assert c.momentum == 1.0 and isinstance(c.output_scale, float)
     assert c.hypernet_config().momentum == 1.0

@@ -60,7 +60,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
                                "row-embedding lr / lr at the last step, reached geometrically (default none: "
                                "constant)"),
     "hypernet_warmup_steps": (int, "steps over which the hypernetworks' lr rises linearly to its ratios (default 0)"),
-    "init": (str, "orthonormal | principal | normal"),
+    "init": (str, "seed state of the generated tensors: orthonormal | principal | normal (default: principal for "
+                  "hyperadalora, orthonormal for the other generated methods)"),
     "identity": (lambda v: _optional(v, str, "--identity"),
                  "zero_output | offset (static generation) | none (the generation's default)"),
     "increment_scale": (str, "state | width (units of the generated increment)"),

@@ -73,7 +73,8 @@ def hypernetwork_options(args: "TrainArgs") -> dict:
         args.method in method_lib.METHODS and bool(method_lib.get_method(args.method).generated))
     if not has_hypernetworks:
         return {}
-    defaults = {f.name: f.default for f in dataclasses.fields(HyperAdaLoraConfig) if f.name in HYPER_FIELDS}
+    config_cls = HyperAdaLoraConfig if args.method == "hyperadalora" else method_lib.get_method(args.method).config_cls
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.name in HYPER_FIELDS}
     return json.loads(json.dumps({**defaults, **args.hyper}, default=str))
 
 

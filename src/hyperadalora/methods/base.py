@@ -136,9 +136,18 @@ HYPERNET_FIELDS = tuple(f.name for f in dataclasses.fields(HyperAdaLoraConfig)
                         if f.name not in ADALORA_ONLY_FIELDS + ADAPTER_FIELDS)
 
 
+# Where the generated methods' defaults differ from HyperAdaLoRA's. init: HyperAdaLoRA seeds P and Q with W0's top
+# singular vectors; seeding LoRA's A that way made the generated LoRA / DoRA learn far slower than random orthonormal
+# seeds, as LoRA's own random A (SST-2, 80 steps at lr 1e-3: HyperLoRA's final smoothed loss 0.685 / 0.533 on seeds
+# 0 / 1 with principal seeds, 0.449 / 0.458 with orthonormal ones; peft's LoRA 0.475 / 0.424; docs/results/extension/).
+METHOD_DEFAULTS = {"init": "orthonormal"}
+
+
 def _copy_field(f: dataclasses.Field):
     kw = {"metadata": f.metadata}
-    if f.default is not MISSING:
+    if f.name in METHOD_DEFAULTS:
+        kw["default"] = METHOD_DEFAULTS[f.name]
+    elif f.default is not MISSING:
         kw["default"] = f.default
     elif f.default_factory is not MISSING:
         kw["default_factory"] = f.default_factory
@@ -150,6 +159,9 @@ class _HypernetValidation:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:  # the adapter fields (MethodConfig)
             parent()
+        if self.basis != "free":  # HyperAdaLoRA's P and Q only: a generated method would silently ignore it
+            raise ValueError(f"{type(self).__name__}: basis={self.basis!r} applies to HyperAdaLoRA's P and Q only; "
+                             f"leave basis='free' (the default) for {getattr(self, 'method', 'this method')}.")
         try:
             cfg = self.hypernet_config()
         except (TypeError, ValueError) as e:
