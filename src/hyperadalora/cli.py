@@ -117,7 +117,6 @@ def load_yaml(path: str) -> dict:
 
 # Options that only some methods use: given for another method, they are an error, not silently ignored.
 SCHEDULE_OPTIONS = ("target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")   # rank budget schedule
-HYDRA_METHODS = ("hydralora", "hyperhydralora")
 
 
 def _defaults() -> dict:
@@ -152,7 +151,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 def check_options_apply(options: dict) -> None:
     """Options given (flags or YAML) that the chosen method does not use are an error: a user who sets them
     expects them to act. dtype and precision name the same setting and must agree when both are given."""
-    from .train import HYPER_FIELDS, SCHEDULED_METHODS
+    from .train import HYPER_FIELDS, METHODS, SCHEDULED_METHODS, config_class, has_hypernetworks
 
     method = options.get("method", "hyperadalora")
 
@@ -164,11 +163,15 @@ def check_options_apply(options: dict) -> None:
     if given and method not in SCHEDULED_METHODS:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: the rank budget schedule applies "
                          f"to hyperadalora and adalora only, not to --method {method} ({hint(given)}).")
-    if options.get("n_heads") is not None and method not in HYDRA_METHODS:
-        raise ValueError(f"--n-heads applies to {' and '.join(HYDRA_METHODS)} only, not to --method {method} "
+    if method not in METHODS:
+        return  # TrainArgs names the valid methods
+    with_heads = [m for m in METHODS if config_class(m) is not None
+                  and "n_heads" in {f.name for f in dataclasses.fields(config_class(m))}]
+    if options.get("n_heads") is not None and method not in with_heads:
+        raise ValueError(f"--n-heads applies to {' and '.join(with_heads)} only, not to --method {method} "
                          f"({hint(['n_heads'])}).")
     hyper = [k for k in HYPER_FIELDS if k in options or k in (options.get("hyper") or {})]
-    if hyper and method in ("adalora", "lora", "dora", "hydralora"):
+    if hyper and not has_hypernetworks(method):
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in hyper)}: hypernetwork options; "
                          f"--method {method} has no hypernetworks ({hint(hyper)}).")
     dtype, precision = options.get("dtype"), options.get("precision")

@@ -65,16 +65,26 @@ HYPER_FIELDS = ("hypernet", "attention", "n_induced", "generation", "tokens", "c
                 "hypernet_checkpointing")
 
 
+def config_class(method: str) -> Optional[type]:
+    """The config class of one of this package's methods (HyperAdaLoraConfig, or a `methods` config); None for
+    peft's own (adalora, lora, dora)."""
+    if method == "hyperadalora":
+        return HyperAdaLoraConfig
+    return method_lib.get_method(method).config_cls if method in method_lib.METHODS else None
+
+
+def has_hypernetworks(method: str) -> bool:
+    """Whether ``method`` generates tensors with hypernetworks (and so takes the hypernetwork options)."""
+    return method == "hyperadalora" or (method in method_lib.METHODS and bool(method_lib.get_method(method).generated))
+
+
 def hypernetwork_options(args: "TrainArgs") -> dict:
     """Every hypernetwork option a run used: the library defaults of `HyperAdaLoraConfig` overridden by
     ``args.hyper`` (empty for methods without hypernetworks). Recorded in summary.json, so that a run stays
     identifiable when a default changes."""
-    has_hypernetworks = args.method == "hyperadalora" or (
-        args.method in method_lib.METHODS and bool(method_lib.get_method(args.method).generated))
-    if not has_hypernetworks:
+    if not has_hypernetworks(args.method):
         return {}
-    config_cls = HyperAdaLoraConfig if args.method == "hyperadalora" else method_lib.get_method(args.method).config_cls
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.name in HYPER_FIELDS}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class(args.method)) if f.name in HYPER_FIELDS}
     return json.loads(json.dumps({**defaults, **args.hyper}, default=str))
 
 
