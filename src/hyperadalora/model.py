@@ -21,7 +21,7 @@ import json
 import os
 import re
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -204,6 +204,27 @@ def refuse_missing_modules(model: nn.Module, directory, target_names: list[str],
         parts.append(f"saved module weights that no module of the model takes: {shown}")
     raise ValueError(f"The adapter in {str(directory)!r} does not fit this model: {'; '.join(parts)}. It was trained "
                      f"on another base model (e.g. one with more layers): load it onto the model it was trained on.")
+
+
+def load_onto(model: nn.Module, directory, names: list[str], tensors: dict, modules_to_save, build: Callable,
+              load: Callable) -> nn.Module:
+    """The common part of every ``load_adapter``: refuse a model that carries adapters already or lacks saved layers
+    (`refuse_adapted_model`, `refuse_missing_modules`), wrap it (``build()``, a wrapper with ``target_names`` and
+    ``adapters``), put the saved tensors in (``load(wrapped)``), and freeze the result. A file that does not fit gives
+    the model back unchanged."""
+    refuse_adapted_model(model, "load_adapter")
+    refuse_missing_modules(model, directory, names, tensors, modules_to_save)
+    injection = _Injection(model)
+    wrapped = build()
+    injection.took(wrapped.target_names, wrapped.adapters)
+    try:
+        load(wrapped)
+    except BaseException:
+        injection.undo()
+        raise
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    return wrapped
 
 
 def _save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
@@ -742,19 +763,10 @@ def load_adapter(model: nn.Module, directory: str) -> HyperAdaLoraModel:
     names = saved.get("target_names") or sorted(k[:-len(".lora_P")] for k in tensors if k.endswith(".lora_P"))
     if names:
         config.target_modules = "|".join(re.escape(n) for n in names)
-    refuse_adapted_model(model, "load_adapter")
-    refuse_missing_modules(model, directory, names, tensors, config.modules_to_save)
-    injection = _Injection(model)  # to give the model back unchanged if the file does not fit it
-    wrapped = HyperAdaLoraModel(model, config, _fixed=True)
-    injection.took(wrapped.target_names, wrapped.adapters)
-    try:
-        _load_fixed_tensors(wrapped, tensors, path)
-    except BaseException:
-        injection.undo()
-        raise
+    wrapped = load_onto(model, directory, names, tensors, config.modules_to_save,
+                        build=lambda: HyperAdaLoraModel(model, config, _fixed=True),
+                        load=lambda w: _load_fixed_tensors(w, tensors, path))
     wrapped.fixed = True
-    for p in wrapped.parameters():
-        p.requires_grad_(False)
     return wrapped
 
 

@@ -36,7 +36,7 @@ from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..layer import flat_base_forward
 from ..model import (ADAPTER_WEIGHTS_NAME, _Injection, _replace, _save_safetensors, check_rank_fits,
-                     find_target_modules, phi_changed, phi_fingerprint, refuse_adapted_model, refuse_missing_modules)
+                     find_target_modules, load_onto, phi_changed, phi_fingerprint, refuse_adapted_model)
 from ..wrapper import AdapterWrapper, with_signature_of
 
 METHOD_CONFIG_NAME = "method_config.json"
@@ -671,19 +671,9 @@ def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
                         if ".lora_" in k and not k.startswith("modules_to_save.")})
     if names:
         config.target_modules = "|".join(re.escape(n) for n in names)
-    refuse_adapted_model(model, "load_adapter")
-    refuse_missing_modules(model, directory, names, tensors, config.modules_to_save)
-    injection = _Injection(model)  # to give the model back unchanged if the file does not fit it
-    wrapped = GeneratedAdapterModel(model, config, trained_only=True)
-    injection.took(wrapped.target_names, wrapped.adapters)
-    try:
-        _load_layer_tensors(wrapped, tensors, path)
-    except BaseException:
-        injection.undo()
-        raise
-    for p in wrapped.parameters():
-        p.requires_grad_(False)
-    return wrapped
+    return load_onto(model, directory, names, tensors, config.modules_to_save,
+                     build=lambda: GeneratedAdapterModel(model, config, trained_only=True),
+                     load=lambda w: _load_layer_tensors(w, tensors, path))
 
 
 def _load_layer_tensors(wrapped: GeneratedAdapterModel, tensors: dict, path: str) -> None:
