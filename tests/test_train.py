@@ -125,6 +125,29 @@ def test_same_data_order_for_every_method(tmp_path, tokenizer):
     assert first["lora"] == pytest.approx(first["adalora"], abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["adalora", "hyperadalora"])
+def test_eval_loss_is_the_task_loss_for_every_method(tmp_path, tokenizer, method):
+    """peft's AdaLoRA adds gamma * its orthogonal regulariser to ``out.loss`` in evaluation too: the dev loss must
+    leave it out, as HyperAdaLoRA's does, or the methods' dev losses are not comparable."""
+    from hyperadalora import data as data_lib
+
+    args = TrainArgs(method=method, task="sst2", max_steps=3, batch_size=8, max_length=16, seed=0, progress=False,
+                     output_dir=str(tmp_path / method), tinit=0, tfinal=1, orth_reg_weight=5.0, save_adapter=False,
+                     keep_checkpoints=0)
+    summary = train(args, model=make_bert(vocab=tokenizer.vocab_size), tokenizer=tokenizer,
+                    train_examples=toy_examples(32), eval_examples=toy_examples(16, seed=1))
+    model = summary["model"].eval()
+    inner = model.get_base_model() if method == "adalora" else model.base_model
+    ds = data_lib.build_classification_dataset(toy_examples(16, seed=1), tokenizer, 16)
+    loader = data_lib.make_dataloader(ds, 8, shuffle=False, seed=0, collate_fn=data_lib.make_collator(tokenizer))
+    with torch.no_grad():
+        task = [float(inner(**batch).loss) for batch in loader]
+        full = [float(model(**batch).loss) for batch in loader]
+    assert summary["final_eval"]["eval_loss"] == pytest.approx(sum(task) / len(task), abs=1e-6)
+    if method == "adalora":  # the regulariser is there in peft's own output, and left out of eval_loss
+        assert sum(full) / len(full) > sum(task) / len(task) + 1e-3
+
+
 def write_tiny_model(path, tokenizer):
     model = make_bert(vocab=tokenizer.vocab_size, hidden=32)
     model.save_pretrained(path)

@@ -359,14 +359,17 @@ class TaskLossProbe:
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(wrapped, spec, loader, device, tokenizer=None, gen_examples=None, max_new_tokens=64,
-             autocast: Callable = None) -> dict:
+             autocast: Callable = None, task_loss: Optional[Callable] = None) -> dict:
+    """Dev metrics; ``eval_loss`` is the mean task loss (``task_loss(output)``, default ``output.loss``): the same
+    quantity for every method, no regulariser in it."""
     wrapped.eval()
     losses, preds, labels = [], [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             out = wrapped(**batch)
-        losses.append(float(getattr(out, "loss", torch.tensor(float("nan")))))
+        loss = task_loss(out) if task_loss is not None else getattr(out, "loss", None)
+        losses.append(float(loss) if loss is not None else float("nan"))
         if spec.kind == "classification":
             preds.extend(out.logits.argmax(-1).tolist())
             labels.extend(batch["labels"].tolist())
@@ -692,6 +695,13 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
         ckpt_lib.restore_rng(ckpt["rng"])
     probe = None if args.method == "hyperadalora" else TaskLossProbe(unwrapped)
 
+    def task_loss(out) -> torch.Tensor:
+        """The task loss of the forward that gave ``out``, without the orthogonal regulariser (peft's AdaLoRA adds
+        it to ``out.loss``, in evaluation too; HyperAdaLoRA only to a training forward's)."""
+        if isinstance(unwrapped, HyperAdaLoraModel):
+            return unwrapped.last_task_loss
+        return probe.value if probe is not None and probe.value is not None else out.loss
+
     def snapshot() -> dict:
         return {"loop": {k: pos[k] for k in ("step", "epoch", "batches", "train_time", "nonfinite", "consecutive",
                                              "last")} | {"elapsed": time.perf_counter() - start},
@@ -708,7 +718,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
         result = None
         if dist_info.main:
             result = evaluate(unwrapped, spec, eval_loader, device, tokenizer, gen_examples, args.max_new_tokens,
-                              autocast)
+                              autocast, task_loss)
         if dist_info.world > 1:
             torch.distributed.barrier()
         return result
@@ -753,11 +763,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                         loss = out.loss.float() / args.grad_accum
                         loss.backward()
                     loss_sum += float(out.loss.detach())
-                    if isinstance(unwrapped, HyperAdaLoraModel):
-                        task = unwrapped.last_task_loss
-                    else:
-                        task = probe.value if probe is not None and probe.value is not None else out.loss
-                    task_sum += float(task.detach())
+                    task_sum += float(task_loss(out).detach())
                 loss_sum, task_sum = all_mean([loss_sum, task_sum], dist_info, device)  # the global mean
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 finite = math.isfinite(loss_sum) and _grads_finite(params)
