@@ -94,7 +94,9 @@ def check_outputs(result, n_png=1):
 def test_steps_to_target_on_synthetic_curves():
     rows = [{"step": i + 1, "task_loss": 1.0 - 0.01 * i, "train_time": 0.5 * (i + 1)} for i in range(100)]
     step, t = steps_to_target(rows, 0.5, window=1)
-    assert step == 51 and t == pytest.approx(25.5)
+    assert step == 51 and t == pytest.approx(25.0)  # training time from the end of step 1 (0.5 s) to step 51
+    slow_start = [{**r, "train_time": r["train_time"] + 3.0} for r in rows]  # a process's one-off first-step cost
+    assert steps_to_target(slow_start, 0.5, window=1) == (51, pytest.approx(25.0))
     step5, _ = steps_to_target(rows, 0.5, window=5)
     assert step5 == 53  # the trailing mean lags by (window - 1) / 2 steps
     assert steps_to_target(rows, 0.0, window=1) == (None, None)
@@ -527,7 +529,7 @@ def test_dev_speed_reads_the_steps_to_the_references_final_dev_loss():
             1: {"ref": run([2.0, 1.5, 1.6, 1.55]), "new": run([2.0, 1.9, 1.8, 1.7])}}  # ref at 20; new never
     speed = common.dev_speed(runs, "ref", "new")
     assert speed["per_seed"][0] == {"target": 1.6, "reference_steps": 40, "steps": 20, "steps_ratio": 0.5,
-                                    "time_ratio": 0.5}
+                                    "time_ratio": pytest.approx(9.5 / 19.5)}  # times from the end of step 1
     assert speed["per_seed"][1]["reference_steps"] == 20 and speed["per_seed"][1]["steps"] is None
     assert speed["steps_ratio"]["mean"] == 0.5 and speed["steps_ratio"]["n"] == 1 and speed["not_reached"] == 1
     with pytest.raises(ValueError, match="no final 'eval_loss'"):

@@ -234,6 +234,9 @@ def test_schedule_defaults_fit_a_very_short_run():
         assert args.tinit + args.tfinal < steps
     assert (TrainArgs(max_steps=300).tinit, TrainArgs(max_steps=300).tfinal) == (30, 60)  # 10% / 20%, as before
     TrainArgs(method="lora", max_steps=1, tinit=1, tfinal=1)  # no schedule: not checked
+    assert TrainArgs(method="adalora", max_steps=2).tfinal == 0  # peft's AdaLoRA needs a step before the final budget
+    with pytest.raises(ValueError, match="peft's AdaLoRA sets the final budget"):
+        TrainArgs(method="adalora", max_steps=1)
     with pytest.raises(ValueError, match="tinit \\+ tfinal"):
         TrainArgs(method="adalora", max_steps=5, tinit=2, tfinal=3)
 

@@ -174,14 +174,18 @@ class TrainArgs:
             raise ValueError(f"Unknown HyperAdaLoRA option(s) {unknown}; valid: {list(HYPER_FIELDS)}.")
         if self.output_dir is None:
             self.output_dir = run_dir_of(self.resume) if self.resume else DEFAULT_OUTPUT_DIR
-        # defaults: 10% / 20% of the steps, but always leaving a step before the final budget
+        # defaults: 10% / 20% of the steps, but always leaving steps before the final budget
         if self.tinit is None:
             self.tinit = max(0, min(self.max_steps // 10, self.max_steps - 1))
         if self.tfinal is None:
-            self.tfinal = max(0, min(max(1, self.max_steps // 5), self.max_steps - 1 - self.tinit))
+            self.tfinal = max(0, min(max(1, self.max_steps // 5), self.max_steps - 2 - self.tinit))
         if self.method in SCHEDULED_METHODS and self.tinit + self.tfinal >= self.max_steps:
             raise ValueError(f"tinit + tfinal = {self.tinit} + {self.tfinal} >= max_steps = {self.max_steps}: "
                              f"lower them or raise --max-steps.")
+        if self.method == "adalora" and self.max_steps - self.tfinal < 2:
+            raise ValueError(f"max_steps - tfinal = {self.max_steps} - {self.tfinal} < 2: peft's AdaLoRA sets the final "
+                             f"budget from the importance scores of the steps before it, so it needs at least one "
+                             f"(it fails otherwise): raise --max-steps to {self.tfinal + 2} or lower --tfinal.")
 
 
 def run_dir_of(resume: str) -> str:

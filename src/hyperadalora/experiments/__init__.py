@@ -22,14 +22,25 @@ from ..train import TrainArgs, read_metrics, train
 SMOOTH_WINDOW = 25
 
 
+def train_time_at(rows: list[dict], step: int) -> Optional[float]:
+    """Training time from the end of the run's first step to the end of ``step`` (None if not logged). The first step
+    carries one-off costs (the process's first backward, kernel set-up) that fall on whichever method a process runs
+    first: they are left out of every time the reports compare."""
+    times = {r["step"]: r.get("train_time", r.get("time")) for r in rows}
+    if step not in times or not rows:
+        return None
+    return times[step] - rows[0].get("train_time", rows[0].get("time"))
+
+
 def steps_to_target(rows: list[dict], target: float, window: int = SMOOTH_WINDOW, key: str = "task_loss"):
-    """(step, train_time) at which the smoothed loss first reaches ``target``, or (None, None)."""
+    """(step, training time after the first step: `train_time_at`) at which the smoothed loss first reaches
+    ``target``, or (None, None)."""
     s = smooth([r[key] for r in rows], window)
     hit = np.nonzero(s <= target)[0]
     if len(hit) == 0:
         return None, None
-    row = rows[int(hit[0])]
-    return row["step"], row.get("train_time", row.get("time"))
+    step = rows[int(hit[0])]["step"]
+    return step, train_time_at(rows, step)
 
 
 def summarize(runs: dict, reference: str, window: int = SMOOTH_WINDOW) -> dict:

@@ -631,7 +631,7 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
                 "final_smoothed_task_loss": final_smoothed(run["rows"], window),
                 "steps_to_target": step, "time_to_target_s": t,
                 "steps_ratio": step / ref_step if step and ref_step else None,
-                "time_ratio": t / ref_time if t and ref_time else None,
+                "time_ratio": t / ref_time if t is not None and ref_time else None,
                 "steps_to_90": step90, "steps_ratio_90": step90 / ref90 if step90 and ref90 else None,
                 **(paired_gap(run["rows"], runs[reference]["rows"], window) if reference else {}),
                 "median_step_s": s.get("median_step_s"), "train_time_s": s.get("train_time_s"),
@@ -662,8 +662,9 @@ def dev_speed(runs_by_seed: dict, reference: str, label: str, metric: str = "eva
         hit = [step for step, v in sorted(eval_by_step(run["evals"], metric).items()) if v <= target]
         if not hit:
             return None, None
-        times = {r["step"]: r.get("train_time", r.get("time")) for r in run["rows"]}
-        return hit[0], times.get(hit[0])
+        from . import train_time_at
+
+        return hit[0], train_time_at(run["rows"], hit[0])
 
     per_seed = {}
     for seed, runs in runs_by_seed.items():
@@ -674,7 +675,7 @@ def dev_speed(runs_by_seed: dict, reference: str, label: str, metric: str = "eva
         step, t = first_at_or_below(runs[label], target)
         per_seed[seed] = {"target": target, "reference_steps": ref_step, "steps": step,
                           "steps_ratio": step / ref_step if step and ref_step else None,
-                          "time_ratio": t / ref_time if t and ref_time else None}
+                          "time_ratio": t / ref_time if t is not None and ref_time else None}
     seeds = per_seed.values()
     return {"metric": metric, "per_seed": per_seed,
             "steps_ratio": stats([p["steps_ratio"] for p in seeds], "not reached"),

@@ -115,10 +115,11 @@ def run_nlu_convergence(opts=None) -> dict:
                           "Both methods: same seeds, data order, base-model hyperparameters, budget schedule and step "
                           "count; only the method differs. Numbers with several seeds: mean ± std [min, max]. "
                           "Steps ratio and time ratio: HyperAdaLoRA / AdaLoRA (< 1: HyperAdaLoRA reaches AdaLoRA's "
-                          "final loss earlier); time = training time (steps only, no evaluation). \"90% of the "
-                          "drop\": the steps to come down 90% of the way from AdaLoRA's initial smoothed loss to "
-                          "its final one (n/a where AdaLoRA's loss did not come down), a check on the final-loss "
-                          "target when both curves end on a noisy plateau. " + gap_note(window))
+                          "final loss earlier); time = training time (steps only, no evaluation) from the end of "
+                          "step 1 (a process's first step carries one-off costs that would fall on whichever method "
+                          "runs first). \"90% of the drop\": the steps to come down 90% of the way from AdaLoRA's "
+                          "initial smoothed loss to its final one (n/a where AdaLoRA's loss did not come down), a "
+                          "check on the final-loss target when both curves end on a noisy plateau. " + gap_note(window))
     for task, why in skipped.items():
         lines += [f"- **{task} skipped**: {why}"]
     if skipped:
