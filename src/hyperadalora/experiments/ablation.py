@@ -16,7 +16,7 @@ from .common import (as_options, convergence, convergence_table, curves, fmt_sta
                      single_task_setup, write_outputs)
 
 NAME = "ablation-hypernet"
-DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
+DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
 HYPERNETS = ("attention", "cnn", "mlp")
 VARIANTS = {**{h: {"method": "hyperadalora", "hyper": {"hypernet": h}} for h in HYPERNETS},
             "adalora": {"method": "adalora"}}

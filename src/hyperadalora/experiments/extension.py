@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from .common import (_plt, as_options, available_tasks, base_args, command_line, convergence, convergence_table,
-                     curves, environment, fmt_stat, markdown_table, output_dir, pick, plot_loss_bands,
+                     curves, environment, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_loss_bands,
                      primary_metric, report_header, run_variants, seed_list, seeds_note, settings_of, window_for,
                      write_outputs)
 
@@ -128,9 +128,14 @@ def run_extension(opts=None) -> dict:
                                                      "total_rank", "nonfinite_steps")}}
                     for label, r in rs.items()} for seed, rs in sub.items()},
             }
+            # a ratio to the base's final loss measures speed only where the base's loss came down beyond its noise
+            # (`drop_target`); on a flat curve it is noise
+            flat = all(p["target_90"] is None for p in conv["per_seed"].values())
+            ratio = (lambda stat: "not measurable (the base's loss did not come down)") if flat else \
+                (lambda stat: fmt_stat(stat, "{:.2f}"))
             summary_rows.append([task, f"{b} / {h}", fmt_stat(conv["target_loss"]),
                                  fmt_stat(mb["steps_to_target"], "{:.1f}"), fmt_stat(mh["steps_to_target"], "{:.1f}"),
-                                 fmt_stat(mh["steps_ratio"], "{:.2f}"), fmt_stat(mh["time_ratio"], "{:.2f}"),
+                                 ratio(mh["steps_ratio"]), ratio(mh["time_ratio"]), fmt_stat(mh.get("loss_gap")),
                                  fmt_stat(mb.get(f"dev_{metric}")), fmt_stat(mh.get(f"dev_{metric}"))])
             dev_summary[(task, (b, h))] = {"base": (mb.get(f"dev_{metric}") or {}).get("mean"),
                                            "hyper": (mh.get(f"dev_{metric}") or {}).get("mean")}
@@ -157,8 +162,11 @@ def run_extension(opts=None) -> dict:
         "generated, magnitude trained), `hydralora` (shared A, N B heads, token-wise router, all trained) vs "
         "`hyperhydralora` (A and the heads generated, router trained). Same seeds, data order, rank, alpha, learning "
         "rate and steps for all; only the method differs. Steps ratio and time ratio: variant / base (< 1: the "
-        "variant reaches the base method's final training loss earlier; n/a: it does not reach it); time = training "
-        "time (steps only, no evaluation). Several seeds: mean ± std [min, max].")
+        "variant reaches the base method's final training loss earlier; n/a: it does not reach it; not measurable: "
+        "the base method's loss did not come down beyond its noise on any seed, so the ratio would be noise); time = "
+        "training time (steps only, no evaluation) from the end of step 1. " + gap_note(window).replace("AdaLoRA",
+                                                                                                       "the base method")
+        + " Several seeds: mean ± std [min, max].")
     for task, why in skipped.items():
         lines += [f"- **{task} skipped**: {why}"]
     if skipped:
@@ -167,12 +175,14 @@ def run_extension(opts=None) -> dict:
     lines += ["## Summary", "",
               markdown_table(["task", "base / variant", "target loss", "base steps to target",
                               "variant steps to target", "steps ratio (variant/base)", "time ratio (variant/base)",
-                              f"base dev {metric}", f"variant dev {metric}"], summary_rows), "",
+                              "loss gap to the base, same batches", f"base dev {metric}", f"variant dev {metric}"],
+                             summary_rows), "",
               f"![dev {metric}](dev_accuracy.png)", "",
               "Trainable parameters (the classifier head included):", "",
               markdown_table(["method", "trainable", "in hypernetworks", "trained directly (adapters + head)"],
                              param_rows), ""]
-    lines += sections + [FULL_SIZE.format(steps=steps, batch_size=base.batch_size, max_length=base.max_length)]
+    lines += sections + [FULL_SIZE.format(steps=DEFAULTS["steps"], batch_size=DEFAULTS["batch_size"],
+                                          max_length=DEFAULTS["max_length"])]
     return write_outputs(out, results, lines)
 
 

@@ -18,7 +18,7 @@ from .common import (as_options, convergence, convergence_table, curves, final_s
 
 NAME = "gamma"
 GAMMAS = (0.1, 0.15, 0.2)
-DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
+DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
 
 FULL_SIZE = """\
 ## Full-size run (the paper's setting)

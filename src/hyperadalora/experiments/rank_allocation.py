@@ -19,7 +19,7 @@ from .common import (as_options, capture_adapter_models, convergence, convergenc
                      settings_of, single_task_setup, write_outputs)
 
 NAME = "rank-allocation"
-DEFAULTS = dict(task="sst2", steps=300, batch_size=16, lr=1e-3, max_length=64, max_eval_examples=300, seeds=1)
+DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
 METHODS = {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}}
 SHORT = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
          "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out"}

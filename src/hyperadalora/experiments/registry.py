@@ -33,12 +33,13 @@ DESCRIPTIONS = {
     "nlg": "Tables 1/3: instruction tuning (SmolLM2-135M, Alpaca demo), BLEU-4/ROUGE-1, training time; "
            "default 50 steps, batch 4, max_length 256",
     "ablation-hypernet": "Fig. 3: hypernet attention vs cnn vs mlp (+adalora), steps-to-target, parameter counts; "
-                         "default SST-2, 300 steps",
-    "gamma": "Table 2: orth_reg_weight 0.1 / 0.15 / 0.2, dev metrics and convergence; default SST-2, 300 steps",
+                         "default SST-2, 200 steps at lr 3e-3",
+    "gamma": "Table 2: orth_reg_weight 0.1 / 0.15 / 0.2, dev metrics and convergence; default SST-2, 200 steps at "
+             "lr 3e-3",
     "efficiency": "Table 4: peak memory and median step latency, batch 1..32 (1..64 on a GPU), hyperadalora vs "
                   "adalora vs lora (benchmarks/step_time.py)",
     "rank-allocation": "per-layer rank over training (heatmaps) and the final rank pattern, adalora vs hyperadalora; "
-                       "default SST-2, 300 steps",
+                       "default SST-2, 200 steps at lr 3e-3",
     "formulation": "every HyperAdaLoRA formulation tried (paper recurrence, damped, static, offset, feature context, "
                    "principal seed) vs adalora: steps-to-target table; default SST-2, 200 steps, lr 3e-3",
     "extension": "lora vs hyperlora, dora vs hyperdora, hydralora vs hyperhydralora: loss curves, steps-to-target "
