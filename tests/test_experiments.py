@@ -386,6 +386,15 @@ def test_nlu_convergence_without_data_is_a_clear_error(tmp_path, tiny_bert_dir):
         run_experiment("nlu-convergence", tiny(tmp_path, model=tiny_bert_dir, data_dir=str(empty)))
 
 
+def test_a_refused_experiment_leaves_no_directory_and_a_file_is_no_output_dir(tmp_path, tiny_bert_dir, glue_dir):
+    with pytest.raises(ValueError, match="unknown task 'foo'"):
+        run_experiment("nlu-convergence", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, tasks=["rte", "foo"]))
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a directory"):
+        run_experiment("gamma", tiny(tmp_path, output_dir=str(tmp_path / "afile")))
+
+
 def test_ablation_hypernet_tiny(tmp_path, tiny_bert_dir, glue_dir):
     res = run_experiment("ablation-hypernet", tiny(tmp_path, model=tiny_bert_dir, data_dir=glue_dir, steps=5))
     report, data = check_outputs(res)

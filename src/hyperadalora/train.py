@@ -172,6 +172,10 @@ class TrainArgs:
         unknown = sorted(set(self.hyper) - set(HYPER_FIELDS))
         if unknown:
             raise ValueError(f"Unknown HyperAdaLoRA option(s) {unknown}; valid: {list(HYPER_FIELDS)}.")
+        for name in ("data_dir", "data_path", "model"):  # one spelling per path (a trailing / is the same run)
+            value = getattr(self, name)
+            if isinstance(value, str) and (os.sep in value or value.startswith(".")):
+                setattr(self, name, os.path.normpath(value))
         if self.output_dir is None:
             self.output_dir = run_dir_of(self.resume) if self.resume else DEFAULT_OUTPUT_DIR
         # defaults: 10% / 20% of the steps, but always leaving steps before the final budget

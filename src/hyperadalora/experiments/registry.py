@@ -55,7 +55,26 @@ def run_experiment(name: str, opts=None) -> dict:
     if name != "formulation" and (opts.variants or opts.variant):
         raise ValueError(f"--variants / --variant choose formulations of the 'formulation' experiment; {name!r} "
                          f"has none: leave them out, or run 'hyperadalora experiment formulation'.")
-    return EXPERIMENTS[name](opts)
+    out = opts.output_dir or os.path.join("runs", "experiments", name)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--output-dir {out!r} is a file, not a directory: choose a directory (it is created "
+                              f"if missing).")
+    created = not os.path.exists(out)
+    try:
+        return EXPERIMENTS[name](opts)
+    except BaseException:
+        if created:  # a run refused before it wrote anything leaves no empty directories behind
+            _remove_empty_dirs(out)
+        raise
+
+
+def _remove_empty_dirs(root: str) -> None:
+    """Remove ``root`` and the directories under it that hold no file (bottom-up); keep anything with a file."""
+    if not os.path.isdir(root):
+        return
+    for path, _, _ in sorted(os.walk(root), key=lambda entry: -entry[0].count(os.sep)):
+        if not os.listdir(path):
+            os.rmdir(path)
 
 
 def _csv(text: str) -> list:
