@@ -61,13 +61,14 @@ def format_table(result: dict) -> str:
     lines = ["| method | final smoothed loss | steps to target | steps ratio | time to target (s) | time ratio "
              "| steps to 90% of the drop | ratio (90%) | loss gap, same batches | steps below | median step (s) "
              "| dev metrics | total rank |", "|---" * 13 + "|"]
+    no90 = "n/a (no drop to measure)" if result.get("target_90") is None else "n/a (not reached)"
     for label, m in result["methods"].items():
         ev = ", ".join(f"{k}={v:.4f}" for k, v in m["final_eval"].items() if isinstance(v, float) and k != "eval_loss")
         fmt = lambda v, f="{:.3f}", none="n/a (not reached)": none if v is None else f.format(v)
         lines.append(f"| {label} | {m['final_smoothed_task_loss']:.4f} | {fmt(m['steps_to_target'], '{}')} | "
                      f"{fmt(m['steps_ratio'], '{:.2f}')} | {fmt(m['time_to_target_s'], '{:.1f}')} | "
-                     f"{fmt(m['time_ratio'], '{:.2f}')} | {fmt(m.get('steps_to_90'), '{}')} | "
-                     f"{fmt(m.get('steps_ratio_90'), '{:.2f}')} | {fmt(m.get('loss_gap'), '{:+.4f}', 'n/a')} | "
+                     f"{fmt(m['time_ratio'], '{:.2f}')} | {fmt(m.get('steps_to_90'), '{}', no90)} | "
+                     f"{fmt(m.get('steps_ratio_90'), '{:.2f}', no90)} | {fmt(m.get('loss_gap'), '{:+.4f}', 'n/a')} | "
                      f"{fmt(m.get('steps_below'), '{:.2f}', 'n/a')} | {m['median_step_s']:.3f} | {ev} | {m['total_rank']} |")
     return "\n".join(lines)
 

@@ -641,11 +641,17 @@ def convergence(runs_by_seed: dict, window: int, reference: Optional[str] = None
             }
         per_seed[seed] = {"target_loss": target, "target_90": target90, "methods": table}
     labels = list(next(iter(runs_by_seed.values())))
+    no_drop = all(p["target_90"] is None for p in per_seed.values())
+
+    def missing(key: str) -> Optional[str]:  # why a seed has no number (shown by fmt_stat)
+        if key in ("steps_to_90", "steps_ratio_90") and no_drop:
+            return "no drop to measure"
+        return "not reached" if key in REACH_KEYS else None
+
     agg = {}
     for label in labels:
         keys = list(dict.fromkeys(k for p in per_seed.values() for k in p["methods"][label]))
-        agg[label] = {k: stats([p["methods"][label].get(k) for p in per_seed.values()],
-                               "not reached" if k in REACH_KEYS else None) for k in keys}
+        agg[label] = {k: stats([p["methods"][label].get(k) for p in per_seed.values()], missing(k)) for k in keys}
     return {"reference": reference, "window": window, "target_loss": stats([p["target_loss"] for p in per_seed.values()]),
             "per_seed": per_seed, "methods": agg}
 
