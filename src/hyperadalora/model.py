@@ -770,6 +770,24 @@ def load_adapter(model: nn.Module, directory: str) -> HyperAdaLoraModel:
     return wrapped
 
 
+def saved_head_states(wrapped, tensors: dict) -> list:
+    """[(module, state)] of the saved ``modules_to_save.*`` weights of ``wrapped``'s modules to save, each checked
+    against the module (keys and shapes) before anything is loaded."""
+    heads = []
+    for name in wrapped.saved_module_names:
+        module = wrapped.base_model.get_submodule(name)
+        prefix = f"modules_to_save.{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state:
+            own = module.state_dict()
+            misfit = sorted(set(own) ^ set(state)) + [k for k in state if k in own and own[k].shape != state[k].shape]
+            if misfit:
+                raise ValueError(f"Saved weights of {name!r} do not fit the model (keys missing, unexpected or of "
+                                 f"another shape: {misfit[:5]}): this adapter was trained on another base model.")
+            heads.append((module, state))
+    return heads
+
+
 def _load_fixed_tensors(wrapped: HyperAdaLoraModel, tensors: dict, path: str) -> None:
     """Check every saved tensor against the model first, then load them (a misfit changes nothing)."""
     layers = []
@@ -783,18 +801,7 @@ def _load_fixed_tensors(wrapped: HyperAdaLoraModel, tensors: dict, path: str) ->
                              f"layer is (out={layer.out_features}, in={layer.in_features}): this adapter was trained "
                              f"on another base model.")
         layers.append((layer, P, lam, Q))
-    heads = []
-    for name in wrapped.saved_module_names:
-        module = wrapped.base_model.get_submodule(name)
-        prefix = f"modules_to_save.{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if state:
-            own = module.state_dict()
-            misfit = sorted(set(own) ^ set(state)) + [k for k in state if k in own and own[k].shape != state[k].shape]
-            if misfit:
-                raise ValueError(f"Saved weights of {name!r} do not fit the model (keys missing, unexpected or of "
-                                 f"another shape: {misfit[:5]}): this adapter was trained on another base model.")
-            heads.append((module, state))
+    heads = saved_head_states(wrapped, tensors)
     for layer, P, lam, Q in layers:
         w = layer.base_layer.weight
         layer.set_fixed(P.to(w.device), lam.to(w.device), Q.to(w.device))

@@ -36,7 +36,8 @@ from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..layer import flat_base_forward
 from ..model import (ADAPTER_WEIGHTS_NAME, _Injection, _replace, _save_safetensors, check_rank_fits,
-                     find_target_modules, load_onto, phi_changed, phi_fingerprint, refuse_adapted_model)
+                     find_target_modules, load_onto, phi_changed, phi_fingerprint, refuse_adapted_model,
+                     saved_head_states)
 from ..wrapper import AdapterWrapper, with_signature_of
 
 METHOD_CONFIG_NAME = "method_config.json"
@@ -690,18 +691,7 @@ def _load_layer_tensors(wrapped: GeneratedAdapterModel, tensors: dict, path: str
                                  f"layer needs {tuple(ref.shape)}: this adapter was trained on another base model.")
             state[key] = tensors[full]
         layers.append((layer, state))
-    heads = []
-    for name in wrapped.saved_module_names:
-        module = wrapped.base_model.get_submodule(name)
-        prefix = f"modules_to_save.{name}."
-        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if sub:
-            own = module.state_dict()
-            misfit = sorted(set(own) ^ set(sub)) + [k for k in sub if k in own and own[k].shape != sub[k].shape]
-            if misfit:
-                raise ValueError(f"Saved weights of {name!r} do not fit the model (keys missing, unexpected or of "
-                                 f"another shape: {misfit[:5]}): this adapter was trained on another base model.")
-            heads.append((module, sub))
+    heads = saved_head_states(wrapped, tensors)
     for layer, state in layers:
         layer.load_state_dict(state, strict=False)  # every key was checked above; the base layer is not in the file
     for module, sub in heads:
