@@ -282,25 +282,35 @@ class HyperAdaLoraTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         return None
 
+    def _checkpoint_kind(self, directory: str, model=None) -> str:
+        """What a checkpoint directory holds for this trainer: "state" (`training_state.safetensors`, ours),
+        "trainer" (Trainer's own files: another model, DeepSpeed / FSDP, or an older whole-model file) or
+        "adapter" (a fixed adapter's checkpoint: only the adapter, nothing to resume)."""
+        if self._own_saving(model) is None:
+            return "trainer"
+        if os.path.isfile(os.path.join(directory, TRAINING_STATE_NAME)):
+            return "state"
+        return "trainer" if os.path.isfile(os.path.join(directory, "model.safetensors")) else "adapter"
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        target = self._own_saving(model)
-        if target is None or not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE_NAME)):
-            if target is not None and not os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
-                raise ValueError(f"Cannot resume from {resume_from_checkpoint!r}: it has no {TRAINING_STATE_NAME} "
-                                 f"(the training state of a HyperAdaLoraTrainer checkpoint; a checkpoint of a fixed "
-                                 f"adapter, loaded or with its hypernetworks dropped, has only the adapter).")
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # incl. an older whole-model file
-        load_training_state(target, resume_from_checkpoint)
+        kind = self._checkpoint_kind(resume_from_checkpoint, model)
+        if kind == "adapter":
+            raise ValueError(f"Cannot resume from {resume_from_checkpoint!r}: it has no {TRAINING_STATE_NAME} "
+                             f"(the training state of a HyperAdaLoraTrainer checkpoint; a checkpoint of a fixed "
+                             f"adapter, loaded or with its hypernetworks dropped, has only the adapter).")
+        if kind == "trainer":
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_training_state(self._own_saving(model), resume_from_checkpoint)
         return None
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
-        target = self._own_saving()
-        if target is None or not os.path.isfile(os.path.join(best, TRAINING_STATE_NAME)):
-            if target is not None and not os.path.isfile(os.path.join(best, "model.safetensors")):
-                warnings.warn(f"The best checkpoint {best} has no {TRAINING_STATE_NAME} (a fixed adapter's): the "
-                              f"model is left as it is at the end of training.", stacklevel=2)
-                return None
-            return super()._load_best_model()  # incl. an older whole-model file
-        load_training_state(target, best)
+        kind = self._checkpoint_kind(best)
+        if kind == "adapter":
+            warnings.warn(f"The best checkpoint {best} has no {TRAINING_STATE_NAME} (a fixed adapter's): the "
+                          f"model is left as it is at the end of training.", stacklevel=2)
+            return None
+        if kind == "trainer":
+            return super()._load_best_model()
+        load_training_state(self._own_saving(), best)
         return None

@@ -446,11 +446,11 @@ def paired_gap(rows: list[dict], ref_rows: list[dict], skip: int, key: str = "ta
     return {"loss_gap": float(diffs.mean()), "steps_below": float((diffs < 0).mean())}
 
 
-def gap_note(window: int) -> str:
-    """The reports' one-sentence definition of the paired loss gap (`paired_gap`)."""
+def gap_note(window: int, reference: str = "AdaLoRA") -> str:
+    """The reports' one-sentence definition of the paired loss gap (`paired_gap`) against ``reference``."""
     return (f"\"Loss gap, same batches\": the mean, over the steps after the first {window}, of the method's raw "
-            "training loss minus AdaLoRA's at the same step (both see the same batch there; negative = below "
-            "AdaLoRA's), and the fraction of those steps on which it is below.")
+            f"training loss minus {reference}'s at the same step (both see the same batch there; negative = below "
+            f"{reference}'s), and the fraction of those steps on which it is below.")
 
 
 def eval_by_step(evals: list[dict], metric: str) -> dict:

@@ -131,8 +131,10 @@ def run_extension(opts=None) -> dict:
             # a ratio to the base's final loss measures speed only where the base's loss came down beyond its noise
             # (`drop_target`); on a flat curve it is noise
             flat = all(p["target_90"] is None for p in conv["per_seed"].values())
-            ratio = (lambda stat: "not measurable (the base's loss did not come down)") if flat else \
-                (lambda stat: fmt_stat(stat, "{:.2f}"))
+
+            def ratio(stat) -> str:
+                return "not measurable (the base's loss did not come down)" if flat else fmt_stat(stat, "{:.2f}")
+
             summary_rows.append([task, f"{b} / {h}", fmt_stat(conv["target_loss"]),
                                  fmt_stat(mb["steps_to_target"], "{:.1f}"), fmt_stat(mh["steps_to_target"], "{:.1f}"),
                                  ratio(mh["steps_ratio"]), ratio(mh["time_ratio"]), fmt_stat(mh.get("loss_gap")),
@@ -164,8 +166,7 @@ def run_extension(opts=None) -> dict:
         "rate and steps for all; only the method differs. Steps ratio and time ratio: variant / base (< 1: the "
         "variant reaches the base method's final training loss earlier; n/a: it does not reach it; not measurable: "
         "the base method's loss did not come down beyond its noise on any seed, so the ratio would be noise); time = "
-        "training time (steps only, no evaluation) from the end of step 1. " + gap_note(window).replace("AdaLoRA",
-                                                                                                       "the base method")
+        "training time (steps only, no evaluation) from the end of step 1. " + gap_note(window, "the base method")
         + " Several seeds: mean ± std [min, max].")
     for task, why in skipped.items():
         lines += [f"- **{task} skipped**: {why}"]
