@@ -367,11 +367,14 @@ class TaskLossProbe:
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(wrapped, spec, loader, device, tokenizer=None, gen_examples=None, max_new_tokens=64,
-             autocast: Callable = None, task_loss: Optional[Callable] = None) -> dict:
+             autocast: Callable = None, task_loss: Optional[Callable] = None, details: bool = False) -> dict:
     """Dev metrics; ``eval_loss`` is the mean task loss (``task_loss(output)``, default ``output.loss``): the same
-    quantity for every method, no regulariser in it."""
+    quantity for every method, no regulariser in it. ``details``: also the per-example results, in dev-set order
+    (classification: ``correct``, a string of 0/1; instruction tasks: ``example_losses``, each example's mean
+    token loss), for scores on parts of the dev set (`experiments.lr_sweep`)."""
     wrapped.eval()
-    losses, preds, labels = [], [], []
+    autocast = autocast or contextlib.nullcontext
+    losses, preds, labels, example_losses = [], [], [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
@@ -381,13 +384,29 @@ def evaluate(wrapped, spec, loader, device, tokenizer=None, gen_examples=None, m
         if spec.kind == "classification":
             preds.extend(out.logits.argmax(-1).tolist())
             labels.extend(batch["labels"].tolist())
+        elif details:
+            example_losses.extend(per_example_lm_loss(out.logits, batch["labels"]))
     result = {"eval_loss": float(np.mean(losses)) if losses else float("nan")}
     if spec.kind == "classification":
         result.update(data_lib.classification_metrics(spec.name, preds, labels))
+        if details:
+            result["correct"] = "".join("1" if p == y else "0" for p, y in zip(preds, labels))
+    elif details:
+        result["example_losses"] = [round(v, 6) for v in example_losses]
     elif gen_examples:
         result.update(generate_and_score(wrapped, tokenizer, gen_examples, device, max_new_tokens))
     wrapped.train()
     return result
+
+
+def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Each sequence's mean next-token loss over its labelled tokens (labels -100 are ignored; the shift of a causal
+    LM's own loss); nan for a sequence without labelled tokens."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    mask = (labels != -100).float()
+    counts = mask.sum(1)
+    return [float(v) if c > 0 else float("nan") for v, c in zip((token * mask).sum(1) / counts.clamp(min=1), counts)]
 
 
 @torch.no_grad()
@@ -589,11 +608,12 @@ def all_mean(values: list, dist_info: Distributed, device) -> list:
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, eval_examples=None,
-          on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+          on_step: Optional[Callable[[int, dict], None]] = None, eval_details: bool = False) -> dict:
     """Fine-tune with ``args.method``; returns the summary (also written to ``output_dir/summary.json``).
 
     ``model``/``tokenizer``/``*_examples`` may be passed in (tests, experiments) instead of being loaded.
     ``on_step(step, row)`` is called after every optimizer step (and its evaluation), before checkpointing.
+    ``eval_details``: the evaluation rows of metrics.jsonl also hold the per-example results (`evaluate`).
     Raises `TrainingInterrupted` on SIGINT/SIGTERM and `NonFiniteLossError` (both after a checkpoint), and
     `checkpoint.CheckpointError` / FileNotFoundError for a bad ``resume`` (before writing anything).
 
@@ -621,7 +641,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     created = prepare_output_dir(args, dist_info.main)
     try:
         return _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples, on_step,
-                      tqdm, load_model_and_tokenizer)
+                      tqdm, load_model_and_tokenizer, eval_details)
     except BaseException:
         if created and not os.listdir(args.output_dir):  # failed before writing anything: leave no empty directory
             os.rmdir(args.output_dir)
@@ -634,7 +654,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
 
 
 def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples, on_step, tqdm,
-           load_model_and_tokenizer):
+           load_model_and_tokenizer, eval_details=False):
     if train_examples is None:
         train_examples = data_lib.load_examples(args.task, "train", args.data_dir, path=args.data_path,
                                                 max_examples=args.max_train_examples, seed=args.seed)
@@ -726,7 +746,7 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
         result = None
         if dist_info.main:
             result = evaluate(unwrapped, spec, eval_loader, device, tokenizer, gen_examples, args.max_new_tokens,
-                              autocast, task_loss)
+                              autocast, task_loss, details=eval_details)
         if dist_info.world > 1:
             torch.distributed.barrier()
         return result

@@ -52,6 +52,8 @@ class ExperimentOptions:
     tasks: Optional[list] = None            # GLUE tasks (nlu-convergence; the first one for the others)
     variants: Optional[list] = None         # formulation: labels of the variants to run
     variant: list = field(default_factory=list)  # formulation: your own variants, "NAME:KEY=VALUE,..."
+    lrs: Optional[list] = None              # lr-sweep: the learning-rate grid
+    report_only: bool = False               # lr-sweep: write the report from the finished cells, train nothing
     batch_sizes: Optional[list] = None      # efficiency
     eval_every: Optional[int] = None
     max_train_examples: Optional[int] = None
@@ -80,6 +82,8 @@ def as_options(opts) -> ExperimentOptions:
             kwargs[key] = list(value)
     if kwargs.get("batch_sizes"):
         kwargs["batch_sizes"] = [int(b) for b in kwargs["batch_sizes"]]
+    if "lrs" in kwargs:
+        kwargs["lrs"] = _parse_lrs(kwargs["lrs"])
     if "seeds" in kwargs:
         kwargs["seeds"] = _parse_seeds(kwargs["seeds"])
     out = ExperimentOptions(**kwargs)
@@ -92,6 +96,18 @@ def as_options(opts) -> ExperimentOptions:
     if out.batch_sizes is not None and (not out.batch_sizes or min(out.batch_sizes) < 1):
         raise ValueError(f"--batch-sizes={out.batch_sizes!r} must be positive integers.")
     return out
+
+
+def _parse_lrs(value) -> list:
+    """``--lrs``: learning rates, a list or a comma-separated string ("1e-4,3e-4,1e-3"); each > 0, no repeats."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    try:
+        lrs = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"--lrs={value!r} must be comma-separated positive numbers, e.g. 1e-4,3e-4,1e-3.") from None
+    if not lrs or any(not (math.isfinite(v) and v > 0) for v in lrs) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"--lrs={value!r} must be distinct positive numbers, e.g. 1e-4,3e-4,1e-3.")
+    return sorted(lrs)
 
 
 def _parse_seeds(value):
@@ -382,25 +398,40 @@ def run_variants(base: TrainArgs, variants: dict, out_dir: str, seeds: Iterable[
 
 
 # ---------------------------------------------------------------------------------------------- statistics
+def t_interval(values, level: float = 0.95) -> tuple[Optional[float], Optional[float]]:
+    """The ``level`` Student-t interval of the mean of ``values`` (sample standard deviation, n - 1 degrees of
+    freedom); (None, None) for fewer than two values."""
+    a = np.asarray([float(v) for v in values], float)
+    if len(a) < 2:
+        return None, None
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+    return float(a.mean()) - half, float(a.mean()) + half
+
+
 def stats(values, missing: Optional[str] = None) -> dict:
-    """Mean, std (population), min, max over the values that are numbers; ``n`` counts them of ``n_total``;
-    ``missing``: what a seed without a number means (e.g. "not reached"), shown by `fmt_stat`."""
+    """Mean, sample standard deviation (n - 1), the 95% t-interval of the mean (``ci95``), min, max over the values
+    that are numbers; ``n`` counts them of ``n_total``; ``missing``: what a seed without a number means (e.g. "not
+    reached"), shown by `fmt_stat`."""
+    values = list(values)
     vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(float(v))]
-    out = {"n": len(vals), "n_total": len(list(values)), "values": [None if v is None else v for v in values]}
+    out = {"n": len(vals), "n_total": len(values), "values": [None if v is None else v for v in values]}
     if vals:
         a = np.asarray(vals)
-        out.update(mean=float(a.mean()), std=float(a.std()), min=float(a.min()), max=float(a.max()))
+        out.update(mean=float(a.mean()), std=float(a.std(ddof=1)) if len(a) > 1 else 0.0, min=float(a.min()),
+                   max=float(a.max()), ci95=list(t_interval(a)) if len(a) > 1 else None)
     else:
-        out.update(mean=None, std=None, min=None, max=None)
+        out.update(mean=None, std=None, min=None, max=None, ci95=None)
     if missing:
         out["missing"] = missing
     return out
 
 
 def fmt_stat(s: Optional[dict], f: str = "{:.4f}") -> str:
-    """``mean ± std [min, max]`` (one seed: the value); ``n/a`` when no seed has a number (with the reason, for
-    statistics that give one: ``n/a (not reached)``)."""
+    """``mean ± std [min, max]`` (sample std; one seed: the value); ``n/a`` when no seed has a number (with the
+    reason, for statistics that give one: ``n/a (not reached)``)."""
     if not s or s.get("mean") is None:
         return f"n/a ({s['missing']})" if s and s.get("n_total") and s.get("missing") else "n/a"
     text = f.format(s["mean"])

@@ -1,0 +1,192 @@
+"""The lr-sweep experiment (issue 23): its statistics on synthetic cells, and tiny end-to-end runs."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from hyperadalora.experiments import lr_sweep, run_experiment, ExperimentOptions
+from hyperadalora.experiments.common import stats, t_interval
+
+from test_experiments import POS, NEG, glue_dir, tiny_bert_dir, tokenizer  # noqa: F401 (fixtures)
+
+SPEC = lr_sweep.SweepTask("toy", "sst2", steps=100, batch_size=4, max_length=8, eval_every=25, seeds=3,
+                          score="accuracy", tolerance=0.01)
+LOSS_SPEC = lr_sweep.SweepTask("toyloss", "alpaca", steps=100, batch_size=4, max_length=8, eval_every=25, seeds=3,
+                               score="dev_loss", tolerance=0.02)
+LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+
+
+def peak(lr, centre, height=0.9, width=0.8):
+    """An accuracy curve over log10 lr: a parabola around ``centre``."""
+    return height - 0.1 * ((math.log10(lr) - math.log10(centre)) / width) ** 2
+
+
+def cell(method, lr, seed, final, speed=1.0, noise=0.0):
+    """A synthetic cell: accuracy rising linearly to ``final`` at step 100 (``speed`` > 1 reaches it earlier)."""
+    evals = []
+    for step in (25, 50, 75, 100):
+        v = 0.5 + (final - 0.5) * min(1.0, speed * step / 100) + noise
+        evals.append({"step": step, "score": v, "score_a": v, "score_b": v})
+    return {"method": method, "lr": lr, "seed": seed, "evals": evals}
+
+
+def grid(centres, heights=None, speeds=None, seeds=(0, 1, 2)):
+    heights, speeds = heights or {}, speeds or {}
+    return [cell(m, lr, s, peak(lr, c, heights.get(m, 0.9)), speeds.get(m, 1.0), noise=0.002 * (s - 1))
+            for m, c in centres.items() for lr in LRS for s in seeds]
+
+
+def test_t_interval_and_sample_std():
+    vals = [1.0, 2.0, 3.0]
+    lo, hi = t_interval(vals)
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sample std 1 / sqrt(3)
+    assert lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
+    s = stats(vals)
+    assert s["std"] == pytest.approx(1.0) and s["ci95"] == [pytest.approx(lo), pytest.approx(hi)]
+    assert stats([5.0])["ci95"] is None and t_interval([5.0]) == (None, None)
+
+
+def test_dev_halves_are_a_fixed_partition():
+    a, b = lr_sweep.dev_halves(11)
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(11)) and len(a) == 5
+    a2, _ = lr_sweep.dev_halves(11)
+    assert a.tolist() == a2.tolist()
+    scores = lr_sweep.eval_scores(SPEC, {"correct": "1111100000"})
+    assert scores["score"] == 0.5 and scores["n"] == 10
+    a, b = lr_sweep.dev_halves(10)
+    assert scores["score_a"] == pytest.approx(np.mean([1 if i < 5 else 0 for i in a]))
+    lossy = lr_sweep.eval_scores(LOSS_SPEC, {"example_losses": [1.0, 2.0, float("nan"), 3.0]})
+    assert lossy["score"] == pytest.approx(2.0)  # an example without labelled tokens is left out
+
+
+def test_good_window_interpolates_and_flags_the_grid_end():
+    curve = {1e-3: 0.80, 1e-2: 0.90, 1e-1: 0.80}
+    w = lr_sweep.good_window(SPEC, curve)
+    assert w["decades"] == pytest.approx(0.2) and not w["censored"]  # 0.1 of a decade on each side
+    w = lr_sweep.good_window(SPEC, {1e-3: 0.895, 1e-2: 0.90, 1e-1: 0.80})
+    assert w["censored"] and w["decades"] == pytest.approx(1.1)
+    # a loss: lower is better
+    w = lr_sweep.good_window(LOSS_SPEC, {1e-3: 1.10, 1e-2: 1.00, 1e-1: 1.10})
+    assert w["decades"] == pytest.approx(0.4) and not w["censored"]
+
+
+def test_steps_to_interpolates_and_counts_a_miss():
+    c = {"evals": [{"step": 25, "score_b": 0.6}, {"step": 50, "score_b": 0.8}, {"step": 75, "score_b": 0.85}]}
+    assert lr_sweep.steps_to(SPEC, c, 0.7) == pytest.approx(37.5)
+    assert lr_sweep.steps_to(SPEC, c, 0.5) == 25.0
+    assert lr_sweep.steps_to(SPEC, c, 0.9) is None
+    assert lr_sweep.auc(SPEC, c) == pytest.approx(((0.6 + 0.8) / 2 * 25 + (0.8 + 0.85) / 2 * 25) / 50)
+
+
+def test_fit_shift_recovers_a_known_lr_multiplier():
+    ada = {lr: peak(lr, 1e-2) for lr in LRS}
+    hyper = {lr: peak(lr, 1e-2 / 3) for lr in LRS}  # Hyper at lr behaves like AdaLoRA at 3 lr
+    d = lr_sweep.fit_shift(SPEC, hyper, ada)
+    assert 10 ** d == pytest.approx(3.0, rel=0.02)
+
+
+def test_verdict_no_advantage_when_hyper_is_adalora_at_another_lr():
+    cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3})
+    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    assert a["verdict"] == "no advantage when tuned", a["why"]
+    assert not any(a["rule"].values())
+    assert a["shift"]["s"] == pytest.approx(3.0, rel=0.05)
+    assert a["best_vs_best"]["100"]["chosen_lr"]["adalora"] == 3e-3
+    assert abs(a["best_vs_best"]["100"]["diff_hyper_minus_ada"]["mean"]) < 1e-9
+    assert a["window_ratio"] == pytest.approx(1.0)
+    assert a["speed"]["all_reached"] and a["speed"]["ratio"]["mean"] == pytest.approx(1.0)
+
+
+def test_verdict_advantage_by_a_higher_peak_or_by_speed():
+    cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3}, heights={"hyperadalora": 0.95})
+    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    assert a["verdict"] == "advantage" and a["rule"]["a"]
+    cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3}, speeds={"hyperadalora": 2.0})
+    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    assert a["rule"]["c"] and not a["rule"]["a"] and a["verdict"] == "advantage"
+    assert a["speed"]["ratio"]["mean"] == pytest.approx(0.5, rel=0.01)
+    assert a["speed"]["auc_diff"]["mean"] > 0
+
+
+def test_verdict_not_decided_with_missing_cells_or_an_unbracketed_optimum():
+    cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3})
+    a = lr_sweep.analyse(SPEC, cells[1:], LRS, [0, 1, 2])
+    assert a["verdict"] == "not decided" and "1 cell(s) still to run" in a["why"] and len(a["missing"]) == 1
+    cells = grid({"adalora": 1, "hyperadalora": 1e-3, "lora": 1e-3})  # AdaLoRA's best: the largest lr
+    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    assert a["verdict"] == "not decided" and "largest tried: extend the grid" in a["why"]
+
+
+def test_claim_is_exclusive_and_takes_over_a_stale_lock(tmp_path):
+    path = str(tmp_path / "cell.json")
+    assert lr_sweep.claim(path)
+    assert not lr_sweep.claim(path)  # held by this (live) process
+    os.remove(path + ".lock")
+    with open(path + ".lock", "w") as f:
+        f.write("999999999")  # no such process
+    assert lr_sweep.claim(path)
+
+
+def test_cell_order_runs_whole_seeds_from_the_middle_of_the_grid():
+    order = lr_sweep.cell_order([1e-4, 1e-3, 1e-2, 1e-1], [0, 1])
+    assert [s for s, _ in order] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert set(lr for _, lr in order[:2]) == {1e-3, 1e-2}
+
+
+def test_lrs_option_is_checked():
+    with pytest.raises(ValueError, match="distinct positive"):
+        run_experiment("lr-sweep", ExperimentOptions(lrs="1e-3,-1"))
+    with pytest.raises(ValueError, match="--lrs sets the grid"):
+        run_experiment("gamma", ExperimentOptions(lrs=[1e-3, 3e-3, 1e-2]))
+    with pytest.raises(ValueError, match="at least 3"):
+        run_experiment("lr-sweep", ExperimentOptions(lrs=[1e-3, 3e-3], tasks=["sst2"]))
+
+
+def test_lr_sweep_tiny_end_to_end_and_reuse(tmp_path, tiny_bert_dir, glue_dir, capsys):
+    opts = ExperimentOptions(tasks=["sst2"], model=tiny_bert_dir, data_dir=glue_dir, steps=4, batch_size=8,
+                             max_length=16, seeds=2, lrs=[1e-3, 1e-2, 1e-1], output_dir=str(tmp_path / "out"),
+                             reuse=True)
+    res = run_experiment("lr-sweep", opts)
+    data = json.load(open(res["results_json"]))
+    report = open(res["report"]).read()
+    assert data["command"].startswith("hyperadalora experiment lr-sweep")
+    assert len(data["runs"]) == 3 * 3 * 2 and {r["method"] for r in data["runs"]} == {"adalora", "hyperadalora", "lora"}
+    run = data["runs"][0]
+    assert [e["step"] for e in run["evals"]] == [1, 2, 3, 4]  # eval every steps // 4, the final one included
+    assert all(0 <= e["score_a"] <= 1 and 0 <= e["score_b"] <= 1 for e in run["evals"])
+    assert "Decision rule (fixed before the runs" in report and "## Verdict" in report
+    a = data["tasks"]["sst2"]["analysis"]
+    assert a["verdict"] in ("advantage", "no advantage when tuned", "not decided") and not a["missing"]
+    assert os.path.isfile(tmp_path / "out" / "score_vs_lr_sst2.png")
+    cells = sorted(os.listdir(tmp_path / "out" / "cells" / "sst2"))
+    assert len(cells) == 18 and not any(c.endswith(".lock") for c in cells)
+    capsys.readouterr()
+    res2 = run_experiment("lr-sweep", opts)  # every cell reused: no training
+    assert "steps ->" not in capsys.readouterr().out
+    assert json.load(open(res2["results_json"]))["tasks"]["sst2"]["analysis"]["verdict"] == a["verdict"]
+
+
+def test_lr_sweep_instruction_task_scores_the_dev_loss(tmp_path, tokenizer):  # noqa: F811
+    from conftest import make_llama
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "llama"
+    make_llama(vocab=tokenizer.vocab_size).save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path, model_input_names=["input_ids", "attention_mask"])
+    tok.save_pretrained(model_dir)
+    records = [{"instruction": f"Say {w} {k} times.", "input": "", "output": " ".join([w] * k)}
+               for w in POS + NEG for k in range(1, 8)]
+    data_file = tmp_path / "tiny_alpaca.json"
+    data_file.write_text(json.dumps(records))
+    opts = ExperimentOptions(tasks=["alpaca"], model=str(model_dir), data_path=[str(data_file)], steps=4,
+                             batch_size=4, max_length=32, seeds=[0], lrs=[1e-3, 1e-2, 1e-1],
+                             output_dir=str(tmp_path / "out"))
+    res = run_experiment("lr-sweep", opts)
+    data = json.load(open(res["results_json"]))
+    run = data["runs"][0]
+    held_out = run["evals"][-1]["n"]
+    assert held_out >= 2 and all(e["score"] > 0 for e in run["evals"])  # a mean per-example loss
+    assert data["tasks"]["alpaca"]["settings"]["score"] == "dev_loss"
