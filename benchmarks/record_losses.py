@@ -7,6 +7,7 @@ commands again and prints, per run, whether every loss is the same float, or the
 
     python benchmarks/record_losses.py --record benchmarks/recorded_losses.json
     python benchmarks/record_losses.py --check benchmarks/recorded_losses.json      # exit 1 on any difference
+    python benchmarks/record_losses.py --record benchmarks/recorded_losses.json --runs hyperlora-bf16  # a stated change
 
 The bits depend on the machine's CPU kernels and the torch build: a check on another machine or torch is reported
 as such (``--check`` still runs, but a difference there says nothing about the code).
@@ -87,8 +88,15 @@ def main(argv=None) -> int:
             runs[label] = run_one(label, tmp)
     if a.record:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        record = {"machine": here, "commit": commit, "common": COMMON, "runs": runs}
+        if a.runs and os.path.isfile(a.record):  # re-record some runs (a stated change), keep the others
+            old = json.load(open(a.record))
+            if old["machine"] != here:
+                p.error(f"{a.record} was recorded on {old['machine']}: re-record every run here, not some")
+            record = {**old, "runs": {**old["runs"], **runs},
+                      "rerecorded": {**old.get("rerecorded", {}), **{label: commit for label in runs}}}
         with open(a.record, "w") as f:
-            json.dump({"machine": here, "commit": commit, "common": COMMON, "runs": runs}, f, indent=1)
+            json.dump(record, f, indent=1)
         print(f"recorded {len(runs)} runs to {a.record}")
         return 0
     saved = json.load(open(a.check))

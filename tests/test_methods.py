@@ -122,6 +122,22 @@ def test_checkpoint_resume_is_exact(tmp_path, tokenizer, method):
 
 # ---------------------------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("method", GENERATED)
+def test_bf16_autocast_keeps_the_hypernetworks_and_generated_tensors_fp32(batch, method):
+    """As HyperAdaLoRA's (test_precision_accum): under bf16 autocast only the adapted layers run in bf16."""
+    model = ha.get_peft_model(make_bert(), cfg(method))
+    seen = set()
+    for g in model.generators.values():
+        g.hypernet.register_forward_hook(lambda module, args, output: seen.add(output.dtype))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    out.loss.float().backward()
+    assert seen == {torch.float32}
+    assert all(t.dtype == torch.float32 for ts in model._pending.values() for t in ts)
+    assert all(p.dtype == torch.float32 for p in model.generators.parameters())
+
+
+@pytest.mark.parametrize("method", GENERATED)
 def test_one_shared_hypernetwork_per_generated_role(method):
     model = ha.get_peft_model(make_bert(), cfg(method, context="feature"))
     assert set(model.generators) == {"A", "B"} == set(model.generated)

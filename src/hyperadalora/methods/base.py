@@ -35,7 +35,7 @@ from torch import nn
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..layer import flat_base_forward
-from ..model import (ADAPTER_WEIGHTS_NAME, _Injection, _replace, _save_safetensors, check_rank_fits,
+from ..model import (ADAPTER_WEIGHTS_NAME, _full_precision, _Injection, _replace, _save_safetensors, check_rank_fits,
                      find_target_modules, load_onto, phi_changed, phi_fingerprint, refuse_adapted_model,
                      saved_head_states)
 from ..wrapper import AdapterWrapper, with_signature_of
@@ -510,7 +510,12 @@ class GeneratedAdapterModel(AdapterWrapper):
         return phi_changed(self.generators, version, fingerprint)
 
     def _generate(self, track: bool) -> dict:
-        return {role: g.generate(track=track) for role, g in self.generators.items()}
+        """Every role's tensors, with autocast off: under bf16 autocast the hypernetworks, their state and the
+        generated tensors stay fp32, as HyperAdaLoRA's (`model._full_precision`); only the adapted layers run in
+        bf16."""
+        device = next(iter(self.generators.values())).states()[0].device
+        with _full_precision(device):
+            return {role: g.generate(track=track) for role, g in self.generators.items()}
 
     def _install(self, outs: dict) -> None:
         for role, groups in outs.items():
