@@ -107,6 +107,29 @@ def test_kernel_launches_of_generation_do_not_grow_with_the_layers():
         assert counts[layers][1] == first[1], (layers, counts[layers][1] - first[1], first[1] - counts[layers][1])
 
 
+@pytest.mark.parametrize("method", ["hyperlora", "hyperdora", "hyperhydralora"])
+def test_kernel_launches_of_the_generated_methods_do_not_grow_with_the_layers(method):
+    """The same for the other generated methods (they share `RoleGenerator.per_layer`): generation with the
+    installation into every layer, and its backward."""
+    from hyperadalora import methods as M
+
+    counts = {}
+    for layers in LAYERS:
+        model = ha.get_peft_model(make_bert(num_layers=layers), M.get_method(method).config_cls(
+            r=3, target_modules=BERT_TARGETS, task_type="SEQ_CLS"))
+        model.train()
+        with KernelCount() as fwd:
+            model.materialize(training_pass=True)
+        loss = sum(t.sum() for a in model.adapters for role in a.generated for t in a.tensors(role))
+        with KernelCount() as bwd:
+            loss.backward()
+        counts[layers] = (fwd.ops, bwd.ops)
+    first = counts[LAYERS[0]]
+    for layers in LAYERS[1:]:
+        assert counts[layers][0] == first[0], (layers, counts[layers][0] - first[0], first[0] - counts[layers][0])
+        assert counts[layers][1] == first[1], (layers, counts[layers][1] - first[1], first[1] - counts[layers][1])
+
+
 def test_evaluation_and_no_grad_passes_reuse_the_cache():
     model = ha.get_peft_model(make_bert(num_layers=2), cfg())
     calls = HypernetCalls(model)

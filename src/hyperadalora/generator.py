@@ -269,8 +269,11 @@ class RoleGenerator(nn.Module):
             hn.anchor_bias.mul_(momentum).add_(self._used_bias.to(hn.anchor_bias), alpha=1.0 - momentum)
 
     def per_layer(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Views of the generated group tensors, one (L_i, w) per layer, in layer order."""
-        return [outs[g][pos] for g, pos in self.layer_slot]
+        """Views of the generated group tensors, one (L_i, w) per layer, in layer order, from one `unbind` per group:
+        its backward is a single stack of the layers' gradients (indexing each layer would cost a zero-filled copy
+        of the whole group per layer in backward, quadratic in the number of layers)."""
+        views = [t.unbind(0) for t in outs]
+        return [views[g][pos] for g, pos in self.layer_slot]
 
 
 FEATURE_GROUP = "feature_embeddings"  # the optimizer group of the row embeddings (see hypernetwork_param_groups)

@@ -431,11 +431,8 @@ class HyperAdaLoraModel(AdapterWrapper):
             layer.set_tensors(P, l, Qt.t())
 
     def _per_layer(self, role: str, outs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One (L_i, w) view per layer, in layer order, from one `unbind` per group: its backward is a single
-        stack of the layers' gradients (indexing each layer would cost a zero-filled copy of the whole group
-        per layer in backward, quadratic in the number of layers)."""
-        views = [t.unbind(0) for t in outs]
-        return [views[g][pos] for g, pos in self.generators[role].layer_slot]
+        """One (L_i, w) view per layer, in layer order (`RoleGenerator.per_layer`)."""
+        return self.generators[role].per_layer(outs)
 
     def _maybe_commit(self, auto: bool) -> None:
         """Recurrent state: once the hypernetworks have been updated, the last generation becomes the state."""
