@@ -94,15 +94,15 @@ class HyperAdaLoraConfig:
                                                               "after step 300 (docs/results/lambda-codes-rte). No "
                                                               "effect with other contexts (as feature_dim)."})
     hypernet_dim: int = field(default=8, metadata={"help": "Width d_h of the hypernetworks (8: converges in as few "
-                                                           "steps as 16 or 32, docs/results/width, and costs least "
-                                                           "per step)."})
+                                                           "steps as 16 or 32, docs/results/archive/width, and "
+                                                           "costs least per step)."})
     feature_dim: Optional[int] = field(default=4, metadata={"help": "context 'feature' / 'layer_feature': width of "
                                                                      "the learned row embeddings, mapped to "
                                                                      "hypernet_dim by a linear map of the "
                                                                      "hypernetwork when they differ. 4: half the "
                                                                      "parameters and optimizer state of width 8, "
                                                                      "the same convergence "
-                                                                     "(docs/results/feature-dim). None: "
+                                                                     "(docs/results/archive/feature-dim). None: "
                                                                      "hypernet_dim."})
     hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
     hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim; "

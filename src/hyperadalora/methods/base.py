@@ -140,7 +140,8 @@ HYPERNET_FIELDS = tuple(f.name for f in dataclasses.fields(HyperAdaLoraConfig)
 # Where the generated methods' defaults differ from HyperAdaLoRA's. init: HyperAdaLoRA seeds P and Q with W0's top
 # singular vectors; seeding LoRA's A that way made the generated LoRA / DoRA learn far slower than random orthonormal
 # seeds, as LoRA's own random A (SST-2, 80 steps at lr 1e-3: HyperLoRA's final smoothed loss 0.685 / 0.533 on seeds
-# 0 / 1 with principal seeds, 0.449 / 0.458 with orthonormal ones; peft's LoRA 0.475 / 0.424; docs/results/extension/).
+# 0 / 1 with principal seeds, 0.449 / 0.458 with orthonormal ones; peft's LoRA 0.475 / 0.424;
+# docs/results/archive/extension/, docs/results/extension-orthonormal/).
 METHOD_DEFAULTS = {"init": "orthonormal"}
 
 
