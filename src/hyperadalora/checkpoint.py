@@ -164,6 +164,17 @@ def _file_info(path: str, fsync: bool = False) -> dict:
     return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path)}
 
 
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 of a dict of tensors (names, dtypes, shapes and bytes, in name order): what a safetensors file's own
+    header cannot vouch for (a flipped byte in the data loads silently)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -25,6 +25,7 @@ Never lose a run, never fail silently:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -99,9 +100,20 @@ def recorded_options(record: Optional[dict]) -> Optional[dict]:
     return {**OPTIONS_ADDED_LATER, **record} if record else record
 
 
+# The options given explicitly to `TrainArgs.resumed` (None: any other construction; see `resume.apply_record`).
+_EXPLICIT: contextvars.ContextVar = contextvars.ContextVar("hyperadalora_explicit_args", default=None)
+
+
 @dataclass
 class TrainArgs:
-    """Arguments of `train` (the CLI flags and YAML keys have the same names)."""
+    """Arguments of `train` (the CLI flags and YAML keys have the same names).
+
+    With ``resume``, every option comes from the checkpoint's record (`hyperadalora.resume`): a field left at its
+    dataclass default is taken from the record; a field set to another value than the recorded one is an override,
+    allowed only for what does not make it another run (`resume.OVERRIDABLE`: ``max_steps``, checkpointing,
+    evaluation, the device...; a `resume.ResumeNote` each) and refused otherwise (`resume.ResumeConflict`).
+    `TrainArgs.resumed` takes the overrides explicitly (a value equal to a default counts there too).
+    """
 
     method: str = "hyperadalora"
     model: Optional[str] = None           # None: all-MiniLM-L6-v2 (classification) / SmolLM2 (instruction)
@@ -147,7 +159,24 @@ class TrainArgs:
     hyper: dict = field(default_factory=dict)
     n_heads: int = 3                      # hydralora / hyperhydralora: B heads per layer
 
+    @classmethod
+    def resumed(cls, path: str, **overrides) -> "TrainArgs":
+        """The run recorded by the checkpoint ``path`` (a checkpoint, or a run directory: its newest valid one),
+        with ``overrides`` (field=value; hypernetwork options under ``hyper``) as the only options given."""
+        token = _EXPLICIT.set(frozenset(overrides))
+        try:
+            return cls(resume=path, **overrides)
+        finally:
+            _EXPLICIT.reset(token)
+
     def __post_init__(self):
+        if self.resume:  # every option from the checkpoint's record; overrides checked (hyperadalora.resume)
+            from .resume import apply_record
+
+            explicit, _ = _EXPLICIT.get(), _EXPLICIT.set(None)  # for this construction only
+            defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                        for f in dataclasses.fields(self)}
+            apply_record(self, explicit, defaults)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}.")
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "init_r"):
@@ -456,16 +485,13 @@ RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every
                     "data_dir", "data_path", "model")
 
 
-def _option_flag(name: str, value) -> str:
-    """The CLI flag that sets hypernetwork option ``name`` to ``value``."""
-    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    return f"--{name.replace('_', '-')} {text}"
-
-
 def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
-    """Refuse a checkpoint of another method or beyond max_steps; warn about changed arguments and hypernetwork
-    options (the library defaults included). Returns the hint for a checkpoint that does not fit the model:
-    the options to set to resume it, or "" when they are the same or not recorded."""
+    """Refuse a checkpoint of another method, beyond max_steps, or whose recorded arguments or hypernetwork options
+    differ from ``args`` where a resumed run may not change them (`TrainArgs` took them from the same record, unless
+    it was changed after it was built: `resume.ResumeConflict`). Returns the hint for a checkpoint that does not fit
+    the model: "" (the options are the recorded ones, or none were recorded)."""
+    from .resume import ResumeConflict, changed_args
+
     saved = ckpt["state"].get("args", {})
     if saved.get("method") not in (None, args.method):
         raise ckpt_lib.CheckpointError(f"{ckpt['path']} was written by a {saved['method']!r} run; this run's "
@@ -475,19 +501,14 @@ def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
     # checkpoints record every hypernetwork option the run used, defaults included: compare those, not ``hyper``
     recorded = recorded_options(ckpt["state"].get("hypernetwork_options") or None)
     options = hypernetwork_options(args)
-    current = json.loads(json.dumps(asdict(args), default=str))
-    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
-               if k in saved and k not in RESUME_FREE_ARGS and saved[k] != v and not (k == "hyper" and recorded)]
-    differ = {k: v for k, v in (recorded or {}).items() if k in options and options[k] != v}
-    changed += [f"hypernetwork option {k}: {v!r} -> {options[k]!r}" + ("" if k in args.hyper else " (library default)")
-                for k, v in differ.items()]
+    changed = changed_args(json.loads(json.dumps(asdict(args), default=str)), saved)
+    changed += [f"hypernetwork option {k} (recorded {v!r}, now {options[k]!r})"
+                for k, v in (recorded or {}).items() if k in options and options[k] != v]
     if changed:
-        warnings.warn(f"Resuming {ckpt['path']} with different arguments ({'; '.join(changed)}): the run will not "
-                      f"be the same as an uninterrupted one.", stacklevel=3)
-    if not differ:
-        return ""
-    return (f". Its hypernetwork options differ from this run's ({', '.join(f'{k}={v!r}' for k, v in differ.items())} "
-            f"in the checkpoint): resume with {' '.join(_option_flag(k, v) for k, v in differ.items())}")
+        raise ResumeConflict(f"Resuming {ckpt['path']} with other arguments than it records ({'; '.join(changed)}) "
+                             f"would be another run: build the arguments with TrainArgs.resumed({ckpt['path']!r}) "
+                             f"(or the CLI's --resume), or start a new run without resume.")
+    return ""
 
 
 def _truncate_metrics(source: str, target: str, step: int) -> None:
@@ -830,8 +851,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                 if stop.signum is not None:
                     path = save(snap)
                     name = signal.Signals(stop.signum).name
-                    hint = (f"Resume with the same options plus --resume {args.output_dir} "
-                            f"(train(..., resume={args.output_dir!r}))." if path else "No checkpoint was written "
+                    hint = (f"Continue it with --resume {args.output_dir} "
+                            f"(train(TrainArgs.resumed({args.output_dir!r})))." if path else "No checkpoint was written "
                             "(keep_checkpoints=0).")
                     raise TrainingInterrupted(f"{name}: stopped after step {step} of {args.max_steps}; checkpoint: "
                                               f"{path}. {hint}", stop.signum, step, path)
@@ -943,4 +964,6 @@ def args_from_dict(data: dict) -> TrainArgs:
             kwargs[key] = value
         else:
             raise ValueError(f"Unknown option {key!r}. Valid options: {sorted(names - {'hyper'}) + list(HYPER_FIELDS)}.")
+    if kwargs.get("resume"):  # the options given are the only ones that differ from the record (resume.py)
+        return TrainArgs.resumed(kwargs.pop("resume"), **kwargs, **({"hyper": hyper} if hyper else {}))
     return TrainArgs(**kwargs, hyper=hyper)
