@@ -200,8 +200,34 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: 
     final = os.path.join(root, f"step-{step:07d}")
     for stale in (n for n in os.listdir(root) if n.startswith(".tmp-")):  # left by a crash while saving
         shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    if os.path.exists(final):  # the same step saved again (e.g. a non-finite stop at a step just saved): a step's
+        try:                     # checkpoint holds that step's state; a complete one stays (replacing it would
+            verify(final)        # leave a moment with none)
+            return final
+        except CheckpointError:
+            pass
     tmp = os.path.join(root, f".tmp-step-{step:07d}-{os.getpid()}")
     os.makedirs(tmp)
+    try:
+        _write_checkpoint(tmp, step, model, optimizer, loop, rng, args, hypernetwork_options)
+    except BaseException:  # e.g. a full disk: give the space back; the checkpoints in place are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):  # a damaged checkpoint of the same step: replaced
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    others = [p for _, p in list_checkpoints(run_dir) if p != final]
+    for path in others[:max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: str, step: int, model, optimizer, loop: dict, rng: dict, args: dict,
+                      hypernetwork_options: dict | None) -> None:
+    """Every file of a checkpoint into the directory ``tmp``, each fsynced, the manifest last."""
     tensors, meta = model_state(model)
     save_file(tensors, os.path.join(tmp, "model.safetensors"))
     rng_tensors = {"torch": rng["torch"], **{f"cuda.{i}": t for i, t in enumerate(rng.get("cuda", []))}}
@@ -216,16 +242,6 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: 
         json.dump({"format": 1, "step": step, "files": files}, f, indent=1)
     _file_info(os.path.join(tmp, MANIFEST), fsync=True)
     _fsync_dir(tmp)
-    if os.path.exists(final):  # the same step saved again (e.g. stop at a step that was just saved)
-        old = final + f".old-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    others = [p for _, p in list_checkpoints(run_dir) if p != final]
-    for path in others[:max(0, len(others) - (keep - 1))]:
-        shutil.rmtree(path, ignore_errors=True)
-    return final
 
 
 def verify(path: str) -> dict:

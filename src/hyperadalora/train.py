@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -479,6 +480,28 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps with a NaN/Inf loss or gradient."""
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(RuntimeError):
+    """The disk (or quota) filled up while the run wrote its files: it stopped; its checkpoints in place are intact."""
+
+
+def _disk_full_message(args: TrainArgs, error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            latest = ckpt_lib.find_checkpoint(args.output_dir)
+        kept = f"its last complete checkpoint, {latest}, is intact"
+    except (FileNotFoundError, ckpt_lib.CheckpointError):
+        latest, kept = None, "no checkpoint had been completed"
+    then = (f"continue with --resume {args.output_dir}" if latest else
+            f"start it again (--overwrite)")
+    return (f"No space left on the device while writing the run's files{where}: {error.strerror or error}. The run "
+            f"stopped; {kept}. Free some space (or choose another --output-dir), then {then}.")
+
+
 # Arguments that may differ between a run and its resumption without a warning.
 RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
                     "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
@@ -516,13 +539,21 @@ def _truncate_metrics(source: str, target: str, step: int) -> None:
     kept = []
     if os.path.isfile(source):
         with open(source) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:  # a line torn by the interruption
-                    continue
-                if row.get("step", 0) <= step and not row.get("final"):
-                    kept.append(json.dumps(row) + "\n")
+            lines = f.readlines()
+        torn = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by the interruption (a kill, a full disk)
+                torn.append(number)
+                continue
+            if row.get("step", 0) <= step and not row.get("final"):
+                kept.append(json.dumps(row) + "\n")
+        if torn and torn != [len(lines)]:
+            warnings.warn(f"{source}: line(s) {torn} are not JSON (damaged); they are dropped.", stacklevel=3)
+        elif torn:
+            print(f"{source}: its last line was torn by the interruption; repaired (dropped, the resumed run writes "
+                  f"its rows after step {step}).", file=sys.stderr)
     else:
         warnings.warn(f"{source} is missing: {target} will only have the rows after step {step}.", stacklevel=3)
     tmp = target + ".tmp"
@@ -641,8 +672,13 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     dist_info, device = setup_distributed(args.device)
     created = prepare_output_dir(args, dist_info.main)
     try:
-        return _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples, on_step,
-                      tqdm, load_model_and_tokenizer)
+        try:
+            return _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples,
+                          on_step, tqdm, load_model_and_tokenizer)
+        except OSError as e:
+            if e.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise DiskFullError(_disk_full_message(args, e)) from e
     except BaseException:
         if created and not os.listdir(args.output_dir):  # failed before writing anything: leave no empty directory
             os.rmdir(args.output_dir)
@@ -739,6 +775,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
     def save(snap: dict) -> Optional[str]:
         if not args.keep_checkpoints or not dist_info.main:
             return None
+        log.flush()  # the metrics rows up to the checkpoint are on disk before it is
+        os.fsync(log.fileno())
         return ckpt_lib.save_checkpoint(args.output_dir, snap["loop"]["step"], unwrapped, optimizer, snap["loop"],
                                         snap["rng"], json.loads(json.dumps(asdict(args), default=str)),
                                         args.keep_checkpoints, hypernetwork_options(args))
@@ -891,8 +929,10 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                "args": asdict(args), "hypernetwork_options": hypernetwork_options(args),
                "processes": dist_info.world}
     if dist_info.main:
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        path = os.path.join(args.output_dir, "summary.json")
+        with open(path + ".tmp", "w") as f:  # atomically: a reader never sees half a summary
             json.dump(summary, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
     summary["model"] = unwrapped
     return summary
 
