@@ -798,13 +798,16 @@ def get_peft_model(model: nn.Module, config):
 
 def load_adapter(model: nn.Module, directory: str) -> HyperAdaLoraModel:
     """Load an adapter written by `HyperAdaLoraModel.save_pretrained` onto ``model`` (inference; fixed tensors)."""
-    config = HyperAdaLoraConfig.from_pretrained(directory)
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        saved = json.load(f)
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
+        HyperAdaLoraConfig.from_pretrained(directory)  # the clearer error for a directory that holds no adapter
         raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
-    tensors = load_safetensors_checked(path, os.path.join(directory, CONFIG_NAME))
+    config_path = os.path.join(directory, CONFIG_NAME)
+    # the tensors and the config checked against their digests before either is read
+    tensors = load_safetensors_checked(path, config_path if os.path.isfile(config_path) else None)
+    config = HyperAdaLoraConfig.from_pretrained(directory)
+    with open(config_path) as f:
+        saved = json.load(f)
     names = saved.get("target_names") or sorted(k[:-len(".lora_P")] for k in tensors if k.endswith(".lora_P"))
     if names:
         config.target_modules = "|".join(re.escape(n) for n in names)

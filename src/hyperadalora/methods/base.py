@@ -657,13 +657,16 @@ def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
     fixed, no hypernetwork)."""
     import re
 
-    config = MethodConfig.from_pretrained(directory)
-    with open(os.path.join(directory, METHOD_CONFIG_NAME)) as f:
-        names = json.load(f).get("target_names")
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
+        MethodConfig.from_pretrained(directory)  # the clearer error for a directory that holds no adapter
         raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
-    tensors = load_safetensors_checked(path, os.path.join(directory, METHOD_CONFIG_NAME))
+    config_path = os.path.join(directory, METHOD_CONFIG_NAME)
+    # the tensors and the config checked against their digests before either is read
+    tensors = load_safetensors_checked(path, config_path if os.path.isfile(config_path) else None)
+    config = MethodConfig.from_pretrained(directory)
+    with open(config_path) as f:
+        names = json.load(f).get("target_names")
     if not names:  # the layers the file has tensors for
         names = sorted({k.split(".lora_", 1)[0] for k in tensors
                         if ".lora_" in k and not k.startswith("modules_to_save.")})
