@@ -667,8 +667,8 @@ def run(args) -> dict:
         suite.kill_trial("sigkill-in-metrics", f"row of step {step}", {"kind": "kill", "point": "metrics.jsonl",
                                                                         "step": step})
     print("SIGINT / SIGTERM, every method", flush=True)
-    for method in (METHODS if not quick else ("hyperadalora", "lora")):
-        for signum in (signal.SIGINT, signal.SIGTERM):
+    for i, method in enumerate(METHODS):  # quick: every method, SIGINT or SIGTERM in turn
+        for signum in ((signal.SIGINT, signal.SIGTERM)[i % 2],) if quick else (signal.SIGINT, signal.SIGTERM):
             suite.signal_trial(method, signum)
     print("corrupted checkpoint and adapter files", flush=True)
     files = ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "manifest.json")

@@ -12,9 +12,11 @@ adapter. Writes to ``output_dir``:
   and at the end, the newest ``keep_checkpoints`` kept.
 
 Never lose a run, never fail silently:
-- ``resume`` (a checkpoint, or a run's output directory: its newest valid checkpoint) continues a run exactly
-  where the checkpoint was taken: on the CPU the losses of every later step equal the uninterrupted run's,
-  bit for bit (same seed and arguments). ``metrics.jsonl`` is cut back to the checkpoint's step and appended.
+- ``resume`` (a checkpoint, or a run's output directory: its newest valid checkpoint) continues the run the
+  checkpoint records (its options: `hyperadalora.resume`) exactly where it was taken: on the CPU the losses of
+  every later step equal the uninterrupted run's, bit for bit. ``metrics.jsonl`` is cut back to the checkpoint's
+  step (a row torn by a kill dropped) and appended.
+- A full disk stops the run with `DiskFullError`, naming its last complete checkpoint (left intact).
 - SIGINT (Ctrl-C) / SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`
   (the CLI exits with 130 / 143 and prints how to resume).
 - A step whose loss or gradient is NaN/Inf is skipped (no optimizer step, no rank allocation; its metrics
@@ -154,7 +156,8 @@ class TrainArgs:
     progress: bool = True
     save_every: int = 0                   # checkpoint every N optimizer steps (0: only at the end)
     keep_checkpoints: int = 2             # newest checkpoints kept (0: write none)
-    resume: Optional[str] = None          # a checkpoint directory, or a run's output_dir (its newest checkpoint)
+    resume: Optional[str] = None          # a checkpoint directory, or a run's output_dir (its newest checkpoint):
+    #                                       the recorded run's options (see the class docstring)
     max_nonfinite: int = 5                # stop after this many NaN/Inf steps in a row
     # HyperAdaLoRA options (defaults: HyperAdaLoraConfig's)
     hyper: dict = field(default_factory=dict)
