@@ -16,7 +16,7 @@ import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
 from hyperadalora import checkpoint as ckpt_lib
 from hyperadalora.train import DiskFullError, TrainingInterrupted, read_metrics
-from test_checkpoint import run, signal_at, steps_of, tokenizer  # noqa: F401 (a fixture)
+from test_checkpoint import run, signal_at, tokenizer  # noqa: F401 (a fixture)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import fault_injection  # noqa: E402
@@ -102,7 +102,10 @@ def test_a_damaged_adapter_file_is_refused_naming_it(tmp_path, method, name, how
 def test_a_complete_checkpoint_of_a_step_is_never_replaced(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
-    save = lambda: ckpt_lib.save_checkpoint(str(tmp_path), 3, model, opt, {}, ckpt_lib.capture_rng(), {}, keep=2)  # noqa
+
+    def save():
+        return ckpt_lib.save_checkpoint(str(tmp_path), 3, model, opt, {}, ckpt_lib.capture_rng(), {}, keep=2)
+
     path = save()
     manifest = Path(path, "manifest.json").read_bytes()
     monkeypatch.setattr(os, "replace", lambda *a: pytest.fail("a complete checkpoint was moved"))

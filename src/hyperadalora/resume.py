@@ -141,8 +141,9 @@ def apply_record(args, explicit: Optional[set] = None, defaults: Optional[dict] 
         raise ResumeConflict(
             f"Resuming {path} continues the run it records; these options would make it another run: "
             f"{'; '.join(conflicts)}. Leave them out to continue the run as recorded. To train with them, start a "
-            f"new run: without --resume (resume=None), with another --output-dir or --overwrite. A resumed run may change only {', '.join(OVERRIDABLE)} and the output "
-            f"directory (and {', '.join(PATH_ARGS)} where the recorded path no longer exists).")
+            f"new run: without --resume (resume=None), with another --output-dir or --overwrite. A resumed run may "
+            f"change only {', '.join(OVERRIDABLE)} and the output directory (and {', '.join(PATH_ARGS)} where the "
+            f"recorded path no longer exists).")
     args.hyper = {**recorded_hyper, **given_hyper}
     for note in notes:
         warnings.warn(f"Resuming {path}: {note}", ResumeNote, stacklevel=4)
