@@ -198,7 +198,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: 
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:07d}")
-    for stale in (n for n in os.listdir(root) if n.startswith(".tmp-")):  # left by a crash while saving
+    for stale in (n for n in os.listdir(root) if n.startswith(".tmp-") or ".old-" in n):  # left by a crash
         shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     if os.path.exists(final):  # the same step saved again (e.g. a non-finite stop at a step just saved): a step's
         try:                     # checkpoint holds that step's state; a complete one stays (replacing it would
