@@ -172,6 +172,7 @@ def damage_truncate(path):
     ("optimizer.pt", damage_truncate, "truncated"),
     ("state.json", os.remove, "missing"),
     ("manifest.json", os.remove, "no manifest.json"),
+    ("manifest.json", damage_flip, "manifest.json is corrupted"),  # blames itself, not the file whose digest it holds
 ])
 def test_damaged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tokenizer, finished_run, name, damage,
                                                               message):
@@ -184,6 +185,17 @@ def test_damaged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tokenize
         run(tokenizer, out, "lora", max_steps=6, tinit=1, tfinal=1, resume=str(ckpt))
     assert name in str(info.value)
     assert snapshot_files(out) == before
+
+
+def test_a_manifest_altered_in_a_file_digest_blames_itself(tmp_path, finished_run):
+    ckpt = tmp_path / "step-0000006"
+    shutil.copytree(finished_run / "checkpoints" / "step-0000006", ckpt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    digest = manifest["files"]["state.json"]["sha256"]
+    manifest["files"]["state.json"]["sha256"] = ("0" if digest[0] != "0" else "1") + digest[1:]  # still valid JSON
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt_lib.CheckpointError, match="manifest.json is corrupted: its content does not match"):
+        ckpt_lib.verify(str(ckpt))
 
 
 def test_run_dir_skips_a_damaged_newest_checkpoint(tmp_path, tokenizer, finished_run):
@@ -278,6 +290,7 @@ def rewrite_state(ckpt_dir: Path, edit) -> None:
     (ckpt_dir / "state.json").write_text(json.dumps(state))
     manifest = json.loads((ckpt_dir / "manifest.json").read_text())
     manifest["files"]["state.json"] = ckpt_lib._file_info(str(ckpt_dir / "state.json"))
+    manifest["files_sha256"] = ckpt_lib._manifest_digest(manifest["files"])
     (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -238,10 +238,14 @@ def _write_checkpoint(tmp: str, step: int, model, optimizer, loop: dict, rng: di
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f, default=str)
     files = {name: _file_info(os.path.join(tmp, name), fsync=True) for name in sorted(os.listdir(tmp))}
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump({"format": 1, "step": step, "files": files}, f, indent=1)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:  # with its own digest: a damaged manifest blames itself
+        json.dump({"format": 1, "step": step, "files": files, "files_sha256": _manifest_digest(files)}, f, indent=1)
     _file_info(os.path.join(tmp, MANIFEST), fsync=True)
     _fsync_dir(tmp)
+
+
+def _manifest_digest(files: dict) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def verify(path: str) -> dict:
@@ -255,6 +259,9 @@ def verify(path: str) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint: it has no {MANIFEST} (unfinished or foreign).") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path} is corrupted ({e}).") from None
+    if "files_sha256" in manifest and (not isinstance(files, dict) or _manifest_digest(files) !=
+                                       manifest["files_sha256"]):  # (manifests written before the digest: none)
+        raise CheckpointError(f"{manifest_path} is corrupted: its content does not match its own digest.")
     for name, expected in files.items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
