@@ -26,7 +26,8 @@ or the continued run differs from the uninterrupted one. It must be 0.
 
 The children are forked from this process once it has imported the library (on a loaded 2-core machine a fresh
 interpreter spends ~15 s importing torch and transformers); each is a separate process, killed by the kernel, and
-runs the CLI's own entry point. ``--spawn`` runs every child as a fresh ``python -m hyperadalora`` interpreter.
+runs the CLI's own entry point. ``--spawn`` runs every child in a fresh interpreter instead (this script's
+``--child`` mode: the same hooks, then the CLI's ``main``).
 
     python benchmarks/fault_injection.py                       # >= 20 SIGKILL trials, every method, the table
     python benchmarks/fault_injection.py --quick               # a few trials of each fault (what the tests run)

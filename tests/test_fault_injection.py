@@ -149,7 +149,7 @@ def test_the_quick_fault_injection_suite_loses_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_of_a_fresh_cli_process(tmp_path):
-    """The same on `python -m hyperadalora train` in a fresh interpreter (no fork)."""
+    """The same with every process a fresh interpreter (no fork)."""
     suite = fault_injection.Suite(fault_injection.parse_args(["--quick", "--spawn"]))
     try:
         suite.kill_trial("sigkill-in-checkpoint", "optimizer.pt, step 3",

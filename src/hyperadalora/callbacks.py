@@ -18,8 +18,10 @@ Saving: for this package's models, `HyperAdaLoraTrainer` writes into a checkpoin
 and ``hyperadalora_config.json`` / ``method_config.json``: load it with `hyperadalora.load_adapter`) and, in
 ``training_state.safetensors``, what an exact resume needs (`checkpoint.model_state`: the hypernetworks with their
 recurrent state and anchors, the trained heads and parameters, the rank masks and importance EMAs; the allocator's
-bookkeeping in the file's metadata), never the frozen base model. ``resume_from_checkpoint`` and
-``load_best_model_at_end`` read that file back; a whole-model ``model.safetensors`` written by earlier versions is
+bookkeeping in the file's metadata, with the adapter's options, the run-defining `RUN_TRAINING_ARGS` and a digest of
+the tensors), never the frozen base model. ``resume_from_checkpoint`` and ``load_best_model_at_end`` read that file
+back (``resume_from_checkpoint`` continues the run it records: other adapter options or run-defining arguments, or
+tensors that fail the digest, are refused, naming them); a whole-model ``model.safetensors`` written by earlier versions is
 still read by Trainer's own loading (it never held the rank allocator: such a resume restarts from full masks).
 Any other model (peft's own, a plain transformers model), and DeepSpeed / FSDP runs, are saved as `Trainer` saves
 them.

@@ -198,9 +198,8 @@ def collect_options(ns: argparse.Namespace) -> dict:
 
 
 def cmd_train(ns) -> int:
-    from .train import TrainingInterrupted, args_from_dict, train
-
     from .resume import ResumeNote
+    from .train import TrainingInterrupted, args_from_dict, train
 
     options = collect_options(ns)
     if not options.get("resume"):  # resuming: the record's method applies; anything that would change it is refused

@@ -499,13 +499,13 @@ def _disk_full_message(args: TrainArgs, error: OSError) -> str:
         kept = f"its last complete checkpoint, {latest}, is intact"
     except (FileNotFoundError, ckpt_lib.CheckpointError):
         latest, kept = None, "no checkpoint had been completed"
-    then = (f"continue with --resume {args.output_dir}" if latest else
-            f"start it again (--overwrite)")
+    then = f"continue with --resume {args.output_dir}" if latest else "start it again (--overwrite)"
     return (f"No space left on the device while writing the run's files{where}: {error.strerror or error}. The run "
             f"stopped; {kept}. Free some space (or choose another --output-dir), then {then}.")
 
 
-# Arguments that may differ between a run and its resumption without a warning.
+# Arguments that do not define a run (experiments reuse a finished run whose other arguments are the same; what a
+# resumed run may change: resume.OVERRIDABLE).
 RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
                     "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
                     "data_dir", "data_path", "model")
