@@ -67,8 +67,7 @@ def _flag(name: str) -> str:
 
 def read_record(resume: str) -> tuple[str, dict]:
     """(the checkpoint `resume` continues: itself or the run's newest valid one, its state.json)."""
-    path = ckpt_lib.find_checkpoint(resume)
-    ckpt_lib.verify(path)
+    path = ckpt_lib.find_checkpoint(resume)  # verified
     try:
         with open(os.path.join(path, "state.json")) as f:
             return path, json.load(f)
@@ -125,7 +124,10 @@ def apply_record(args, explicit: Optional[set] = None, defaults: Optional[dict] 
         else:
             conflicts.append(f"{name} (recorded {recorded!r}, given {given!r}: {_flag(name)})")
     # hypernetwork options: the record's resolved set (library defaults included), else the options the run gave
-    options = state.get("hypernetwork_options") or None
+    from .train import recorded_options
+
+    raw = state.get("hypernetwork_options") or None
+    options = recorded_options(raw)  # completed with the options added later (their value before: compared only)
     recorded_hyper = dict(options) if options else dict(record.get("hyper") or {})
     given_hyper = dict(args.hyper or {})
     for name, value in given_hyper.items():
@@ -144,7 +146,7 @@ def apply_record(args, explicit: Optional[set] = None, defaults: Optional[dict] 
             f"new run: without --resume (resume=None), with another --output-dir or --overwrite. A resumed run may "
             f"change only {', '.join(OVERRIDABLE)} and the output directory (and {', '.join(PATH_ARGS)} where the "
             f"recorded path no longer exists).")
-    args.hyper = {**recorded_hyper, **given_hyper}
+    args.hyper = {**(raw or record.get("hyper") or {}), **given_hyper}
     for note in notes:
         warnings.warn(f"Resuming {path}: {note}", ResumeNote, stacklevel=4)
     return notes
