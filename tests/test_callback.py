@@ -4,6 +4,7 @@ checkpoints and save_model: the adapter (load_adapter) and the training state, n
 load_best_model_at_end."""
 
 import os
+import re
 import warnings
 
 import peft
@@ -392,6 +393,30 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, method):
     a = ha.load_adapter(make_bert(num_layers=1), str(tmp_path / "a" / f"checkpoint-{MAX_STEPS}"))
     b = ha.load_adapter(make_bert(num_layers=1), str(tmp_path / "b" / f"checkpoint-{MAX_STEPS}"))
     assert torch.equal(outputs(a, EVAL_BATCH), outputs(b, EVAL_BATCH))
+
+
+@pytest.mark.filterwarnings("ignore:The rank budget schedule assumes")  # stopped halfway on purpose
+def test_resume_refuses_another_run_and_a_corrupted_training_state(tmp_path):
+    """resume_from_checkpoint continues the run the checkpoint records: a model built with other adapter options or
+    TrainingArguments that define another run are refused, naming what differs; a flipped byte in the training
+    state is refused, naming the file (safetensors alone would load it)."""
+    from hyperadalora.checkpoint import CheckpointError
+
+    model = ha.get_peft_model(make_bert(num_layers=1), hyper_config())
+    hyper_trainer(model, tmp_path / "a", max_steps=MAX_STEPS // 2).train()
+    ckpt = tmp_path / "a" / f"checkpoint-{MAX_STEPS // 2}"
+    other = ha.get_peft_model(make_bert(num_layers=1), hyper_config(momentum=0.9))
+    with pytest.raises(CheckpointError, match=r"another run than this one \(momentum: checkpoint .*, now 0.9\)"):
+        hyper_trainer(other, tmp_path / "b").train(resume_from_checkpoint=str(ckpt))
+    same = ha.get_peft_model(make_bert(num_layers=1), hyper_config())
+    with pytest.raises(CheckpointError, match=r"learning_rate: checkpoint 0.001, now 0.01"):
+        hyper_trainer(same, tmp_path / "c", learning_rate=1e-2).train(resume_from_checkpoint=str(ckpt))
+    state = ckpt / "training_state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-5] ^= 0x10  # in the tensor data, past the header
+    state.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(state))} is corrupted"):
+        hyper_trainer(same, tmp_path / "d").train(resume_from_checkpoint=str(ckpt))
 
 
 @pytest.mark.filterwarnings("ignore:The rank budget schedule assumes")  # stopped halfway on purpose

@@ -15,6 +15,7 @@ from conftest import make_bert
 from hyperadalora import checkpoint as ckpt_lib
 from hyperadalora import cli
 from hyperadalora import train as train_mod
+from hyperadalora.resume import ResumeConflict, ResumeNote
 from hyperadalora.train import NonFiniteLossError, TrainArgs, TrainingInterrupted, read_metrics, train
 from test_train import toy_examples, write_sst2, write_tiny_model
 
@@ -171,6 +172,7 @@ def damage_truncate(path):
     ("optimizer.pt", damage_truncate, "truncated"),
     ("state.json", os.remove, "missing"),
     ("manifest.json", os.remove, "no manifest.json"),
+    ("manifest.json", damage_flip, "manifest.json is corrupted"),  # blames itself, not the file whose digest it holds
 ])
 def test_damaged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tokenizer, finished_run, name, damage,
                                                               message):
@@ -183,6 +185,17 @@ def test_damaged_checkpoint_is_refused_and_nothing_is_written(tmp_path, tokenize
         run(tokenizer, out, "lora", max_steps=6, tinit=1, tfinal=1, resume=str(ckpt))
     assert name in str(info.value)
     assert snapshot_files(out) == before
+
+
+def test_a_manifest_altered_in_a_file_digest_blames_itself(tmp_path, finished_run):
+    ckpt = tmp_path / "step-0000006"
+    shutil.copytree(finished_run / "checkpoints" / "step-0000006", ckpt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    digest = manifest["files"]["state.json"]["sha256"]
+    manifest["files"]["state.json"]["sha256"] = ("0" if digest[0] != "0" else "1") + digest[1:]  # still valid JSON
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt_lib.CheckpointError, match="manifest.json is corrupted: its content does not match"):
+        ckpt_lib.verify(str(ckpt))
 
 
 def test_run_dir_skips_a_damaged_newest_checkpoint(tmp_path, tokenizer, finished_run):
@@ -206,9 +219,9 @@ def test_resuming_a_finished_run_into_another_dir_only_evaluates(tmp_path, token
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(method="adalora"), "written by a 'lora' run"),
+    (dict(method="adalora"), r"another run: method \(recorded 'lora', given 'adalora': --method\)"),
     (dict(hidden=48), "does not fit this model"),
-    (dict(max_steps=4), "at step 6, beyond max_steps=4"),
+    (dict(max_steps=4), r"max_steps \(given 4: below the checkpoint's step 6\)"),
 ])
 def test_checkpoint_of_another_method_or_model_is_refused(tmp_path, tokenizer, finished_run, change, message):
     out = tmp_path / "run"
@@ -277,13 +290,14 @@ def rewrite_state(ckpt_dir: Path, edit) -> None:
     (ckpt_dir / "state.json").write_text(json.dumps(state))
     manifest = json.loads((ckpt_dir / "manifest.json").read_text())
     manifest["files"]["state.json"] = ckpt_lib._file_info(str(ckpt_dir / "state.json"))
+    manifest["files_sha256"] = ckpt_lib._manifest_digest(manifest["files"])
     (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_a_checkpoint_records_its_hypernetwork_options_and_a_changed_default_is_named(tmp_path, tokenizer):
-    """The checkpoint records every hypernetwork option, defaults included. Resuming under another library default
-    (simulated: a checkpoint of lambda_codes=False whose run set nothing) names the option in the warning and,
-    since the codes change the model's tensors, refuses with the flag that resumes it."""
+def test_a_checkpoint_records_its_hypernetwork_options_and_a_resume_keeps_them(tmp_path, tokenizer):
+    """The checkpoint records every hypernetwork option, defaults included. A resume takes them from the record,
+    even where the library's default is another (simulated: a checkpoint of lambda_codes=False whose run set
+    nothing); an option given with another value is refused, naming it."""
     out = tmp_path / "run"
     run(tokenizer, out, "hyperadalora", max_steps=4, save_every=2, tinit=1, tfinal=1,
         hyper={"lambda_codes": False, "hypernet_dim": 8})
@@ -296,17 +310,15 @@ def test_a_checkpoint_records_its_hypernetwork_options_and_a_changed_default_is_
 
     rewrite_state(ckpt, lambda s: s["args"].update(hyper={"hypernet_dim": 8}))  # lambda_codes=False was the default
     before = snapshot_files(out)
-    with pytest.warns(UserWarning, match=r"hypernetwork option lambda_codes: False -> True \(library default\)"), \
-            pytest.raises(ckpt_lib.CheckpointError, match=r"does not fit this model.*lambda_codes=False in the "
-                                                          r"checkpoint\): resume with --lambda-codes false$"):
-        run(tokenizer, out, "hyperadalora", max_steps=6, tinit=1, tfinal=1, resume=str(out), hyper={"hypernet_dim": 8})
+    for given in ({"feature_lr_ratio": 10.0}, {"lambda_codes": True}):
+        with pytest.raises(ResumeConflict, match=rf"another run: {next(iter(given))} \(recorded"):
+            TrainArgs.resumed(str(out), hyper=given)
     assert snapshot_files(out) == before
-
-    # an option that changes no tensor: a warning, and the run resumes
-    with pytest.warns(UserWarning, match=r"hypernetwork option feature_lr_ratio: 30.0 -> 10.0(?! \(library)"):
-        summary = run(tokenizer, out, "hyperadalora", max_steps=6, tinit=1, tfinal=1, resume=str(out),
-                      hyper={"lambda_codes": False, "hypernet_dim": 8, "feature_lr_ratio": 10.0})
-    assert summary["resumed_from"].endswith("step-0000004")
+    args = TrainArgs.resumed(str(out), max_steps=6)
+    assert args.hyper["lambda_codes"] is False and args.hyper["hypernet_dim"] == 8 and args.max_steps == 6
+    summary = train(args, model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
+                    train_examples=toy_examples(20), eval_examples=toy_examples(8, seed=1))
+    assert summary["resumed_from"].endswith("step-0000004") and summary["hypernetwork_options"]["lambda_codes"] is False
 
 
 def test_a_checkpoint_without_recorded_options_still_gets_the_lambda_codes_hint(tmp_path, tokenizer):

@@ -18,8 +18,10 @@ Saving: for this package's models, `HyperAdaLoraTrainer` writes into a checkpoin
 and ``hyperadalora_config.json`` / ``method_config.json``: load it with `hyperadalora.load_adapter`) and, in
 ``training_state.safetensors``, what an exact resume needs (`checkpoint.model_state`: the hypernetworks with their
 recurrent state and anchors, the trained heads and parameters, the rank masks and importance EMAs; the allocator's
-bookkeeping in the file's metadata), never the frozen base model. ``resume_from_checkpoint`` and
-``load_best_model_at_end`` read that file back; a whole-model ``model.safetensors`` written by earlier versions is
+bookkeeping in the file's metadata, with the adapter's options, the run-defining `RUN_TRAINING_ARGS` and a digest of
+the tensors), never the frozen base model. ``resume_from_checkpoint`` and ``load_best_model_at_end`` read that file
+back (``resume_from_checkpoint`` continues the run it records: other adapter options or run-defining arguments, or
+tensors that fail the digest, are refused, naming them); a whole-model ``model.safetensors`` written by earlier versions is
 still read by Trainer's own loading (it never held the rank allocator: such a resume restarts from full masks).
 Any other model (peft's own, a plain transformers model), and DeepSpeed / FSDP runs, are saved as `Trainer` saves
 them.
@@ -115,28 +117,61 @@ def _commit_pending(model) -> None:
         model.after_optimizer_step()
 
 
-def save_training_state(model, directory: str) -> str:
-    """Write ``directory/training_state.safetensors``: `checkpoint.model_state` of ``model`` (its JSON metadata in
-    the file's metadata). Returns the path."""
+# TrainingArguments that define the run: a resume with other values would be another run (refused); max_steps,
+# num_train_epochs, saving, logging and evaluation may change (Trainer's own resume reads them from the arguments).
+RUN_TRAINING_ARGS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+                     "data_seed", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "optim", "bf16", "fp16")
+# Adapter options that may differ on resume: total_step (the rank budget's length) follows an extended max_steps.
+RESUME_FREE_ADAPTER_OPTIONS = ("total_step",)
+
+
+def _adapter_options(model) -> dict:
+    """The model's adapter config as JSON (the options a checkpoint of it records)."""
+    return json.loads(json.dumps(model.peft_config.to_dict(), default=str))
+
+
+def _run_args(training_args) -> dict:
+    return json.loads(json.dumps({k: getattr(training_args, k, None) for k in RUN_TRAINING_ARGS}, default=str))
+
+
+def save_training_state(model, directory: str, training_args=None) -> str:
+    """Write ``directory/training_state.safetensors``: `checkpoint.model_state` of ``model``; in the file's metadata
+    its JSON metadata, the adapter's options, the run's `RUN_TRAINING_ARGS` (``training_args``, if given) and a
+    digest of the tensors (`checkpoint.tensors_digest`). Written atomically. Returns the path."""
     from safetensors.torch import save_file
 
-    from .checkpoint import model_state
+    from .checkpoint import model_state, tensors_digest
 
     tensors, meta = model_state(model)
+    meta["adapter_options"] = _adapter_options(model)
+    if training_args is not None:
+        meta["training_args"] = _run_args(training_args)
+    meta["sha256"] = tensors_digest(tensors)
     path = os.path.join(directory, TRAINING_STATE_NAME)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt", STATE_METADATA_KEY: json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 
 
-def load_training_state(model, directory: str) -> None:
-    """Put the state of ``directory/training_state.safetensors`` back into ``model`` (`checkpoint.load_model_state`:
-    a state of another method or model shape raises `checkpoint.CheckpointError`)."""
+def _differences(saved: dict, current: dict, free=()) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in sorted(saved.keys() | current.keys())
+            if k not in free and saved.get(k) != current.get(k)]
+
+
+def load_training_state(model, directory: str, training_args=None) -> None:
+    """Put the state of ``directory/training_state.safetensors`` back into ``model`` (`checkpoint.load_model_state`).
+    Raises `checkpoint.CheckpointError`, before anything is loaded, for a file that is unreadable or whose tensors
+    do not match their recorded digest, a state of another method or model shape, and a checkpoint whose recorded
+    adapter options (or `RUN_TRAINING_ARGS`, when ``training_args`` is given) differ from the model's: resuming it
+    would be another run."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .checkpoint import CheckpointError, load_model_state
+    from .checkpoint import CheckpointError, load_model_state, tensors_digest
 
     path = os.path.join(directory, TRAINING_STATE_NAME)
     try:
@@ -145,6 +180,20 @@ def load_training_state(model, directory: str) -> None:
         tensors = load_file(path)
     except Exception as e:  # missing metadata, or safetensors' own errors for a truncated or corrupted file
         raise CheckpointError(f"Cannot read the training state {path} ({type(e).__name__}: {e}).") from e
+    if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:  # (files written before the digest: none)
+        raise CheckpointError(f"The training state {path} is corrupted: its tensors do not match the digest it "
+                              f"recorded. Resume from another checkpoint.")
+    problems = []
+    if "adapter_options" in meta:
+        problems += _differences(meta["adapter_options"], _adapter_options(model), RESUME_FREE_ADAPTER_OPTIONS)
+    if training_args is not None and "training_args" in meta:
+        problems += _differences(meta["training_args"], _run_args(training_args))
+    if problems:
+        raise CheckpointError(f"{path} was written by another run than this one ({'; '.join(problems)}): resuming it "
+                              f"would be neither. Build the model and TrainingArguments with the checkpoint's options "
+                              f"(its adapter config is beside it) to continue that run, or train without "
+                              f"resume_from_checkpoint to start a new one.")
+    meta = {k: v for k, v in meta.items() if k not in ("adapter_options", "training_args", "sha256")}
     load_model_state(model, tensors, meta, where=path)
 
 
@@ -273,7 +322,7 @@ class HyperAdaLoraTrainer(Trainer):
             _commit_pending(target)  # before save_pretrained: it generates from the committed state
         target.save_pretrained(output_dir)
         if _has_training_state(target):
-            save_training_state(target, output_dir)
+            save_training_state(target, output_dir, self.args)
         # what Trainer._save writes besides the model
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -300,7 +349,7 @@ class HyperAdaLoraTrainer(Trainer):
                              f"adapter, loaded or with its hypernetworks dropped, has only the adapter).")
         if kind == "trainer":
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_training_state(self._own_saving(model), resume_from_checkpoint)
+        load_training_state(self._own_saving(model), resume_from_checkpoint, self.args)
         return None
 
     def _load_best_model(self):

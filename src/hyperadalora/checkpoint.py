@@ -164,6 +164,17 @@ def _file_info(path: str, fsync: bool = False) -> dict:
     return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path)}
 
 
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 of a dict of tensors (names, dtypes, shapes and bytes, in name order): what a safetensors file's own
+    header cannot vouch for (a flipped byte in the data loads silently)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -187,10 +198,36 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: 
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:07d}")
-    for stale in (n for n in os.listdir(root) if n.startswith(".tmp-")):  # left by a crash while saving
+    for stale in (n for n in os.listdir(root) if n.startswith(".tmp-") or ".old-" in n):  # left by a crash
         shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    if os.path.exists(final):  # the same step saved again (e.g. a non-finite stop at a step just saved): a step's
+        try:                     # checkpoint holds that step's state; a complete one stays (replacing it would
+            verify(final)        # leave a moment with none)
+            return final
+        except CheckpointError:
+            pass
     tmp = os.path.join(root, f".tmp-step-{step:07d}-{os.getpid()}")
     os.makedirs(tmp)
+    try:
+        _write_checkpoint(tmp, step, model, optimizer, loop, rng, args, hypernetwork_options)
+    except BaseException:  # e.g. a full disk: give the space back; the checkpoints in place are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):  # a damaged checkpoint of the same step: replaced
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    others = [p for _, p in list_checkpoints(run_dir) if p != final]
+    for path in others[:max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: str, step: int, model, optimizer, loop: dict, rng: dict, args: dict,
+                      hypernetwork_options: dict | None) -> None:
+    """Every file of a checkpoint into the directory ``tmp``, each fsynced, the manifest last."""
     tensors, meta = model_state(model)
     save_file(tensors, os.path.join(tmp, "model.safetensors"))
     rng_tensors = {"torch": rng["torch"], **{f"cuda.{i}": t for i, t in enumerate(rng.get("cuda", []))}}
@@ -201,20 +238,14 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: 
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f, default=str)
     files = {name: _file_info(os.path.join(tmp, name), fsync=True) for name in sorted(os.listdir(tmp))}
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump({"format": 1, "step": step, "files": files}, f, indent=1)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:  # with its own digest: a damaged manifest blames itself
+        json.dump({"format": 1, "step": step, "files": files, "files_sha256": _manifest_digest(files)}, f, indent=1)
     _file_info(os.path.join(tmp, MANIFEST), fsync=True)
     _fsync_dir(tmp)
-    if os.path.exists(final):  # the same step saved again (e.g. stop at a step that was just saved)
-        old = final + f".old-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    others = [p for _, p in list_checkpoints(run_dir) if p != final]
-    for path in others[:max(0, len(others) - (keep - 1))]:
-        shutil.rmtree(path, ignore_errors=True)
-    return final
+
+
+def _manifest_digest(files: dict) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def verify(path: str) -> dict:
@@ -228,6 +259,9 @@ def verify(path: str) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint: it has no {MANIFEST} (unfinished or foreign).") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path} is corrupted ({e}).") from None
+    if "files_sha256" in manifest and (not isinstance(files, dict) or _manifest_digest(files) !=
+                                       manifest["files_sha256"]):  # (manifests written before the digest: none)
+        raise CheckpointError(f"{manifest_path} is corrupted: its content does not match its own digest.")
     for name, expected in files.items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):

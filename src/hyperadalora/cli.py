@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 from . import __version__
 
@@ -41,7 +42,9 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "tfinal": (int, "steps at the final budget (default: 20%% of the steps)"),
     "deltaT": (int, "re-mask interval (hyperadalora, adalora)"),
     "orth_reg_weight": (float, "gamma of the orthogonal regulariser (hyperadalora, adalora)"),
-    "resume": (str, "continue from a checkpoint directory, or a run's output dir (its newest valid checkpoint)"),
+    "resume": (str, "continue the run recorded in a checkpoint directory, or in a run's output dir (its newest valid "
+                    "checkpoint): every option comes from the record; only --max-steps, --save-every, "
+                    "--keep-checkpoints, --output-dir, --device, evaluation and progress flags may change"),
     "save_every": (int, "write a checkpoint every N optimizer steps (0: only at the end)"),
     "keep_checkpoints": (int, "newest checkpoints to keep (0: write none)"),
     "max_nonfinite": (int, "stop after this many consecutive NaN/Inf steps (they are skipped)"),
@@ -195,11 +198,20 @@ def collect_options(ns: argparse.Namespace) -> dict:
 
 
 def cmd_train(ns) -> int:
+    from .resume import ResumeNote
     from .train import TrainingInterrupted, args_from_dict, train
 
     options = collect_options(ns)
-    check_options_apply(options)
-    args = args_from_dict(options)
+    if not options.get("resume"):  # resuming: the record's method applies; anything that would change it is refused
+        check_options_apply(options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResumeNote)
+        args = args_from_dict(options)
+    for w in caught:  # one line per option a resumed run changes; other warnings as they were
+        if issubclass(w.category, ResumeNote):
+            print(f"hyperadalora train: note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     try:
         summary = train(args)
     except TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint was written

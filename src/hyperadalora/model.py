@@ -227,10 +227,56 @@ def load_onto(model: nn.Module, directory, names: list[str], tensors: dict, modu
     return wrapped
 
 
-def _save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+DIGEST_KEY = "hyperadalora_sha256"                # metadata: the tensors' digest (checkpoint.tensors_digest)
+CONFIG_DIGEST_KEY = "hyperadalora_config_sha256"  # metadata: the SHA-256 of the config file written beside it
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None,
+                      config_path: Optional[str] = None) -> None:
+    """Write ``tensors`` atomically (a temporary file, fsynced, renamed), with the digest of the tensors and, given
+    ``config_path``, of that (already written) config file in the metadata: `load_safetensors_checked` refuses a
+    file or config altered since."""
+    from .checkpoint import tensors_digest
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)}
+    if config_path is not None:
+        metadata[CONFIG_DIGEST_KEY] = _file_sha256(config_path)
     tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_safetensors_checked(path: str, config_path: Optional[str] = None) -> dict:
+    """The tensors of a file written by `_save_safetensors`; ValueError naming the file when it is unreadable
+    (truncated...) or when it, or the config file beside it, no longer matches the digests it recorded (a flipped
+    byte). Files written before the digests were recorded load unchecked."""
+    from safetensors import safe_open
+
+    from .checkpoint import tensors_digest
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from e
+    if DIGEST_KEY in metadata and tensors_digest(tensors) != metadata[DIGEST_KEY]:
+        raise ValueError(f"{path} is corrupted: its tensors do not match the digest recorded in it. Not loaded.")
+    if config_path is not None and CONFIG_DIGEST_KEY in metadata and \
+            _file_sha256(config_path) != metadata[CONFIG_DIGEST_KEY]:
+        raise ValueError(f"{config_path} is corrupted or was changed after {os.path.basename(path)} was written "
+                         f"beside it (its SHA-256 differs from the one recorded there). Not loaded.")
+    return tensors
 
 
 def _full_precision(device: torch.device):
@@ -686,13 +732,15 @@ class HyperAdaLoraModel(AdapterWrapper):
         for name, (P, lam, Q) in zip(self.target_names, self.final_tensors()):
             tensors[f"{name}.lora_P"], tensors[f"{name}.lora_lambda"], tensors[f"{name}.lora_Q"] = P, lam, Q
         tensors.update(self._modules_to_save_state())
-        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
+        # the config first: the tensors' file records its digest (load_adapter refuses an altered one)
+        self.peft_config.save_pretrained(directory, rank_pattern=self.rank_pattern,
+                                         target_names=self.target_names)
+        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"},
+                          config_path=os.path.join(directory, CONFIG_NAME))
         if save_hypernetworks and not self.fixed:
             state = {f"generators.{k}": v for k, v in self.generators.state_dict().items()}
             state["allocator.mask"] = self.allocator.mask.to(torch.uint8)
             _save_safetensors(state, os.path.join(directory, HYPERNET_WEIGHTS_NAME), {"format": "pt"})
-        self.peft_config.save_pretrained(directory, rank_pattern=self.rank_pattern,
-                                         target_names=self.target_names)
 
     def export_lora(self, directory: str) -> None:
         """Write a vanilla peft LoRA adapter: ``B = (alpha / r) P diag(lambda)``, ``A = Q``, per-layer ranks in
@@ -747,16 +795,16 @@ def get_peft_model(model: nn.Module, config):
 
 def load_adapter(model: nn.Module, directory: str) -> HyperAdaLoraModel:
     """Load an adapter written by `HyperAdaLoraModel.save_pretrained` onto ``model`` (inference; fixed tensors)."""
-    config = HyperAdaLoraConfig.from_pretrained(directory)
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        saved = json.load(f)
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
+        HyperAdaLoraConfig.from_pretrained(directory)  # the clearer error for a directory that holds no adapter
         raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
-    try:
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from e
+    config_path = os.path.join(directory, CONFIG_NAME)
+    # the tensors and the config checked against their digests before either is read
+    tensors = load_safetensors_checked(path, config_path if os.path.isfile(config_path) else None)
+    config = HyperAdaLoraConfig.from_pretrained(directory)
+    with open(config_path) as f:
+        saved = json.load(f)
     names = saved.get("target_names") or sorted(k[:-len(".lora_P")] for k in tensors if k.endswith(".lora_P"))
     if names:
         config.target_modules = "|".join(re.escape(n) for n in names)

@@ -12,9 +12,11 @@ adapter. Writes to ``output_dir``:
   and at the end, the newest ``keep_checkpoints`` kept.
 
 Never lose a run, never fail silently:
-- ``resume`` (a checkpoint, or a run's output directory: its newest valid checkpoint) continues a run exactly
-  where the checkpoint was taken: on the CPU the losses of every later step equal the uninterrupted run's,
-  bit for bit (same seed and arguments). ``metrics.jsonl`` is cut back to the checkpoint's step and appended.
+- ``resume`` (a checkpoint, or a run's output directory: its newest valid checkpoint) continues the run the
+  checkpoint records (its options: `hyperadalora.resume`) exactly where it was taken: on the CPU the losses of
+  every later step equal the uninterrupted run's, bit for bit. ``metrics.jsonl`` is cut back to the checkpoint's
+  step (a row torn by a kill dropped) and appended.
+- A full disk stops the run with `DiskFullError`, naming its last complete checkpoint (left intact).
 - SIGINT (Ctrl-C) / SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`
   (the CLI exits with 130 / 143 and prints how to resume).
 - A step whose loss or gradient is NaN/Inf is skipped (no optimizer step, no rank allocation; its metrics
@@ -25,7 +27,9 @@ Never lose a run, never fail silently:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -99,9 +103,20 @@ def recorded_options(record: Optional[dict]) -> Optional[dict]:
     return {**OPTIONS_ADDED_LATER, **record} if record else record
 
 
+# The options given explicitly to `TrainArgs.resumed` (None: any other construction; see `resume.apply_record`).
+_EXPLICIT: contextvars.ContextVar = contextvars.ContextVar("hyperadalora_explicit_args", default=None)
+
+
 @dataclass
 class TrainArgs:
-    """Arguments of `train` (the CLI flags and YAML keys have the same names)."""
+    """Arguments of `train` (the CLI flags and YAML keys have the same names).
+
+    With ``resume``, every option comes from the checkpoint's record (`hyperadalora.resume`): a field left at its
+    dataclass default is taken from the record; a field set to another value than the recorded one is an override,
+    allowed only for what does not make it another run (`resume.OVERRIDABLE`: ``max_steps``, checkpointing,
+    evaluation, the device...; a `resume.ResumeNote` each) and refused otherwise (`resume.ResumeConflict`).
+    `TrainArgs.resumed` takes the overrides explicitly (a value equal to a default counts there too).
+    """
 
     method: str = "hyperadalora"
     model: Optional[str] = None           # None: all-MiniLM-L6-v2 (classification) / SmolLM2 (instruction)
@@ -141,13 +156,31 @@ class TrainArgs:
     progress: bool = True
     save_every: int = 0                   # checkpoint every N optimizer steps (0: only at the end)
     keep_checkpoints: int = 2             # newest checkpoints kept (0: write none)
-    resume: Optional[str] = None          # a checkpoint directory, or a run's output_dir (its newest checkpoint)
+    resume: Optional[str] = None          # a checkpoint directory, or a run's output_dir (its newest checkpoint):
+    #                                       the recorded run's options (see the class docstring)
     max_nonfinite: int = 5                # stop after this many NaN/Inf steps in a row
     # HyperAdaLoRA options (defaults: HyperAdaLoraConfig's)
     hyper: dict = field(default_factory=dict)
     n_heads: int = 3                      # hydralora / hyperhydralora: B heads per layer
 
+    @classmethod
+    def resumed(cls, path: str, **overrides) -> "TrainArgs":
+        """The run recorded by the checkpoint ``path`` (a checkpoint, or a run directory: its newest valid one),
+        with ``overrides`` (field=value; hypernetwork options under ``hyper``) as the only options given."""
+        token = _EXPLICIT.set(frozenset(overrides))
+        try:
+            return cls(resume=path, **overrides)
+        finally:
+            _EXPLICIT.reset(token)
+
     def __post_init__(self):
+        if self.resume:  # every option from the checkpoint's record; overrides checked (hyperadalora.resume)
+            from .resume import apply_record
+
+            explicit, _ = _EXPLICIT.get(), _EXPLICIT.set(None)  # for this construction only
+            defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                        for f in dataclasses.fields(self)}
+            apply_record(self, explicit, defaults)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}.")
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "init_r"):
@@ -469,22 +502,41 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps with a NaN/Inf loss or gradient."""
 
 
-# Arguments that may differ between a run and its resumption without a warning.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(RuntimeError):
+    """The disk (or quota) filled up while the run wrote its files: it stopped; its checkpoints in place are intact."""
+
+
+def _disk_full_message(args: TrainArgs, error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            latest = ckpt_lib.find_checkpoint(args.output_dir)
+        kept = f"its last complete checkpoint, {latest}, is intact"
+    except (FileNotFoundError, ckpt_lib.CheckpointError):
+        latest, kept = None, "no checkpoint had been completed"
+    then = f"continue with --resume {args.output_dir}" if latest else "start it again (--overwrite)"
+    return (f"No space left on the device while writing the run's files{where}: {error.strerror or error}. The run "
+            f"stopped; {kept}. Free some space (or choose another --output-dir), then {then}.")
+
+
+# Arguments that do not define a run (experiments reuse a finished run whose other arguments are the same; what a
+# resumed run may change: resume.OVERRIDABLE).
 RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
                     "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
                     "data_dir", "data_path", "model")
 
 
-def _option_flag(name: str, value) -> str:
-    """The CLI flag that sets hypernetwork option ``name`` to ``value``."""
-    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    return f"--{name.replace('_', '-')} {text}"
-
-
 def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
-    """Refuse a checkpoint of another method or beyond max_steps; warn about changed arguments and hypernetwork
-    options (the library defaults included). Returns the hint for a checkpoint that does not fit the model:
-    the options to set to resume it, or "" when they are the same or not recorded."""
+    """Refuse a checkpoint of another method, beyond max_steps, or whose recorded arguments or hypernetwork options
+    differ from ``args`` where a resumed run may not change them (`TrainArgs` took them from the same record, unless
+    it was changed after it was built: `resume.ResumeConflict`). Returns the hint for a checkpoint that does not fit
+    the model: "" (the options are the recorded ones, or none were recorded)."""
+    from .resume import ResumeConflict, changed_args
+
     saved = ckpt["state"].get("args", {})
     if saved.get("method") not in (None, args.method):
         raise ckpt_lib.CheckpointError(f"{ckpt['path']} was written by a {saved['method']!r} run; this run's "
@@ -494,19 +546,14 @@ def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
     # checkpoints record every hypernetwork option the run used, defaults included: compare those, not ``hyper``
     recorded = recorded_options(ckpt["state"].get("hypernetwork_options") or None)
     options = hypernetwork_options(args)
-    current = json.loads(json.dumps(asdict(args), default=str))
-    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
-               if k in saved and k not in RESUME_FREE_ARGS and saved[k] != v and not (k == "hyper" and recorded)]
-    differ = {k: v for k, v in (recorded or {}).items() if k in options and options[k] != v}
-    changed += [f"hypernetwork option {k}: {v!r} -> {options[k]!r}" + ("" if k in args.hyper else " (library default)")
-                for k, v in differ.items()]
+    changed = changed_args(json.loads(json.dumps(asdict(args), default=str)), saved)
+    changed += [f"hypernetwork option {k} (recorded {v!r}, now {options[k]!r})"
+                for k, v in (recorded or {}).items() if k in options and options[k] != v]
     if changed:
-        warnings.warn(f"Resuming {ckpt['path']} with different arguments ({'; '.join(changed)}): the run will not "
-                      f"be the same as an uninterrupted one.", stacklevel=3)
-    if not differ:
-        return ""
-    return (f". Its hypernetwork options differ from this run's ({', '.join(f'{k}={v!r}' for k, v in differ.items())} "
-            f"in the checkpoint): resume with {' '.join(_option_flag(k, v) for k, v in differ.items())}")
+        raise ResumeConflict(f"Resuming {ckpt['path']} with other arguments than it records ({'; '.join(changed)}) "
+                             f"would be another run: build the arguments with TrainArgs.resumed({ckpt['path']!r}) "
+                             f"(or the CLI's --resume), or start a new run without resume.")
+    return ""
 
 
 def _truncate_metrics(source: str, target: str, step: int) -> None:
@@ -514,13 +561,21 @@ def _truncate_metrics(source: str, target: str, step: int) -> None:
     kept = []
     if os.path.isfile(source):
         with open(source) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:  # a line torn by the interruption
-                    continue
-                if row.get("step", 0) <= step and not row.get("final"):
-                    kept.append(json.dumps(row) + "\n")
+            lines = f.readlines()
+        torn = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by the interruption (a kill, a full disk)
+                torn.append(number)
+                continue
+            if row.get("step", 0) <= step and not row.get("final"):
+                kept.append(json.dumps(row) + "\n")
+        if torn and torn != [len(lines)]:
+            warnings.warn(f"{source}: line(s) {torn} are not JSON (damaged); they are dropped.", stacklevel=3)
+        elif torn:
+            print(f"{source}: its last line was torn by the interruption; repaired (dropped, the resumed run writes "
+                  f"its rows after step {step}).", file=sys.stderr)
     else:
         warnings.warn(f"{source} is missing: {target} will only have the rows after step {step}.", stacklevel=3)
     tmp = target + ".tmp"
@@ -640,8 +695,13 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     dist_info, device = setup_distributed(args.device)
     created = prepare_output_dir(args, dist_info.main)
     try:
-        return _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples, on_step,
-                      tqdm, load_model_and_tokenizer, eval_details)
+        try:
+            return _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples, eval_examples,
+                          on_step, tqdm, load_model_and_tokenizer, eval_details)
+        except OSError as e:
+            if e.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise DiskFullError(_disk_full_message(args, e)) from e
     except BaseException:
         if created and not os.listdir(args.output_dir):  # failed before writing anything: leave no empty directory
             os.rmdir(args.output_dir)
@@ -738,6 +798,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
     def save(snap: dict) -> Optional[str]:
         if not args.keep_checkpoints or not dist_info.main:
             return None
+        log.flush()  # the metrics rows up to the checkpoint are on disk before it is
+        os.fsync(log.fileno())
         return ckpt_lib.save_checkpoint(args.output_dir, snap["loop"]["step"], unwrapped, optimizer, snap["loop"],
                                         snap["rng"], json.loads(json.dumps(asdict(args), default=str)),
                                         args.keep_checkpoints, hypernetwork_options(args))
@@ -850,8 +912,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                 if stop.signum is not None:
                     path = save(snap)
                     name = signal.Signals(stop.signum).name
-                    hint = (f"Resume with the same options plus --resume {args.output_dir} "
-                            f"(train(..., resume={args.output_dir!r}))." if path else "No checkpoint was written "
+                    hint = (f"Continue it with --resume {args.output_dir} "
+                            f"(train(TrainArgs.resumed({args.output_dir!r})))." if path else "No checkpoint was written "
                             "(keep_checkpoints=0).")
                     raise TrainingInterrupted(f"{name}: stopped after step {step} of {args.max_steps}; checkpoint: "
                                               f"{path}. {hint}", stop.signum, step, path)
@@ -890,8 +952,10 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                "args": asdict(args), "hypernetwork_options": hypernetwork_options(args),
                "processes": dist_info.world}
     if dist_info.main:
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        path = os.path.join(args.output_dir, "summary.json")
+        with open(path + ".tmp", "w") as f:  # atomically: a reader never sees half a summary
             json.dump(summary, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
     summary["model"] = unwrapped
     return summary
 
@@ -963,4 +1027,6 @@ def args_from_dict(data: dict) -> TrainArgs:
             kwargs[key] = value
         else:
             raise ValueError(f"Unknown option {key!r}. Valid options: {sorted(names - {'hyper'}) + list(HYPER_FIELDS)}.")
+    if kwargs.get("resume"):  # the options given are the only ones that differ from the record (resume.py)
+        return TrainArgs.resumed(kwargs.pop("resume"), **kwargs, **({"hyper": hyper} if hyper else {}))
     return TrainArgs(**kwargs, hyper=hyper)

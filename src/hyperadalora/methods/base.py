@@ -36,8 +36,8 @@ from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..layer import flat_base_forward
 from ..model import (ADAPTER_WEIGHTS_NAME, _full_precision, _Injection, _replace, _save_safetensors, check_rank_fits,
-                     find_target_modules, load_onto, phi_changed, phi_fingerprint, refuse_adapted_model,
-                     saved_head_states)
+                     find_target_modules, load_onto, load_safetensors_checked, phi_changed, phi_fingerprint,
+                     refuse_adapted_model, saved_head_states)
 from ..wrapper import AdapterWrapper, with_signature_of
 
 METHOD_CONFIG_NAME = "method_config.json"
@@ -639,8 +639,10 @@ class GeneratedAdapterModel(AdapterWrapper):
         tensors = {f"{name}.{k}": v for name, layer in zip(self.target_names, self.adapters)
                    for k, v in layer.adapter_state().items()}
         tensors.update(self._modules_to_save_state())
-        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
+        # the config first: the tensors' file records its digest (load_adapter refuses an altered one)
         self.peft_config.save_pretrained(directory, target_names=self.target_names)
+        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"},
+                          config_path=os.path.join(directory, METHOD_CONFIG_NAME))
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -661,18 +663,16 @@ def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
     fixed, no hypernetwork)."""
     import re
 
-    from safetensors.torch import load_file
-
-    config = MethodConfig.from_pretrained(directory)
-    with open(os.path.join(directory, METHOD_CONFIG_NAME)) as f:
-        names = json.load(f).get("target_names")
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
+        MethodConfig.from_pretrained(directory)  # the clearer error for a directory that holds no adapter
         raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
-    try:
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from e
+    config_path = os.path.join(directory, METHOD_CONFIG_NAME)
+    # the tensors and the config checked against their digests before either is read
+    tensors = load_safetensors_checked(path, config_path if os.path.isfile(config_path) else None)
+    config = MethodConfig.from_pretrained(directory)
+    with open(config_path) as f:
+        names = json.load(f).get("target_names")
     if not names:  # the layers the file has tensors for
         names = sorted({k.split(".lora_", 1)[0] for k in tensors
                         if ".lora_" in k and not k.startswith("modules_to_save.")})
