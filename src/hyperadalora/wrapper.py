@@ -61,6 +61,17 @@ class AdapterWrapper(nn.Module):
         self._cache_key = None
         return super()._apply(fn, *args, **kwargs)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **options) -> None:
+        """Gradient checkpointing of the base model, non-reentrant unless asked otherwise (what `Trainer` calls for
+        ``gradient_checkpointing=True``); see `quantization.enable_gradient_checkpointing`."""
+        from .quantization import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(self, activation_checkpointing_kwargs, **options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **options) -> None:
+        """The older name of `activation_checkpointing_enable` (transformers < 5.2x, peft)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
+
     def generate(self, *args, **kwargs):
         """Text generation with the current adapter (generated once, cached)."""
         self.materialize(training_pass=False)
