@@ -227,13 +227,24 @@ def plot(runs: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def mean_over_seeds(runs: dict) -> dict:
+    groups = {}
+    for r in runs.values():
+        groups.setdefault((r["method"], r["base"]), []).append(r)
+    return {key: {"final_task_loss": float(np.mean([np.mean(r["task_loss"][-10:]) for r in rs])),
+                  "dev_loss": float(np.mean([r["final_eval"]["eval_loss"] for r in rs])),
+                  "dev_accuracy": float(np.mean([r["final_eval"]["accuracy"] for r in rs])), "seeds": len(rs)}
+            for key, rs in groups.items()}
+
+
 def report(result: dict) -> str:
     lines = ["# HyperAdaLoRA on a quantized base (bitsandbytes)", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; torch {result['torch']}, "
-             f"bitsandbytes {result['bitsandbytes']}, {result['threads']} thread(s), shared CPU.", ""]
+             f"Machine: {result['machine']}; torch {result['torch']}, bitsandbytes {result['bitsandbytes']}, "
+             f"{result['threads']} thread(s), a CPU shared with other jobs (times are noisy; steps interleaved).", ""]
     if result.get("cost"):
         lines += ["## Step time and memory (HyperAdaLoRA, MiniLM, batch "
                   f"{result['batch_size']} x {result['max_length']} tokens of SST-2)", "",
+                  f"Command: `{result.get('cost_command', result['command'])}`", "",
                   "| base | base weights (MiB) | peak above base (MiB) | peak total (MiB) | "
                   "total / fp32 | median step (ms) | IQR (ms) | time / fp32 |", "|---|---|---|---|---|---|---|---|"]
         for name, r in result["cost"].items():
@@ -249,6 +260,7 @@ def report(result: dict) -> str:
                   "configurations.", ""]
     if result.get("curves"):
         lines += ["## Loss curves: HyperAdaLoRA vs peft's AdaLoRA on the same base", "",
+                  f"Command: `{result.get('curves_command', result['command'])}`", "",
                   "![loss curves](loss_curves.png)", "",
                   "| run | final task loss (last 10 steps) | dev loss | dev accuracy | median step (s) | final total "
                   "rank |", "|---|---|---|---|---|---|"]
@@ -256,6 +268,11 @@ def report(result: dict) -> str:
             ev = r["final_eval"]
             lines.append(f"| {name} | {np.mean(r['task_loss'][-10:]):.4f} | {ev.get('eval_loss', float('nan')):.4f} | "
                          f"{ev.get('accuracy', float('nan')):.3f} | {r['median_step_s']:.3f} | {r['total_rank']} |")
+        lines += ["", "Mean over seeds:", "", "| method | base | final task loss (last 10 steps) | dev loss | "
+                  "dev accuracy |", "|---|---|---|---|---|"]
+        for (method, base), rs in mean_over_seeds(result["curves"]).items():
+            lines.append(f"| {method} | {base} | {rs['final_task_loss']:.4f} | {rs['dev_loss']:.4f} | "
+                         f"{rs['dev_accuracy']:.3f} |")
         lines += ["", f"{result['curve_steps']} steps, batch {result['batch_size']}, max length {result['max_length']}, "
                   f"lr 1e-3 (linear decay), `hyperadalora train` defaults otherwise; dev = {result['max_eval_examples']} "
                   f"SST-2 dev examples. The two methods of one seed see the same batches.", ""]
@@ -274,11 +291,24 @@ def main(argv=None) -> dict:
               "batch_size": opts.batch_size, "max_length": opts.max_length, "curve_steps": opts.curve_steps,
               "max_eval_examples": opts.max_eval_examples,
               "memory_method": "base: tensor bytes; peak: torch.profiler profile_memory (live CPU tensor bytes)"}
+    previous = os.path.join(opts.out, "results.json")
+    if (opts.skip_cost or opts.skip_curves) and os.path.isfile(previous):  # keep the other part of an earlier run
+        with open(previous) as f:
+            old = json.load(f)
+        for part in ("cost", "curves"):
+            if part in old:
+                result[part] = old[part]
+                result[part + "_command"] = old.get(part + "_command", old["command"])
+        if opts.skip_curves and "curves" in old:
+            result.update({k: old[k] for k in ("curve_steps", "max_eval_examples")})
     if not opts.skip_cost:
         result["cost"] = part_cost(opts)
+        result["cost_command"] = result["command"]
         print(json.dumps(result["cost"], indent=1), flush=True)
     if not opts.skip_curves:
         result["curves"] = part_curves(opts, opts.out)
+        result["curves_command"] = result["command"]
+    if result.get("curves"):
         plot(result["curves"], os.path.join(opts.out, "loss_curves.png"))
     with open(os.path.join(opts.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -284,3 +284,32 @@ def test_cli_trains_minilm_in_4bit_with_gradient_checkpointing(tmp_path, capsys)
     with open(out / "summary.json") as f:
         args = json.load(f)["args"]
     assert (args["load_in_4bit"], args["quant_type"], args["gradient_checkpointing"]) == (True, "fp4", True)
+
+
+@pytest.mark.slow
+def test_hyperadalora_trainer_on_minilm_in_4bit(tmp_path):
+    """transformers' Trainer refuses "purely quantized models": the wrappers carry its mark of attached adapters."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, TrainingArguments
+
+    from hyperadalora.models import minilm_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["classifier", "pooler"]))
+    assert model.is_quantized
+    wrapped = get_peft_model(model, ha.HyperAdaLoraConfig(init_r=4, target_r=2, total_step=2, tinit=0, tfinal=0,
+                                                          task_type="SEQ_CLS"))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(1000, 2000, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(i % 2)}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no", remove_unused_columns=False,
+                             disable_tqdm=True, learning_rate=1e-3, dataloader_num_workers=0,
+                             gradient_checkpointing=True)
+    result = ha.HyperAdaLoraTrainer(model=wrapped, args=args, train_dataset=Data()).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))

@@ -23,6 +23,9 @@ class AdapterWrapper(nn.Module):
 
     ADAPTER_LAYER: type = nn.Module
     OWN_ATTRIBUTES: tuple = ("base_model", "generators")
+    # transformers' mark of a model with trainable adapters attached: its Trainer refuses a quantized base model
+    # ("purely quantized models") unless the model is a peft model or carries this mark
+    _hf_peft_config_loaded = True
 
     def _mark_modules_to_save(self) -> list[str]:
         """Make the ``modules_to_save`` (matched by name or dotted suffix) trainable; returns their names."""
