@@ -175,12 +175,20 @@ def part_cost(opts) -> dict:
     return rows
 
 
-def part_curves(opts, out_dir: str) -> dict:
+def part_curves(opts, out_dir: str, command: str) -> dict:
+    """The training runs of part 2; runs already finished (``runs_dir/curves_partial.json``, written after every run)
+    are kept and not run again, so that an interrupted benchmark continues, and later invocations add seeds / bases."""
+    partial = os.path.join(opts.runs_dir, "curves_partial.json")
     runs = {}
+    if os.path.isfile(partial):
+        with open(partial) as f:
+            runs = json.load(f)
     for seed in [int(s) for s in opts.seeds.split(",")]:
         for base in opts.curve_bases.split(","):
             for method in ("hyperadalora", "adalora"):
                 name = f"{method} {base} seed{seed}"
+                if name in runs:
+                    continue
                 args = T.TrainArgs(method=method, task=opts.task, data_dir=opts.data_dir, max_steps=opts.curve_steps,
                                    batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
                                    max_eval_examples=opts.max_eval_examples, progress=False, save_adapter=False,
@@ -194,10 +202,11 @@ def part_curves(opts, out_dir: str) -> dict:
                 runs[name] = {"method": method, "base": base, "seed": seed,
                               "task_loss": [round(r["task_loss"], 5) for r in steps],
                               "final_eval": summary["final_eval"], "median_step_s": summary["median_step_s"],
-                              "total_rank": summary["total_rank"], "wall_s": round(time.perf_counter() - t, 1)}
+                              "total_rank": summary["total_rank"], "wall_s": round(time.perf_counter() - t, 1),
+                              "command": command}
                 print(f"{name}: final eval {summary['final_eval']}, median step {summary['median_step_s']:.3f} s",
                       flush=True)
-                with open(os.path.join(opts.runs_dir, "curves_partial.json"), "w") as f:
+                with open(partial, "w") as f:
                     json.dump(runs, f)
     return runs
 
@@ -306,8 +315,9 @@ def main(argv=None) -> dict:
         result["cost_command"] = result["command"]
         print(json.dumps(result["cost"], indent=1), flush=True)
     if not opts.skip_curves:
-        result["curves"] = part_curves(opts, opts.out)
-        result["curves_command"] = result["command"]
+        result["curves"] = part_curves(opts, opts.out, result["command"])
+        result["curves_command"] = "; ".join(sorted({r.get("command", result["command"])
+                                                     for r in result["curves"].values()}))
     if result.get("curves"):
         plot(result["curves"], os.path.join(opts.out, "loss_curves.png"))
     with open(os.path.join(opts.out, "results.json"), "w") as f:
