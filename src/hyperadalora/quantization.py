@@ -44,7 +44,7 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> 
     """The ``(out_features, in_features)`` weight of a linear layer as a dense ``dtype`` tensor, without a gradient:
     ``layer.weight`` for a plain ``nn.Linear``, the dequantized matrix for a bitsandbytes 4-bit or 8-bit layer."""
     kind = quantization_kind(layer)
-    if kind is None:
+    if kind is None or layer.weight.is_floating_point():  # an 8-bit layer with has_fp16_weights keeps a float weight
         return layer.weight.detach().to(dtype)
     import bitsandbytes.functional as bnbf
 
@@ -57,9 +57,10 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> 
             scales = getattr(weight, "SCB", None)
             if scales is None:
                 scales = layer.state.SCB  # moved to the layer's state at its first forward
-            if scales is None or weight.dtype != torch.int8:
-                raise ValueError(f"The 8-bit layer {layer} is not quantized yet (its weight is {weight.dtype}): move it "
-                                 f"to its device (which quantizes it) before adding adapters.")
+            if scales is None:
+                raise ValueError(f"The 8-bit layer {layer} has an int8 weight but no row scales (SCB): it was not "
+                                 f"quantized by bitsandbytes; load it with a BitsAndBytesConfig, or move it to its "
+                                 f"device (which quantizes it), before adding adapters.")
             dense = bnbf.int8_vectorwise_dequant(weight.data, scales)
     shape = (layer.out_features, layer.in_features)
     if tuple(dense.shape) != shape:
