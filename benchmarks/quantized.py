@@ -269,7 +269,9 @@ def report(result: dict) -> str:
                   "configurations.", ""]
     if result.get("curves"):
         lines += ["## Loss curves: HyperAdaLoRA vs peft's AdaLoRA on the same base", "",
-                  f"Command: `{result.get('curves_command', result['command'])}`", "",
+                  "Commands (the runs of one or more invocations; each run's own is in results.json):", "",
+                  *[f"- `{c}`" for c in sorted({r.get("command", result["command"]) for r in result["curves"].values()})],
+                  *([f"", result["notes"]] if result.get("notes") else []), "",
                   "![loss curves](loss_curves.png)", "",
                   "| run | final task loss (last 10 steps) | dev loss | dev accuracy | median step (s) | final total "
                   "rank |", "|---|---|---|---|---|---|"]
@@ -284,7 +286,8 @@ def report(result: dict) -> str:
                          f"{rs['dev_accuracy']:.3f} |")
         lines += ["", f"{result['curve_steps']} steps, batch {result['batch_size']}, max length {result['max_length']}, "
                   f"lr 1e-3 (linear decay), `hyperadalora train` defaults otherwise; dev = {result['max_eval_examples']} "
-                  f"SST-2 dev examples. The two methods of one seed see the same batches.", ""]
+                  f"SST-2 dev examples. The two methods of one seed see the same batches. The median step times of this "
+                  f"table come from runs that shared the CPU with other jobs (part 1 compares times properly).", ""]
     return "\n".join(lines)
 
 
@@ -304,6 +307,7 @@ def main(argv=None) -> dict:
     if (opts.skip_cost or opts.skip_curves) and os.path.isfile(previous):  # keep the other part of an earlier run
         with open(previous) as f:
             old = json.load(f)
+        result["notes"] = old.get("notes")
         for part in ("cost", "curves"):
             if part in old:
                 result[part] = old[part]
