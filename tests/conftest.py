@@ -39,3 +39,28 @@ def batch():
 
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def quantize_linears(model, bits=4, quant_type="nf4", skip=("classifier", "pooler", "lm_head"), device="cpu"):
+    """Replace the model's nn.Linear layers (but those under ``skip``) by bitsandbytes 4-bit / 8-bit layers holding
+    the same weights, quantized (what from_pretrained with a BitsAndBytesConfig builds)."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not any(s in n.split(".") for s in skip)]
+    for name in names:
+        lin = model.get_submodule(name)
+        has_bias = lin.bias is not None
+        if bits == 4:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=lin.weight.dtype,
+                                  quant_type=quant_type)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=quant_type)
+        else:
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
+                                    threshold=0.0)
+            q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        if has_bias:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q.to(device))
+    return model

@@ -75,3 +75,21 @@ def test_trainer_path_runs_every_row_and_flags_the_default_optimizer(tmp_path, m
     assert results["Trainer, default optimizer"]["optimizer_warning"]            # the callback flags it
     assert not results["HyperAdaLoraTrainer"]["optimizer_warning"]
     assert "| Trainer, default optimizer |" in out["report"] and "loss 3-4" in out["report"]
+
+
+def test_quantized_benchmark_counts_the_4bit_state_and_averages_seeds():
+    pytest.importorskip("bitsandbytes")
+    import quantized
+    from conftest import make_bert, quantize_linears
+
+    dense = make_bert(hidden=64)
+    model = quantize_linears(make_bert(hidden=64), bits=4)
+    tensors = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    scales = sum(m.weight.quant_state.absmax.numel() * m.weight.quant_state.absmax.element_size()
+                 for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state"))
+    assert scales > 0 and quantized.base_bytes(model) >= tensors + scales
+    assert quantized.base_bytes(model) < quantized.base_bytes(dense)
+    runs = {f"m b seed{s}": {"method": "m", "base": "b", "seed": s, "task_loss": [1.0] * 5 + [v] * 10,
+                             "final_eval": {"eval_loss": v, "accuracy": 1 - v}} for s, v in ((0, 0.2), (1, 0.4))}
+    mean = quantized.mean_over_seeds(runs)[("m", "b")]
+    assert mean["final_task_loss"] == pytest.approx(0.3) and mean["dev_accuracy"] == pytest.approx(0.7)

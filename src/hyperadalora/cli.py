@@ -76,6 +76,13 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "element_chunk": (int, "element tokens per attention chunk"),
     # HydraLoRA
     "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),
+    # quantized base
+    "quant_type": (str, "with --load-in-4bit: nf4 | fp4 (default nf4)"),
+}
+SWITCHES = {  # flag -> help; on when given (also YAML keys, true / false)
+    "load_in_4bit": "load the base model's linear layers in 4-bit (bitsandbytes; the task head stays full precision)",
+    "load_in_8bit": "load the base model's linear layers in 8-bit (bitsandbytes LLM.int8)",
+    "gradient_checkpointing": "recompute each layer's activations in backward (less memory, same losses)",
 }
 
 
@@ -145,6 +152,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     parser.add_argument("--target-modules", dest="target_modules", default=None,
                         help="comma-separated module name suffixes (default: all attention and MLP projections)")
+    for name, help_ in SWITCHES.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     parser.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
                         help="replace a run already in --output-dir (its summary, metrics, checkpoints and adapter); "
@@ -188,7 +197,7 @@ def check_options_apply(options: dict) -> None:
 
 def collect_options(ns: argparse.Namespace) -> dict:
     options = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    for name in list(TRAIN_FLAGS) + ["target_modules", "progress", "overwrite"]:
+    for name in list(TRAIN_FLAGS) + list(SWITCHES) + ["target_modules", "progress", "overwrite"]:
         value = getattr(ns, name, None)
         if value is not None:
             options[name] = None if value is NONE else value

@@ -31,6 +31,8 @@ from .allocator import RankAllocator
 from .config import CONFIG_NAME, HyperAdaLoraConfig
 from .generator import RoleGenerator, hypernetwork_param_groups
 from .layer import SVDLinear
+from .quantization import (dense_linear, dequantized_weight, keep_trainable_layout, quantization_kind,
+                           refuse_quantized_merge)
 from .wrapper import AdapterWrapper, with_signature_of
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -320,7 +322,7 @@ def principal_subspaces(adapters: list, r: int) -> tuple[list[torch.Tensor], lis
     vectors of each frozen weight ``W0`` (exact SVD up to 1024 on the short side, randomised above)."""
     ps, qs = [], []
     for layer in adapters:
-        w = layer.base_layer.weight.detach().float()
+        w = dequantized_weight(layer.base_layer)  # fp32; a 4-bit / 8-bit weight is packed: never read it directly
         if min(w.shape) <= 1024:
             u, _, vh = torch.linalg.svd(w, full_matrices=False)
             u, v = u[:, :r], vh[:r].t()
@@ -393,6 +395,7 @@ class HyperAdaLoraModel(AdapterWrapper):
         the replacement if anything here fails."""
         for p in model.parameters():
             p.requires_grad_(False)
+        keep_trainable_layout(model)  # 4-bit layers: bitsandbytes' CPU inference repacking has no backward
         scaling = config.lora_alpha / config.init_r
         self.adapters: list[SVDLinear] = []
         for i, name in enumerate(self.target_names):
@@ -771,11 +774,22 @@ class HyperAdaLoraModel(AdapterWrapper):
         _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
 
     @torch.no_grad()
-    def merge_and_unload(self) -> nn.Module:
-        """Add ``scaling * P diag(lambda) Q`` into each base weight and return the plain transformers model."""
+    def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
+        """Add ``scaling * P diag(lambda) Q`` into each base weight and return the plain transformers model.
+
+        A quantized (bitsandbytes 4-bit / 8-bit) base is refused, unless ``dequantize=True``: then each adapted
+        quantized layer becomes a dense ``nn.Linear`` holding the dequantized weight plus the update."""
+        if not dequantize:
+            refuse_quantized_merge(self.adapters, self.target_names)
         finals = self.final_tensors()
         for name, layer, (P, lam, Q) in zip(self.target_names, self.adapters, finals):
             base = layer.base_layer
+            if quantization_kind(base) is not None:
+                weight = dequantized_weight(base)
+                if lam.numel():
+                    weight += ((P * (lam * layer.scaling)) @ Q).to(weight)
+                _replace(self.base_model, name, dense_linear(base, weight))
+                continue
             if lam.numel():
                 delta = (P * (lam * layer.scaling)) @ Q
                 base.weight.data += delta.to(base.weight.dtype)

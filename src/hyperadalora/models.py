@@ -114,17 +114,26 @@ def resolve_model_path(name_or_path: Optional[str], kind: str = "classification"
 
 
 def load_model_and_tokenizer(name_or_path: Optional[str], kind: str, num_labels: int = 2,
-                             dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, resolved path) for a classification or instruction task."""
+                             dtype: torch.dtype = torch.float32, quantization=None, device=None):
+    """(model, tokenizer, resolved path) for a classification or instruction task.
+
+    ``quantization``: a ``transformers.BitsAndBytesConfig`` (see `quantization.bnb_config`): the linear layers load
+    quantized, on ``device`` (default: where transformers puts them)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name_or_path, kind)
+    extra = {}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        if device is not None:
+            extra["device_map"] = {"": str(device)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if kind == "instruction":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype,
+                                                                       **extra)
     except OSError as e:
         raise RuntimeError(f"Could not load model {name_or_path!r} (resolved to {path!r}): {e}. Offline, pass a local "
                            f"directory, a .gguf file, or one of {ALIASES}.") from e

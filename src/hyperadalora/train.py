@@ -48,6 +48,7 @@ import torch
 from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import methods as method_lib
+from . import quantization as quant_lib
 from .config import HyperAdaLoraConfig
 from .generator import FEATURE_GROUP, group_lr_factor
 from .methods import GeneratedAdapterModel
@@ -162,6 +163,11 @@ class TrainArgs:
     # HyperAdaLoRA options (defaults: HyperAdaLoraConfig's)
     hyper: dict = field(default_factory=dict)
     n_heads: int = 3                      # hydralora / hyperhydralora: B heads per layer
+    # quantized base (bitsandbytes; the task head stays unquantized) and gradient checkpointing
+    load_in_4bit: bool = False            # load the base model's linear layers in 4-bit (QLoRA-style)
+    load_in_8bit: bool = False            # ... or in 8-bit (LLM.int8)
+    quant_type: Optional[str] = None      # 4-bit data type: nf4 | fp4 (default nf4; only with load_in_4bit)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (non-reentrant)
 
     @classmethod
     def resumed(cls, path: str, **overrides) -> "TrainArgs":
@@ -205,6 +211,7 @@ class TrainArgs:
         unknown = sorted(set(self.hyper) - set(HYPER_FIELDS))
         if unknown:
             raise ValueError(f"Unknown HyperAdaLoRA option(s) {unknown}; valid: {list(HYPER_FIELDS)}.")
+        self._check_quantization()
         for name in ("data_dir", "data_path", "model"):  # one spelling per path (a trailing / is the same run)
             value = getattr(self, name)
             if isinstance(value, str) and (os.sep in value or value.startswith(".")):
@@ -223,6 +230,23 @@ class TrainArgs:
             raise ValueError(f"max_steps - tfinal = {self.max_steps} - {self.tfinal} < 2: peft's AdaLoRA sets the final "
                              f"budget from the importance scores of the steps before it, so it needs at least one "
                              f"(it fails otherwise): raise --max-steps to {self.tfinal + 2} or lower --tfinal.")
+
+    def _check_quantization(self) -> None:
+        from .quantization import QUANT_TYPES
+
+        for name in ("load_in_4bit", "load_in_8bit", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both set: choose one (--load-in-4bit or "
+                             "--load-in-8bit).")
+        if self.quant_type is not None and not self.load_in_4bit:
+            raise ValueError(f"quant_type={self.quant_type!r} applies to a 4-bit base only: add --load-in-4bit, or "
+                             f"leave --quant-type out.")
+        if self.load_in_4bit:
+            self.quant_type = self.quant_type or "nf4"
+            if self.quant_type not in QUANT_TYPES:
+                raise ValueError(f"quant_type={self.quant_type!r}: choose one of {QUANT_TYPES}.")
 
 
 def run_dir_of(resume: str) -> str:
@@ -306,6 +330,15 @@ def build_adapter_model(args: TrainArgs, model, task_type: str):
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
                                 category=FutureWarning)
         return _build_adapter_model(args, model, task_type)
+
+
+def quantization_config(args: TrainArgs, kind: str):
+    """The BitsAndBytesConfig of ``args`` (4-bit computes in the run's precision); the task head stays unquantized
+    (trained in full): an encoder's classifier and pooler, a causal LM's lm_head."""
+    skip = ["classifier", "pooler", "score"] if kind == "classification" else ["lm_head"]
+    return quant_lib.bnb_config(args.load_in_4bit, args.load_in_8bit, args.quant_type or "nf4",
+                                compute_dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
+                                skip_modules=skip)
 
 
 def task_type_of(kind: str) -> str:
@@ -527,7 +560,7 @@ def _disk_full_message(args: TrainArgs, error: OSError) -> str:
 # resumed run may change: resume.OVERRIDABLE).
 RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
                     "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
-                    "data_dir", "data_path", "model")
+                    "data_dir", "data_path", "model", "gradient_checkpointing")
 
 
 def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
@@ -721,10 +754,20 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
     if eval_examples is None:
         eval_examples = data_lib.load_examples(args.task, "dev", args.data_dir, path=args.data_path,
                                                max_examples=args.max_eval_examples, seed=args.seed)
+    quantize = args.load_in_4bit or args.load_in_8bit
     if model is None:
-        model, tokenizer, _ = load_model_and_tokenizer(args.model, spec.kind, num_labels=max(spec.num_labels, 2))
+        model, tokenizer, _ = load_model_and_tokenizer(
+            args.model, spec.kind, num_labels=max(spec.num_labels, 2),
+            quantization=quantization_config(args, spec.kind) if quantize else None, device=device)
+    elif quantize and not quant_lib.is_quantized(model):
+        raise ValueError("load_in_4bit / load_in_8bit quantize the base model when train() loads it; the model passed "
+                         "in has no bitsandbytes layer: pass a quantized model, or leave the flags out.")
+    if quant_lib.is_quantized(model):
+        model = quant_lib.prepare_quantized_base(model)
     task_type = task_type_of(spec.kind)
     wrapped, allocate = build_adapter_model(args, model, task_type)
+    if args.gradient_checkpointing:
+        quant_lib.enable_gradient_checkpointing(wrapped)
     wrapped.to(device)
 
     if spec.kind == "classification":

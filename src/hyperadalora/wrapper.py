@@ -23,6 +23,9 @@ class AdapterWrapper(nn.Module):
 
     ADAPTER_LAYER: type = nn.Module
     OWN_ATTRIBUTES: tuple = ("base_model", "generators")
+    # transformers' mark of a model with trainable adapters attached: its Trainer refuses a quantized base model
+    # ("purely quantized models") unless the model is a peft model or carries this mark
+    _hf_peft_config_loaded = True
 
     def _mark_modules_to_save(self) -> list[str]:
         """Make the ``modules_to_save`` (matched by name or dotted suffix) trainable; returns their names."""
@@ -60,6 +63,17 @@ class AdapterWrapper(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache of generated tensors
         self._cache_key = None
         return super()._apply(fn, *args, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **options) -> None:
+        """Gradient checkpointing of the base model, non-reentrant unless asked otherwise (what `Trainer` calls for
+        ``gradient_checkpointing=True``); see `quantization.enable_gradient_checkpointing`."""
+        from .quantization import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(self, activation_checkpointing_kwargs, **options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **options) -> None:
+        """The older name of `activation_checkpointing_enable` (transformers < 5.2x, peft)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def generate(self, *args, **kwargs):
         """Text generation with the current adapter (generated once, cached)."""

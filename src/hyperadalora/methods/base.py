@@ -35,6 +35,8 @@ from torch import nn
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..layer import flat_base_forward
+from ..quantization import (dense_dtype, dense_linear, dequantized_weight, keep_trainable_layout, quantization_kind,
+                            refuse_quantized_merge)
 from ..model import (ADAPTER_WEIGHTS_NAME, _full_precision, _Injection, _replace, _save_safetensors, check_rank_fits,
                      find_target_modules, load_onto, load_safetensors_checked, phi_changed, phi_fingerprint,
                      refuse_adapted_model, saved_head_states)
@@ -301,10 +303,19 @@ class AdapterLayer(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
+    def base_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """W0 ``(d_out, d_in)`` as a dense tensor without a gradient (dequantized for a 4-bit / 8-bit base), in
+        ``dtype`` (default: the weight's own, or the quantized layer's compute dtype)."""
+        if quantization_kind(self.base_layer) is None:
+            w = self.base_layer.weight.detach()
+            return w if dtype is None else w.to(dtype)
+        return dequantized_weight(self.base_layer, dtype or dense_dtype(self.base_layer))
+
     def set_trained(self, role: str, tensors: list[torch.Tensor], requires_grad: bool = True) -> None:
         """Make ``role`` a trained role of this layer with these tensors (``lora_<role>``, an nn.ParameterList)."""
         w = self.base_layer.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype  # adapters train in fp32
+        # adapters train in fp32 (also on a quantized base, whose weight is uint8 / int8)
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         params = nn.ParameterList([nn.Parameter(t.detach().clone().to(device=w.device, dtype=dtype),
                                                 requires_grad=requires_grad) for t in tensors])
         setattr(self, f"lora_{role}", params)
@@ -405,6 +416,7 @@ class GeneratedAdapterModel(AdapterWrapper):
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
+            keep_trainable_layout(model)  # 4-bit layers: bitsandbytes' CPU inference repacking has no backward
             self.adapters: list[AdapterLayer] = []
             for i, name in enumerate(self.target_names):
                 layer = self.method.layer_cls(model.get_submodule(name), config, i, generated)
@@ -645,13 +657,20 @@ class GeneratedAdapterModel(AdapterWrapper):
                           config_path=os.path.join(directory, METHOD_CONFIG_NAME))
 
     @torch.no_grad()
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
         """Fold the adapters into the base weights and return the plain transformers model. Raises ValueError
-        (leaving the model unchanged) for a method whose update depends on the input (HydraLoRA with a router)."""
+        (leaving the model unchanged) for a method whose update depends on the input (HydraLoRA with a router), and
+        for a quantized (bitsandbytes 4-bit / 8-bit) base unless ``dequantize=True``: then each adapted quantized
+        layer becomes a dense ``nn.Linear`` holding the dequantized weight plus the update."""
+        if not dequantize:
+            refuse_quantized_merge(self.adapters, self.target_names)
         self._materialized()
         merged = [layer.merged_weight() for layer in self.adapters]  # all first: fail before changing anything
         for name, layer, weight in zip(self.target_names, self.adapters, merged):
             base = layer.base_layer
+            if quantization_kind(base) is not None:
+                _replace(self.base_model, name, dense_linear(base, weight))
+                continue
             base.weight.data.copy_(weight.to(base.weight.dtype))
             _replace(self.base_model, name, base)
         return self.base_model

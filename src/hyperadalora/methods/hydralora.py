@@ -56,7 +56,7 @@ class HydraLayer(AdapterLayer):
                 f"fixed weight matrix reproduces it. Keep the adapter unmerged (save_pretrained / load_adapter), "
                 f"or train with n_heads=1 (then w_1 = 1 and the update is the fixed B_1 A).")
         (A,), (B,) = self.tensors("A"), self.tensors("B")
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         return weight + ((B @ A) * self.scaling).to(weight.dtype)
 
 

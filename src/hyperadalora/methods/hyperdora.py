@@ -22,13 +22,12 @@ class DoraLayer(LoraLayer):
     """LoRA's A and B plus a trained magnitude ``m`` (``d_out``), initialised to the row norms of W0."""
 
     def setup(self, config) -> None:
-        weight = self.base_layer.weight.detach()
-        self.magnitude = nn.Parameter(torch.linalg.norm(weight.float(), dim=1))
+        self.magnitude = nn.Parameter(torch.linalg.norm(self.base_weight(torch.float32), dim=1))
 
     def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
         """``||W0 + s B A||`` per output feature, without a gradient (DoRA section 4.3)."""
         with torch.no_grad():
-            weight = self.base_layer.weight.to(dtype) + self.delta_weight().to(dtype)
+            weight = self.base_weight(dtype) + self.delta_weight().to(dtype)  # dequantized for a 4-bit / 8-bit base
             return torch.linalg.norm(weight, dim=1)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -40,7 +39,7 @@ class DoraLayer(LoraLayer):
         return out + (scale - 1) * base + scale * lora
 
     def merged_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         direction = weight + self.delta_weight().to(weight.dtype)
         return (self.magnitude.to(weight.dtype) / torch.linalg.norm(direction, dim=1))[:, None] * direction
 

@@ -33,7 +33,8 @@ class LoraLayer(AdapterLayer):
         return (B @ A) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_weight()
+        return weight + self.delta_weight().to(weight.dtype)
 
 
 @dataclass
