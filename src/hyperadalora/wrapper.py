@@ -23,6 +23,9 @@ class AdapterWrapper(nn.Module):
 
     ADAPTER_LAYER: type = nn.Module
     OWN_ATTRIBUTES: tuple = ("base_model", "generators")
+    # transformers' flag for "trainable adapters are attached": `Trainer` refuses to train a quantized base model (a
+    # bitsandbytes one, or SmolLM2 converted from GGUF, whose config keeps its quantization_config) without it
+    _hf_peft_config_loaded: bool = True
 
     def _mark_modules_to_save(self) -> list[str]:
         """Make the ``modules_to_save`` (matched by name or dotted suffix) trainable; returns their names."""
