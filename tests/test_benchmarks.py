@@ -1,6 +1,7 @@
 """The benchmark scripts' own logic: the paired time ratio and its interval, and the hypernetwork description
 that the scaling report prints (read from the library's defaults)."""
 
+import json
 import os
 import sys
 
@@ -93,3 +94,64 @@ def test_quantized_benchmark_counts_the_4bit_state_and_averages_seeds():
                              "final_eval": {"eval_loss": v, "accuracy": 1 - v}} for s, v in ((0, 0.2), (1, 0.4))}
     mean = quantized.mean_over_seeds(runs)[("m", "b")]
     assert mean["final_task_loss"] == pytest.approx(0.3) and mean["dev_accuracy"] == pytest.approx(0.7)
+
+
+# ---------------------------------------------------------------------------------------------- gpu_check.sh
+GPU_CHECK = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.sh")
+
+
+def test_gpu_check_script_parses_and_refuses_to_run_without_cuda(tmp_path):
+    import subprocess
+
+    import torch
+
+    assert subprocess.run(["bash", "-n", GPU_CHECK]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    proc = subprocess.run(["bash", GPU_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out")})
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "runs nothing without one" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_train_records_a_run_and_a_failed_one_and_the_table_shows_both(tmp_path):
+    from transformers import AutoTokenizer
+
+    import gpu_check_report
+    from hyperadalora.models import minilm_path
+    from test_train import write_sst2, write_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    model_dir = write_tiny_model(tmp_path / "model", tokenizer)
+    data_dir = write_sst2(tmp_path / "glue")
+    common = ["--model", model_dir, "--task", "sst2", "--data-dir", data_dir, "--max-steps", "6", "--batch-size", "8",
+              "--max-length", "16", "--tinit", "1", "--tfinal", "1", "--keep-checkpoints", "0", "--no-progress",
+              "--device", "cpu"]
+    out = tmp_path / "out"
+    out.mkdir()
+    ok = gpu_check_report.run_train(str(out / "train_hyperadalora_fp32-base.json"),
+                                    ["--method", "hyperadalora", *common, "--output-dir", str(tmp_path / "r1")])
+    assert ok["rc"] == 0 and ok["median_step_ms"] > 0 and ok["total_rank"] == 2 * 12
+    bad = gpu_check_report.run_train(str(out / "train_adalora_4bit-nf4.json"),
+                                     ["--method", "adalora", *common, "--no-such-flag", "--output-dir",
+                                      str(tmp_path / "r2")])
+    assert bad["rc"] == 2 and "--no-such-flag" in bad["error"]
+    (out / "tests.xml").write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="1"/>'
+                                   '</testsuites>')
+    (out / "step_time_minilm.json").write_text(json.dumps({"results": {"8": {
+        "hyperadalora": {"median_ms": 10.0, "peak_mib": 100.0, "time_vs_adalora": 0.9, "mem_vs_adalora": 0.99},
+        "adalora": {"median_ms": 11.1, "peak_mib": 101.0}, "lora": {"median_ms": 9.0, "peak_mib": 99.0}}}}))
+    (out / "step_time_smollm2.rc").write_text("1\n")
+    text = gpu_check_report.table(str(out))
+    lines = text.splitlines()
+    assert lines[0] == "| check | model | setting | hyperadalora | adalora | lora | note |"
+    assert "3 passed, 1 failed, 0 errors, 1 skipped" in text
+    assert "| step time ms (bf16) | minilm | batch 8 | 10.0 | 11.1 | 9.0 | time / adalora 0.900 |" in lines
+    assert "| peak memory MiB (bf16) | minilm | batch 8 | 100 | 101 | 99 | memory / adalora 0.990 |" in lines
+    assert any("smollm2" in ln and "FAILED (exit 1)" in ln for ln in lines)
+    row = next(ln for ln in lines if "4bit-nf4" in ln)
+    assert "FAILED: " in row and "--no-such-flag" in row
+    row = next(ln for ln in lines if "fp32-base" in ln)
+    assert "ms/step" in row and f"rank {2 * 12}" in row
+    assert all(ln.count("|") == 8 for ln in lines)

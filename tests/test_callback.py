@@ -509,3 +509,23 @@ def test_other_models_keep_the_trainers_saving(tmp_path):
     hyper_trainer(plain, tmp_path / "plain").save_model(str(tmp_path / "plain"))
     names = set(os.listdir(tmp_path / "plain"))
     assert {"config.json", "model.safetensors"} <= names and "training_state.safetensors" not in names
+
+
+def test_trainer_accepts_the_adapter_model_of_a_quantized_base():
+    # Trainer refuses a quantized model without adapters (a bitsandbytes base; SmolLM2 converted from GGUF keeps
+    # quantization_config in its config): with this package's adapters attached it must train
+    import types
+
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from conftest import make_llama
+
+    base = make_llama()
+    base.is_quantized = True
+    base.hf_quantizer = types.SimpleNamespace(is_trainable=True, is_qat_trainable=False)
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(base)
+    wrapped = ha.get_peft_model(base, ha.HyperAdaLoraConfig(init_r=2, target_r=1, total_step=10, tinit=1, tfinal=2,
+                                                            target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    validate_quantization_for_training(wrapped)
+    assert not getattr(base, "_hf_peft_config_loaded")  # the base model itself is left as it was

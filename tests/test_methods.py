@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hyperadalora as ha
-from conftest import BERT_TARGETS, make_bert, make_llama
+from conftest import BERT_TARGETS, make_bert, make_llama, on
 from hyperadalora import cli
 from hyperadalora import methods as M
 from hyperadalora.train import TrainArgs, TrainingInterrupted, args_from_dict, read_metrics
@@ -37,8 +37,8 @@ def train_steps(model, batch, steps, lr=1e-2):
     return losses
 
 
-def trained(method, batch, steps=6, **kw):
-    model = ha.get_peft_model(make_bert(), cfg(method, **kw))
+def trained(method, batch, steps=6, device="cpu", **kw):
+    model = ha.get_peft_model(make_bert().to(device), cfg(method, **kw))
     train_steps(model, batch, steps)
     return model
 
@@ -55,7 +55,9 @@ def logits(model, batch):
     ("hyperdora", {"context": "none", "init": "normal"}), ("hyperhydralora", {"n_heads": 1, "hypernet": "cnn"}),
     ("hydralora", {"n_heads": 5, "lora_dropout": 0.1}), ("hyperlora", {"init": "principal"}),
     ("hyperdora", {"context": "feature"}), ("hyperhydralora", {"identity": "offset", "generation": "static"})])
-def test_identity_at_step_0(bert, batch, method, options):
+@pytest.mark.device
+def test_identity_at_step_0(bert, batch, method, options, device):
+    bert, batch = bert.to(device), on(device, batch)
     ref = logits(bert, batch)
     model = ha.get_peft_model(bert, cfg(method, **options))
     model.train()  # the training pass (with its graph) must be the identity too
@@ -65,11 +67,13 @@ def test_identity_at_step_0(bert, batch, method, options):
 
 
 @pytest.mark.parametrize("method", ALL)
-def test_training_moves_the_adapter_and_lowers_the_loss(batch, method):
+@pytest.mark.device
+def test_training_moves_the_adapter_and_lowers_the_loss(batch, method, device):
+    batch = on(device, batch)
     # lr 1e-2 for every method; the hypernetworks and their row embeddings at 1x of it (the default 30x for the row
     # embeddings is tuned for lr ~3e-3: at 0.3 the tiny model overshoots within these 10 steps)
     same_lr = {"hypernet_lr_ratio": 1.0, "feature_lr_ratio": 1.0}
-    model = ha.get_peft_model(make_bert(), cfg(method, **(same_lr if method in GENERATED else {})))
+    model = ha.get_peft_model(make_bert().to(device), cfg(method, **(same_lr if method in GENERATED else {})))
     losses = train_steps(model, batch, 10)
     assert losses[-1] < losses[0] - 0.05, losses
     for layer in model.adapters:
@@ -77,12 +81,14 @@ def test_training_moves_the_adapter_and_lowers_the_loss(batch, method):
 
 
 @pytest.mark.parametrize("method", ALL)
-def test_save_load_reproduces_outputs(tmp_path, batch, method):
-    model = trained(method, batch)
+@pytest.mark.device
+def test_save_load_reproduces_outputs(tmp_path, batch, method, device):
+    batch = on(device, batch)
+    model = trained(method, batch, device=device)
     ref = logits(model, batch)
     model.save_pretrained(tmp_path / "a")
     assert json.loads((tmp_path / "a" / M.METHOD_CONFIG_NAME).read_text())["method"] == method
-    loaded = ha.load_adapter(make_bert(), tmp_path / "a")  # the package's loader dispatches on the saved method
+    loaded = ha.load_adapter(make_bert().to(device), tmp_path / "a")  # the package's loader dispatches on the saved method
     assert isinstance(loaded, M.GeneratedAdapterModel) and loaded.generated == ()
     assert (logits(loaded, batch) - ref).abs().max().item() < 1e-5
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -90,9 +96,11 @@ def test_save_load_reproduces_outputs(tmp_path, batch, method):
 
 
 @pytest.mark.parametrize("method", ALL)
-def test_merge_where_defined(batch, method):
+@pytest.mark.device
+def test_merge_where_defined(batch, method, device):
+    batch = on(device, batch)
     options = {"n_heads": 1} if method in HYDRA else {}
-    model = trained(method, batch, **options)
+    model = trained(method, batch, device=device, **options)
     ref = logits(model, batch)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, M.AdapterLayer) for m in merged.modules())

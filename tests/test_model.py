@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hyperadalora as ha
-from conftest import BERT_TARGETS, make_bert, make_llama
+from conftest import BERT_TARGETS, make_bert, make_llama, on
 
 
 def cfg(**kw):
@@ -43,7 +43,9 @@ def train_steps(model, batch, steps, lr=1e-2, start=1):
                                      {"context": "layer_feature", "feature_dim": 4},
                                      {"context": "feature", "feature_dim": 3, "tokens": "element", "element_chunk": 7},
                                      {"hypernet_ffn_mult": 0}, {"hypernet": "attention", "hypernet_ffn_mult": 0}])
-def test_identity_at_step_0(bert, batch, options):
+@pytest.mark.device
+def test_identity_at_step_0(bert, batch, options, device):
+    bert, batch = bert.to(device), on(device, batch)
     ref = bert(input_ids=batch["input_ids"]).logits
     model = ha.get_peft_model(bert, cfg(**options))
     model.train()  # the training pass must be the identity too
@@ -157,7 +159,9 @@ def test_orthogonal_penalty():
     assert normal.orthogonal_penalty().item() > 0.1
 
 
-def test_loss_includes_penalty(bert, batch):
+@pytest.mark.device
+def test_loss_includes_penalty(bert, batch, device):
+    bert, batch = bert.to(device), on(device, batch)
     model = ha.get_peft_model(bert, cfg(init="normal", orth_reg_weight=0.5))
     model.train()
     out = model(**batch)
@@ -165,7 +169,9 @@ def test_loss_includes_penalty(bert, batch):
     assert model.last_orth_penalty.item() > 0
 
 
-def test_rank_allocation_reaches_target_and_pruned_stays_pruned(bert, batch):
+@pytest.mark.device
+def test_rank_allocation_reaches_target_and_pruned_stays_pruned(bert, batch, device):
+    bert, batch = bert.to(device), on(device, batch)
     c = cfg(total_step=20, tinit=2, tfinal=4, deltaT=2, target_r=1)
     model = ha.get_peft_model(bert, c)
     opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
@@ -207,20 +213,22 @@ def test_warns_when_update_and_allocate_is_never_called(bert, batch):
         model(**batch)
 
 
-def _trained(batch, **kw):
-    model = ha.get_peft_model(make_bert(), cfg(**kw))
+def _trained(batch, device="cpu", **kw):
+    model = ha.get_peft_model(make_bert().to(device), cfg(**kw))
     train_steps(model, batch, 20)
     model.eval()
     return model
 
 
 @pytest.mark.parametrize("options", [{}, {"lambda_codes": False}])  # the default has lambda codes
-def test_save_load_roundtrip(tmp_path, batch, options):
-    model = _trained(batch, **options)
+@pytest.mark.device
+def test_save_load_roundtrip(tmp_path, batch, options, device):
+    batch = on(device, batch)
+    model = _trained(batch, device, **options)
     x = batch["input_ids"]
     ref = model(input_ids=x).logits
     model.save_pretrained(tmp_path / "a")
-    loaded = ha.load_adapter(make_bert(), tmp_path / "a")
+    loaded = ha.load_adapter(make_bert().to(device), tmp_path / "a")
     assert (loaded(input_ids=x).logits - ref).abs().max().item() < 1e-5
     assert loaded.rank_pattern == model.rank_pattern
     assert sum(loaded.rank_pattern.values()) == model.n_layers  # sliced to the kept ranks
@@ -249,8 +257,10 @@ def test_export_lora_loads_in_vanilla_peft(tmp_path, batch):
     assert (peft_model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-5
 
 
-def test_merge_and_unload(batch):
-    model = _trained(batch)
+@pytest.mark.device
+def test_merge_and_unload(batch, device):
+    batch = on(device, batch)
+    model = _trained(batch, device)
     ref = model(input_ids=batch["input_ids"]).logits
     merged = model.merge_and_unload()
     assert not any(isinstance(m, ha.SVDLinear) for m in merged.modules())

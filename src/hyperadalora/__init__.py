@@ -13,6 +13,14 @@ from .methods import (GeneratedAdapterModel, HydraLoraConfig, HyperDoraConfig, H
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):  # HyperAdaLoraSFTTrainer imports trl (an optional dependency) only when asked for
+    if name == "HyperAdaLoraSFTTrainer":
+        from .sft import HyperAdaLoraSFTTrainer
+
+        return HyperAdaLoraSFTTrainer
+    raise AttributeError(f"module 'hyperadalora' has no attribute {name!r}")
+
 __all__ = ["HyperAdaLoraConfig", "HyperAdaLoraModel", "get_peft_model", "load_adapter", "RankAllocationCallback",
            "HypernetworkLrCallback", "HyperAdaLoraTrainer",
            "RankAllocator", "budget_at", "Hypernetwork", "SVDLinear", "find_target_modules", "GeneratedAdapterModel",

@@ -274,7 +274,8 @@ class HyperAdaLoraTrainer(Trainer):
     allocation (`RankAllocationCallback`) and the hypernetworks' lr schedule (`HypernetworkLrCallback`) are added
     unless given. Checkpoints and ``save_model`` hold the adapter in the model's ``save_pretrained`` format
     (`hyperadalora.load_adapter` reads it) and ``training_state.safetensors`` (an exact resume), not the frozen
-    base model; for any other model (peft's AdaLoRA...) they are `Trainer`'s. Anything else behaves as `Trainer`."""
+    base model; for any other model (peft's AdaLoRA...) they are `Trainer`'s. Training logs carry the total rank
+    and the rank per layer (``rank/<layer>``) for ``report_to``. Anything else behaves as `Trainer`."""
 
     def __init__(self, *args, callbacks=None, **kwargs):
         super().__init__(*args, callbacks=callbacks, **kwargs)
@@ -299,6 +300,19 @@ class HyperAdaLoraTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             return self.optimizer
         return super().create_optimizer(model)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Training logs also carry ``total_rank`` and, when ``report_to`` names a tracker, ``rank/<layer>``
+        (`tracking.rank_logs`): the ``report_to`` integrations of ``TrainingArguments`` (TensorBoard, W&B, MLflow...)
+        record the ranks."""
+        if "loss" in logs and (_adapter_model(self.model) is not None or _allocating_model(self.model) is not None):
+            from .tracking import rank_logs
+
+            ranks = rank_logs(self.model)
+            reporting = [r for r in (self.args.report_to or []) if r != "none"]
+            # the rank per layer only for a tracker (printed, hundreds of entries would drown the console's logs)
+            logs.update(ranks if reporting else {"total_rank": ranks["total_rank"]})
+        super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ saving and loading
     def _own_saving(self, model=None):

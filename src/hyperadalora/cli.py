@@ -48,6 +48,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --conf
     "save_every": (int, "write a checkpoint every N optimizer steps (0: only at the end)"),
     "keep_checkpoints": (int, "newest checkpoints to keep (0: write none)"),
     "max_nonfinite": (int, "stop after this many consecutive NaN/Inf steps (they are skipped)"),
+    "report_to": (str, "none | tensorboard (OUTPUT_DIR/tensorboard) | wandb (offline) | mlflow (file://OUTPUT_DIR/"
+                       "mlruns): loss, lr, total rank, rank per layer and a rank heatmap"),
     # HyperAdaLoRA
     "hypernet": (str, "attention | mlp | cnn"), "attention": (str, "full | induced"),
     "n_induced": (int, "slots of induced attention"), "generation": (str, "recurrent | static"),

@@ -40,3 +40,26 @@ def plot_loss_curves(curves: dict, path: str, title: str = "", window: int = 25,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def rank_heatmap(steps: list, names: list, ranks, title: str = "rank per layer"):
+    """A matplotlib Figure: the rank of every adapted layer (rows, in ``names`` order) at every logged step
+    (columns); ``ranks`` is (len(names), len(steps)). The caller closes it (``plt.close(fig)``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = np.asarray(ranks, dtype=float)
+    fig, ax = plt.subplots(figsize=(8, max(2.5, min(12.0, 0.12 * len(names) + 1.5))), dpi=100)
+    image = ax.imshow(ranks, aspect="auto", interpolation="nearest", cmap="viridis",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5) if steps else None)
+    if len(names) <= 40:
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+    else:
+        ax.set_ylabel(f"adapted layer (0..{len(names) - 1}, model order)")
+    ax.set_xlabel("optimizer step")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    return fig

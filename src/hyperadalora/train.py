@@ -49,6 +49,7 @@ from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import methods as method_lib
 from . import quantization as quant_lib
+from . import tracking
 from .config import HyperAdaLoraConfig
 from .generator import FEATURE_GROUP, group_lr_factor
 from .methods import GeneratedAdapterModel
@@ -160,6 +161,7 @@ class TrainArgs:
     resume: Optional[str] = None          # a checkpoint directory, or a run's output_dir (its newest checkpoint):
     #                                       the recorded run's options (see the class docstring)
     max_nonfinite: int = 5                # stop after this many NaN/Inf steps in a row
+    report_to: str = "none"               # none | tensorboard | wandb | mlflow (`tracking`)
     # HyperAdaLoRA options (defaults: HyperAdaLoraConfig's)
     hyper: dict = field(default_factory=dict)
     n_heads: int = 3                      # hydralora / hyperhydralora: B heads per layer
@@ -199,6 +201,8 @@ class TrainArgs:
                 raise ValueError(f"{name}={v!r} must be an integer >= {low}.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be a positive number.")
+        if self.report_to not in tracking.REPORT_TO:
+            raise ValueError(f"report_to={self.report_to!r}: choose one of {tracking.REPORT_TO}.")
         if self.scheduler not in ("linear", "constant"):
             raise ValueError(f"scheduler={self.scheduler!r}: choose 'linear' or 'constant'.")
         if self.dtype not in ("float32", "bfloat16"):
@@ -560,7 +564,7 @@ def _disk_full_message(args: TrainArgs, error: OSError) -> str:
 # resumed run may change: resume.OVERRIDABLE).
 RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
                     "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
-                    "data_dir", "data_path", "model", "gradient_checkpointing")
+                    "data_dir", "data_path", "model", "gradient_checkpointing", "report_to")
 
 
 def _check_resume_args(args: TrainArgs, ckpt: dict) -> str:
@@ -720,6 +724,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     # modules, which need the model, are checked when the adapter is built
     adapter_config(args, args.target_modules or ["query"], task_type_of(spec.kind))
     check_device(args.device)
+    tracking.check_installed(args.report_to)
     ckpt = None
     if args.resume:  # verified before anything is loaded or written
         ckpt = ckpt_lib.load_checkpoint(ckpt_lib.find_checkpoint(args.resume), verified=True)
@@ -857,6 +862,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
         return result
 
     log = open(metrics_path if dist_info.main else os.devnull, "a" if ckpt is not None else "w")
+    tracker = (tracking.make_tracker(args.report_to, args.output_dir, json.loads(json.dumps(asdict(args), default=str)))
+               if dist_info.main else None)
     start = time.perf_counter() - pos["elapsed"]
     epoch = pos["epoch"]
     good = snapshot() if ckpt is not None else None  # after the last good step (saved at a non-finite stop)
@@ -925,6 +932,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                     row["skipped"] = True
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+                if tracker is not None:
+                    tracker.log_step(step, row, tracking.rank_per_layer(unwrapped))
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", rank=row["total_rank"])
                 if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
@@ -933,6 +942,8 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
                         log.write(json.dumps({"type": "eval", "step": step, "time": time.perf_counter() - start,
                                               **res}) + "\n")
                         log.flush()
+                        if tracker is not None:
+                            tracker.log_eval(step, res)
                 pos.update(step=step, epoch=epoch, last=row)
                 if on_step is not None:
                     on_step(step, row)
@@ -970,9 +981,13 @@ def _train(args, spec, ckpt, dist_info, device, model, tokenizer, train_examples
         if dist_info.main:
             log.write(json.dumps({"type": "eval", "step": args.max_steps, "final": True,
                                   "time": time.perf_counter() - start, **final}) + "\n")
+            if tracker is not None:
+                tracker.log_eval(args.max_steps, final)
     finally:
         bar.close()
         log.close()
+        if tracker is not None:
+            tracker.close()
         if probe is not None:
             probe.remove()
     adapter_dir = os.path.join(args.output_dir, "adapter")
