@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="gguf (required): the base model's .gguf file, smollm2, or a "
                                                 "transformers model directory; peft forms: recorded as "
                                                 "base_model_name_or_path")
-    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="gguf: tensor type (default f32)")
+    p.add_argument("--dtype", choices=("f32", "f16"), default=None, help="gguf: tensor type (default f32)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -379,11 +379,13 @@ def write_gguf(weights: LoraWeights, path: str, base: GgufBase, dtype: str = "f3
 
 
 def export(weights: LoraWeights, output: str, format: str = "peft", rank: Union[int, str, None] = None,
-           allowed_ranks: Optional[Sequence[int]] = None, base: Optional[str] = None, dtype: str = "f32") -> str:
+           allowed_ranks: Optional[Sequence[int]] = None, base: Optional[str] = None,
+           dtype: Optional[str] = None) -> str:
     """Write ``weights`` as ``format`` (`FORMATS`) to ``output`` (a directory; a ``.gguf`` file for gguf) and
     return the path. ``rank`` / ``allowed_ranks``: peft-uniform's rank (`uniform_rank`; default: the smallest that
     holds every layer). ``base``: the base model (gguf: required, a .gguf file, ``smollm2`` or a transformers
-    directory; peft: recorded as ``base_model_name_or_path``)."""
+    directory; peft: recorded as ``base_model_name_or_path``). ``dtype``: gguf's tensor type, f32 (default) or
+    f16."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
     if format != "peft-uniform" and (rank is not None or allowed_ranks):
@@ -393,8 +395,10 @@ def export(weights: LoraWeights, output: str, format: str = "peft", rank: Union[
         if not base:
             raise ValueError("The GGUF export needs the base model (--base: its .gguf file, 'smollm2', or a "
                              "transformers model directory): llama.cpp's tensor names and q/k row order depend on it.")
-        write_gguf(weights, output, GgufBase.load(base), dtype=dtype)
+        write_gguf(weights, output, GgufBase.load(base), dtype=dtype or "f32")
         return output
+    if dtype is not None:
+        raise ValueError(f"dtype applies to --format gguf; the peft forms keep the adapter's dtype (got {dtype!r}).")
     if format == "peft-uniform":
         weights = weights.padded(uniform_rank(list(weights.ranks.values()), rank if rank is not None else "auto",
                                               allowed_ranks))
