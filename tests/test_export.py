@@ -118,6 +118,8 @@ def test_export_refuses_what_does_not_fit(tmp_path, trained, capsys):
     assert "apply to --format peft-uniform" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "adapter"), "--format", "gguf", "--output", str(tmp_path / "x.gguf")]) == 2
     assert "needs the base model" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "adapter"), "--dtype", "f16", "--output", str(tmp_path / "x")]) == 2
+    assert "dtype applies to --format gguf" in capsys.readouterr().err
     with pytest.raises(ValueError, match="modules_to_save"):  # a classification head is no LoRA update
         ex.write_gguf(ex.read_adapter(tmp_path / "adapter"), str(tmp_path / "x.gguf"), ex.GgufBase("llama", 2, 2, 2))
     with pytest.raises(FileNotFoundError, match="not an adapter directory"):
