@@ -3,7 +3,8 @@
 - ``hyperadalora train``: fine-tune one model with one method (HyperAdaLoRA, peft's LoRA / DoRA / AdaLoRA, or the
   other generated-adapter methods), writing metrics, a summary, checkpoints and the adapter;
 - ``hyperadalora demo``: a short offline comparison of AdaLoRA and HyperAdaLoRA, with a report and a plot;
-- ``hyperadalora experiment NAME``: the paper's experiments (``hyperadalora experiment --help`` lists them).
+- ``hyperadalora experiment NAME``: the paper's experiments (``hyperadalora experiment --help`` lists them);
+- ``hyperadalora export ADAPTER_DIR --format {peft,peft-uniform,gguf}``: a saved adapter in a serving engine's form.
 """
 
 from __future__ import annotations
@@ -261,6 +262,33 @@ def cmd_demo(ns) -> int:
     return 0
 
 
+def cmd_export(ns) -> int:
+    from .export import VLLM_MAX_LORA_RANKS, export, read_adapter
+
+    rank = ns.rank
+    if rank is not None and rank != "auto":
+        try:
+            rank = int(rank)
+        except ValueError:
+            raise ValueError(f"--rank takes a positive integer or auto, got {rank!r}.") from None
+    allowed = None
+    if ns.allowed_ranks == "vllm":
+        allowed = VLLM_MAX_LORA_RANKS
+    elif ns.allowed_ranks:
+        try:
+            allowed = [int(v) for v in ns.allowed_ranks.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--allowed-ranks takes 'vllm' or a comma-separated list of integers, "
+                             f"got {ns.allowed_ranks!r}.") from None
+    weights = read_adapter(ns.adapter_dir)
+    path = export(weights, ns.output, ns.format, rank=rank, allowed_ranks=allowed, base=ns.base, dtype=ns.dtype)
+    ranks = [r for r in weights.ranks.values()]
+    print(json.dumps({"format": ns.format, "output": path, "layers": len(ranks),
+                      "layers_at_rank_0": sum(r == 0 for r in ranks), "max_rank": max(ranks),
+                      "total_rank": sum(ranks)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperadalora", description=__doc__.replace("``", "'"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,6 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import add_experiment_parser
 
     add_experiment_parser(sub)
+    p = sub.add_parser("export", help="write a saved adapter in a serving engine's form: peft (per-layer ranks), "
+                                      "peft-uniform (one rank, for vLLM / LoRAX) or gguf (llama.cpp)")
+    p.add_argument("adapter_dir", help="a saved HyperAdaLoRA adapter (a run's adapter/) or a peft LoRA adapter")
+    p.add_argument("--format", choices=("peft", "peft-uniform", "gguf"), default="peft")
+    p.add_argument("--output", required=True, help="output directory (peft forms) or .gguf file")
+    p.add_argument("--rank", default=None, help="peft-uniform: the one rank, or auto (default: the smallest that "
+                                                 "holds every layer)")
+    p.add_argument("--allowed-ranks", dest="allowed_ranks", default=None,
+                   help="peft-uniform: round the rank up to one of these: vllm (vLLM's --max-lora-rank values "
+                        "1,8,16,32,64,128,256,320,512) or a comma-separated list")
+    p.add_argument("--base", default=None, help="gguf (required): the base model's .gguf file, smollm2, or a "
+                                                "transformers model directory; peft forms: recorded as "
+                                                "base_model_name_or_path")
+    p.add_argument("--dtype", choices=("f32", "f16"), default=None, help="gguf: tensor type (default f32)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -745,33 +745,19 @@ class HyperAdaLoraModel(AdapterWrapper):
             state["allocator.mask"] = self.allocator.mask.to(torch.uint8)
             _save_safetensors(state, os.path.join(directory, HYPERNET_WEIGHTS_NAME), {"format": "pt"})
 
-    def export_lora(self, directory: str) -> None:
-        """Write a vanilla peft LoRA adapter: ``B = (alpha / r) P diag(lambda)``, ``A = Q``, per-layer ranks in
-        ``rank_pattern`` and ``alpha_pattern`` equal to the rank (LoRA scaling 1). Layers pruned to rank 0 are
-        left out. Load it with ``peft.PeftModel.from_pretrained(base_model, directory)``."""
-        from peft import LoraConfig
+    def export_lora(self, directory: str, rank=None, allowed_ranks=None) -> None:
+        """Write a vanilla peft LoRA adapter: ``B = (alpha / r) P diag(lambda)``, ``A = Q``, LoRA scaling 1.
+        ``rank=None``: per-layer ranks in ``rank_pattern`` and ``alpha_pattern`` equal to the rank; layers pruned to
+        rank 0 are left out. ``rank=N`` or ``"auto"`` (the smallest that holds every layer; rounded up to one of
+        ``allowed_ranks`` if given, e.g. ``hyperadalora.export.VLLM_MAX_LORA_RANKS``): every layer padded to one rank
+        with zero rows in A and zero columns in B, pruned layers as zero blocks, outputs unchanged; the form vLLM and
+        LoRAX load (see `hyperadalora.export`). Load either with ``peft.PeftModel.from_pretrained(base_model,
+        directory)``."""
+        from .export import export, lora_weights
 
-        os.makedirs(directory, exist_ok=True)
-        scaling = self.peft_config.lora_alpha / self.peft_config.init_r
-        tensors, ranks = {}, {}
-        for name, (P, lam, Q) in zip(self.target_names, self.final_tensors()):
-            if lam.numel() == 0:
-                continue
-            ranks[name] = int(lam.numel())
-            tensors[f"base_model.model.{name}.lora_A.weight"] = Q
-            tensors[f"base_model.model.{name}.lora_B.weight"] = P * (lam * scaling)
-        if not ranks:
-            raise ValueError("Every layer was pruned to rank 0: the adapter is empty; nothing to export as LoRA.")
-        for key, value in self._modules_to_save_state().items():
-            tensors["base_model.model." + key[len("modules_to_save."):]] = value
-        max_r = max(ranks.values())
-        cfg = LoraConfig(r=max_r, lora_alpha=max_r, target_modules=sorted(ranks), lora_dropout=0.0,
-                         rank_pattern={k: v for k, v in ranks.items() if v != max_r},
-                         alpha_pattern={k: v for k, v in ranks.items() if v != max_r},
-                         modules_to_save=list(self.saved_module_names) or None,
-                         task_type=self.peft_config.task_type)
-        cfg.save_pretrained(directory)
-        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
+        uniform = rank is not None or bool(allowed_ranks)
+        export(lora_weights(self), directory, "peft-uniform" if uniform else "peft", rank=rank,
+               allowed_ranks=allowed_ranks)
 
     @torch.no_grad()
     def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
