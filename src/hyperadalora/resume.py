@@ -41,6 +41,8 @@ OVERRIDABLE = {
     "progress": "the progress bar only", "save_adapter": "what is saved at the end",
     "eval_every": "evaluation only", "max_eval_examples": "evaluation only (the dev subset)",
     "gen_eval_examples": "evaluation only", "max_new_tokens": "evaluation only",
+    "report_to": "experiment tracking only",
+    "gradient_checkpointing": "activations recomputed in backward; the losses are the same bit for bit",
 }
 # Paths that may point elsewhere only when the recorded one is gone (the files moved); they must hold the same files.
 PATH_ARGS = ("model", "data_dir", "data_path")

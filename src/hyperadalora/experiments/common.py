@@ -324,8 +324,12 @@ def _same_args(summary: dict, args: TrainArgs) -> bool:
     if not recorded and options:
         return False
     # `hyper` (the options given) is covered by the resolved options above, which record every option, defaults
-    # included; comparing the given dicts too would refuse a run whose dict lacked an option now given as None
-    return all(saved.get(k) == v for k, v in current.items() if k not in free and k != "hyper")
+    # included; comparing the given dicts too would refuse a run whose dict lacked an option now given as None.
+    # An argument added to TrainArgs after the run (absent from its record) matches at its default, the value every
+    # earlier run had in effect (e.g. load_in_4bit, report_to)
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainArgs)
+                                      if f.default is not dataclasses.MISSING}, default=str))
+    return all(saved.get(k, defaults.get(k)) == v for k, v in current.items() if k not in free and k != "hyper")
 
 
 def train_run(args: TrainArgs, *, reuse: bool = False, on_step: Optional[Callable] = None,
