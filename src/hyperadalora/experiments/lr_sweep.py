@@ -530,6 +530,12 @@ def _plot_score_vs_lr(spec: SweepTask, analysis: dict, path: str) -> str:
         ys = [ada[v][final]["mean"] for v in lrs]
         xs = [float(v) / s for v in lrs]
         ax.plot(xs, ys, color="C0", linestyle=":", label=f"AdaLoRA shifted: its score at lr plotted at lr / {s:.2f}")
+    means = [st["mean"] for m in METHODS for per in analysis["score_vs_lr"][m].values()
+             for st in [per.get(final, {})] if st.get("mean") is not None]
+    if means:  # intervals of 2 seeds can span far beyond the scores: the axis follows the means
+        pad = 0.1 * (max(means) - min(means)) + 0.02
+        lo, hi = min(means) - pad, max(means) + pad
+        ax.set_ylim(max(lo, 0.0) if spec.higher_is_better else lo, min(hi, 1.0) if spec.higher_is_better else hi)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("dev accuracy" if spec.higher_is_better else "dev loss (mean per example)")
