@@ -91,13 +91,20 @@ def test_hypernetwork_calls_per_step_do_not_grow_with_the_layers(options):
 def test_kernel_launches_of_generation_do_not_grow_with_the_layers():
     """Generation forward (with the installation into every layer) and its backward: the same operators for 12,
     24 and 48 adapted layers (only views are per layer)."""
+    assert_flat_generation_kernels(lambda layers: ha.get_peft_model(make_bert(num_layers=layers), cfg()),
+                                   lambda model: sum(a.P.sum() + a.lam.sum() + a.Q.sum() for a in model.adapters))
+
+
+def assert_flat_generation_kernels(make_model, adapter_sum):
+    """The aten operators of generation (with the installation into every layer) and of its backward are the same
+    for every number of layers in LAYERS; ``adapter_sum(model)``: a scalar of every layer's tensors (not counted)."""
     counts = {}
     for layers in LAYERS:
-        model = ha.get_peft_model(make_bert(num_layers=layers), cfg())
+        model = make_model(layers)
         model.train()
         with KernelCount() as fwd:
             model.materialize(training_pass=True)
-        loss = sum(a.P.sum() + a.lam.sum() + a.Q.sum() for a in model.adapters)  # (per layer; not counted)
+        loss = adapter_sum(model)
         with KernelCount() as bwd:
             loss.backward()
         counts[layers] = (fwd.ops, bwd.ops)
@@ -113,21 +120,10 @@ def test_kernel_launches_of_the_generated_methods_do_not_grow_with_the_layers(me
     installation into every layer, and its backward."""
     from hyperadalora import methods as M
 
-    counts = {}
-    for layers in LAYERS:
-        model = ha.get_peft_model(make_bert(num_layers=layers), M.get_method(method).config_cls(
-            r=3, target_modules=BERT_TARGETS, task_type="SEQ_CLS"))
-        model.train()
-        with KernelCount() as fwd:
-            model.materialize(training_pass=True)
-        loss = sum(t.sum() for a in model.adapters for role in a.generated for t in a.tensors(role))
-        with KernelCount() as bwd:
-            loss.backward()
-        counts[layers] = (fwd.ops, bwd.ops)
-    first = counts[LAYERS[0]]
-    for layers in LAYERS[1:]:
-        assert counts[layers][0] == first[0], (layers, counts[layers][0] - first[0], first[0] - counts[layers][0])
-        assert counts[layers][1] == first[1], (layers, counts[layers][1] - first[1], first[1] - counts[layers][1])
+    config = M.get_method(method).config_cls(r=3, target_modules=BERT_TARGETS, task_type="SEQ_CLS")
+    assert_flat_generation_kernels(
+        lambda layers: ha.get_peft_model(make_bert(num_layers=layers), config),
+        lambda model: sum(t.sum() for a in model.adapters for role in a.generated for t in a.tensors(role)))
 
 
 def test_evaluation_and_no_grad_passes_reuse_the_cache():

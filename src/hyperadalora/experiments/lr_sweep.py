@@ -34,7 +34,7 @@ import numpy as np
 
 from .common import (DEFAULT_ALPACA_FILE, _parse_lrs, _plt, _same_args, as_options, base_args, command_line, default_glue_dir,
                      environment, fmt, glue_task_available, markdown_table, output_dir, repo_path, report_header,
-                     sanitize, seed_list, stats, t_interval, train_run, write_outputs)
+                     sanitize, save_line_plot, seed_list, stats, t_interval, train_run, write_outputs)
 
 NAME = "lr-sweep"
 METHODS = ("adalora", "hyperadalora", "lora")
@@ -537,15 +537,9 @@ def _plot_score_vs_lr(spec: SweepTask, analysis: dict, path: str) -> str:
         lo, hi = min(means) - pad, max(means) + pad
         ax.set_ylim(max(lo, 0.0) if spec.higher_is_better else lo, min(hi, 1.0) if spec.higher_is_better else hi)
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("dev accuracy" if spec.higher_is_better else "dev loss (mean per example)")
-    ax.set_title(f"{spec.name}: dev score after {spec.steps} steps, mean and 95% interval over seeds", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path, "learning rate",
+                          "dev accuracy" if spec.higher_is_better else "dev loss (mean per example)",
+                          f"{spec.name}: dev score after {spec.steps} steps, mean and 95% interval over seeds")
 
 
 def _plot_best_curves(spec: SweepTask, grid_cells: list, analysis: dict, path: str) -> Optional[str]:
@@ -567,15 +561,9 @@ def _plot_best_curves(spec: SweepTask, grid_cells: list, analysis: dict, path: s
             ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i}", alpha=0.15)
     if analysis.get("speed"):
         ax.axhline(analysis["speed"]["target"], color="gray", linestyle="--", linewidth=1, label="common target")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(("dev accuracy" if spec.higher_is_better else "dev loss") + " on half B")
-    ax.set_title(f"{spec.name}: each method at its lr chosen on half A (min-max band over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path, "optimizer step",
+                          ("dev accuracy" if spec.higher_is_better else "dev loss") + " on half B",
+                          f"{spec.name}: each method at its lr chosen on half A (min-max band over seeds)")
 
 
 def _ci_text(iv: Optional[dict], f: str = "{:+.4f}") -> str:
