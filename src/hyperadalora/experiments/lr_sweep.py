@@ -240,7 +240,7 @@ def run_cell(spec: SweepTask, opts, method: str, lr: float, seed: int, out: str)
               f"-> {args.output_dir}", flush=True)
         run = train_run(args, reuse=opts.reuse, eval_details=True)
         if run["reused"] and not all(("correct" in e or "example_losses" in e) for e in run["evals"]):
-            run = train_run(dataclasses.replace(args), reuse=False, eval_details=True)  # made without the details
+            run = train_run(args, reuse=False, eval_details=True)  # reused run made without the details
         run["args"] = args
         cell = cell_record(spec, run, lr, seed)
         write_json_atomic(path, cell)
