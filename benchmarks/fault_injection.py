@@ -70,7 +70,7 @@ def make_fixture(root: str) -> dict:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ class Faults:
         import hyperadalora.checkpoint as ckpt
         import hyperadalora.config as config
         import hyperadalora.methods.base as method_base
-        import hyperadalora.model as model_mod
+        import hyperadalora.tuner_utils as tuner_utils
         import hyperadalora.train as train_mod
 
         faults, real_open = self, open
@@ -202,7 +202,7 @@ class Faults:
             write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
 
         ckpt.save_file = save_file
-        model_mod.save_file = save_file
+        tuner_utils.save_file = save_file
         real_torch_save = torch.save
 
         def torch_save(obj, f, *a, **k):

@@ -45,7 +45,7 @@ from step_time import cpu_peak_bytes  # noqa: E402
 from hyperadalora import data as data_lib  # noqa: E402
 from hyperadalora import quantization as Q  # noqa: E402
 from hyperadalora import train as T  # noqa: E402
-from hyperadalora.models import load_model_and_tokenizer  # noqa: E402
+from hyperadalora.base_models import load_model_and_tokenizer  # noqa: E402
 
 MiB = 2 ** 20
 BASES = {"fp32": {}, "nf4": {"load_in_4bit": True, "quant_type": "nf4"}, "int8": {"load_in_8bit": True}}

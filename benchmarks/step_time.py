@@ -44,7 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig
 
 from hyperadalora import train as T
-from hyperadalora.models import load_model_and_tokenizer, resolve_model_path
+from hyperadalora.base_models import load_model_and_tokenizer, resolve_model_path
 
 MiB = 2 ** 20
 

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import hyperadalora as ha  # noqa: E402
 from hyperadalora import data as data_lib  # noqa: E402
 from hyperadalora import train as train_lib  # noqa: E402
-from hyperadalora.models import load_model_and_tokenizer  # noqa: E402
+from hyperadalora.base_models import load_model_and_tokenizer  # noqa: E402
 
 ROWS = ("loop", "HyperAdaLoraTrainer", "Trainer, default optimizer", "AdaLoRA, Trainer", "AdaLoRA, loop")
 

@@ -25,8 +25,8 @@ def run(out: str, batch_size: int, grad_accum: int = 1, steps: int = 10, importa
     from transformers import AutoTokenizer
 
     from conftest import make_bert
-    from hyperadalora.model import HyperAdaLoraModel
-    from hyperadalora.models import minilm_path
+    from hyperadalora.methods import HyperAdaLoraModel
+    from hyperadalora.base_models import minilm_path
     from hyperadalora.train import TrainArgs, train
     from test_train import toy_examples
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hyperadalora.allocator import RankAllocator, budget_at
+from hyperadalora.methods.hyperadalora.allocation import RankAllocator, budget_at
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

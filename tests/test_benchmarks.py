@@ -61,7 +61,7 @@ def test_trainer_path_runs_every_row_and_flags_the_default_optimizer(tmp_path, m
 
     import trainer_path
     from conftest import make_bert
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     model_dir = tmp_path / "bert"
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -119,7 +119,7 @@ def test_gpu_check_train_records_a_run_and_a_failed_one_and_the_table_shows_both
     from transformers import AutoTokenizer
 
     import gpu_check_report
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
     from test_train import write_sst2, write_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())

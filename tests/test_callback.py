@@ -471,7 +471,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
 def test_save_model_writes_a_loadable_adapter(tmp_path, method):
     from transformers import AutoTokenizer, default_data_collator
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     config = hyper_config(total_step=4, tinit=1, tfinal=1, deltaT=1) if method == "hyperadalora" else hyperlora_config()
     model = ha.get_peft_model(make_bert(num_layers=1), config)

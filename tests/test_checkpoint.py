@@ -26,7 +26,7 @@ STEPS = 12
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

@@ -10,7 +10,7 @@ import torch
 
 import hyperadalora as ha
 from hyperadalora.cli import main
-from hyperadalora.models import load_model_and_tokenizer
+from hyperadalora.base_models import load_model_and_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,7 @@ def sentences(n, seed):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

@@ -177,7 +177,7 @@ def test_gguf_layout_names_and_values(tmp_path):
 
 
 def test_gguf_export_checks_the_base_file(tmp_path):
-    from hyperadalora.models import smollm2_gguf_path
+    from hyperadalora.base_models import smollm2_gguf_path
 
     model = _llama_adapter([1] * 10)
     with pytest.raises(ValueError, match=r"is \(1536, 576\) \(in, out\) in the base GGUF file but the adapter.s .* is \(64, 32\)"):

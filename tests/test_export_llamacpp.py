@@ -7,7 +7,7 @@ import torch
 
 import hyperadalora as ha
 from hyperadalora import export as ex
-from hyperadalora.models import load_model_and_tokenizer, smollm2_gguf_path
+from hyperadalora.base_models import load_model_and_tokenizer, smollm2_gguf_path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request. "

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification, TrainerCallb
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
-from hyperadalora.methods import HyperLoraConfig, get_peft_model
+from hyperadalora import HyperLoraConfig, get_peft_model
 from hyperadalora.quantization import enable_gradient_checkpointing
 
 STEPS = 5
@@ -92,7 +92,7 @@ def test_a_model_without_checkpointing_support_is_refused():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

@@ -601,7 +601,7 @@ def test_svd_linear_adds_in_place_without_a_copy_of_the_gradient():
     base = torch.randn(10, 8, requires_grad=True) * 1.0
     view = base.view(2, 5, 8)[0]
     h, B = torch.randn(5, 3), torch.randn(8, 3)
-    out = ha.layer.add_product(view, h, B)
+    out = ha.tuner_utils.add_product(view, h, B)
     assert torch.allclose(out, view + h @ B.t()) and "CopySlices" not in _graph_nodes(out.grad_fn)
 
 
@@ -637,7 +637,7 @@ def test_identity_offsets_of_p_and_q_are_float16_and_lambdas_exact(bert):
 
 
 def test_principal_seeds_do_not_keep_the_full_singular_vectors_alive(bert):
-    from hyperadalora.model import principal_subspaces
+    from hyperadalora.tuner_utils import principal_subspaces
 
     model = ha.get_peft_model(bert, cfg(init="orthonormal"))
     ps, qs = principal_subspaces(model.adapters, 3)

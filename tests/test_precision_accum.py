@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import make_bert
-from hyperadalora.allocator import budget_at
-from hyperadalora.model import HyperAdaLoraModel
+from hyperadalora.methods.hyperadalora.allocation import budget_at
+from hyperadalora.methods import HyperAdaLoraModel
 from hyperadalora.train import TrainArgs, read_metrics, train
 from test_train import toy_examples
 
@@ -14,7 +14,7 @@ from test_train import toy_examples
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

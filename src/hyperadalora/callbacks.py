@@ -34,23 +34,23 @@ import os
 import warnings
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINING_ARGS_NAME, is_sagemaker_mp_enabled
 
-from .generator import FEATURE_GROUP, HYPERNET_GROUP
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)  # DDP / accelerate wrapper
+from .checkpoint import CheckpointError, load_model_state, model_state
+from .generator import FEATURE_GROUP, HYPERNET_GROUP, group_lr_factor
+from .methods import AdapterModel
+from .tracking import rank_logs
+from .tuner_utils import tensors_digest, unwrap_model as _unwrap
 
 
 def _allocating_model(model):
     """The object whose ``update_and_allocate`` must be called, or None."""
-    from .model import HyperAdaLoraModel
-
     model = _unwrap(model)
-    if isinstance(model, HyperAdaLoraModel):
-        return None if model.fixed else model
+    if isinstance(model, AdapterModel):
+        return model if model.ALLOCATES_RANK and not model.fixed else None
     base = getattr(model, "base_model", None)
     if base is not None and type(base).__name__ == "AdaLoraModel" and hasattr(base, "update_and_allocate"):
         return base
@@ -59,28 +59,19 @@ def _allocating_model(model):
 
 def _total_step(model):
     """The total_step the rank budget schedule of ``model`` was configured with, or None."""
-    from .model import HyperAdaLoraModel
-
     model = _unwrap(model)
-    if isinstance(model, HyperAdaLoraModel):
-        return model.peft_config.total_step
     config = getattr(model, "peft_config", None)
+    if isinstance(model, AdapterModel):
+        return getattr(config, "total_step", None)
     if isinstance(config, dict):
         return getattr(config.get(getattr(model, "active_adapter", "default")), "total_step", None)
     return None
 
 
 def _hypernetwork_model(model):
-    """The HyperAdaLoRA / generated-adapter model whose hypernetworks train (their own lr groups), or None."""
-    from .methods import GeneratedAdapterModel
-    from .model import HyperAdaLoraModel
-
+    """The adapter model of this package whose hypernetworks train (their own lr groups), or None."""
     model = _unwrap(model)
-    if isinstance(model, HyperAdaLoraModel) and not model.fixed:
-        return model
-    if isinstance(model, GeneratedAdapterModel) and model.generated:
-        return model
-    return None
+    return model if isinstance(model, AdapterModel) and model.generated else None
 
 
 TRAINING_STATE_NAME = "training_state.safetensors"
@@ -88,33 +79,22 @@ STATE_METADATA_KEY = "hyperadalora_state"
 
 
 def _adapter_model(model):
-    """The HyperAdaLoRA / generated-adapter model (this package's, saved with its own ``save_pretrained``), or None."""
-    from .methods import GeneratedAdapterModel
-    from .model import HyperAdaLoraModel
-
+    """The adapter model of this package (saved with its own ``save_pretrained``), or None."""
     model = _unwrap(model)
-    return model if isinstance(model, (HyperAdaLoraModel, GeneratedAdapterModel)) else None
+    return model if isinstance(model, AdapterModel) else None
 
 
 def _has_training_state(model) -> bool:
     """Whether ``model`` (an adapter model of this package) has a training state (a fixed HyperAdaLoRA adapter,
     loaded or with its hypernetworks dropped, has none: only its adapter is saved)."""
-    from .model import HyperAdaLoraModel
-
-    return not (isinstance(model, HyperAdaLoraModel) and model.fixed)
+    return not (model.ALLOCATES_RANK and model.fixed)
 
 
 def _commit_pending(model) -> None:
     """Commit the recurrent state of the last training generation once the hypernetworks were updated, as the next
     training forward would (HyperAdaLoRA's `update_and_allocate` did it already under `RankAllocationCallback`;
     a generated-adapter method commits lazily): the saved state is then the one the next step starts from."""
-    from .model import HyperAdaLoraModel
-
-    if isinstance(model, HyperAdaLoraModel):
-        if not model.fixed:
-            model._maybe_commit(auto=False)
-    else:
-        model.after_optimizer_step()
+    model.commit_state()
 
 
 # TrainingArguments that define the run: a resume with other values would be another run (refused); max_steps,
@@ -139,10 +119,6 @@ def save_training_state(model, directory: str, training_args=None) -> str:
     """Write ``directory/training_state.safetensors``: `checkpoint.model_state` of ``model``; in the file's metadata
     its JSON metadata, the adapter's options, the run's `RUN_TRAINING_ARGS` (``training_args``, if given) and a
     digest of the tensors (`checkpoint.tensors_digest`). Written atomically. Returns the path."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import model_state, tensors_digest
-
     tensors, meta = model_state(model)
     meta["adapter_options"] = _adapter_options(model)
     if training_args is not None:
@@ -168,11 +144,6 @@ def load_training_state(model, directory: str, training_args=None) -> None:
     do not match their recorded digest, a state of another method or model shape, and a checkpoint whose recorded
     adapter options (or `RUN_TRAINING_ARGS`, when ``training_args`` is given) differ from the model's: resuming it
     would be another run."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .checkpoint import CheckpointError, load_model_state, tensors_digest
-
     path = os.path.join(directory, TRAINING_STATE_NAME)
     try:
         with safe_open(path, framework="pt") as f:
@@ -224,8 +195,6 @@ class HypernetworkLrCallback(TrainerCallback):
                           f"Trainer.", stacklevel=2)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        from .generator import group_lr_factor
-
         target = _hypernetwork_model(model) if model is not None else None
         if target is None or optimizer is None:
             return
@@ -306,8 +275,6 @@ class HyperAdaLoraTrainer(Trainer):
         (`tracking.rank_logs`): the ``report_to`` integrations of ``TrainingArguments`` (TensorBoard, W&B, MLflow...)
         record the ranks."""
         if "loss" in logs and (_adapter_model(self.model) is not None or _allocating_model(self.model) is not None):
-            from .tracking import rank_logs
-
             ranks = rank_logs(self.model)
             reporting = [r for r in (self.args.report_to or []) if r != "none"]
             # the rank per layer only for a tracker (printed, hundreds of entries would drown the console's logs)
@@ -318,8 +285,6 @@ class HyperAdaLoraTrainer(Trainer):
     def _own_saving(self, model=None):
         """The adapter model whose saving this trainer does itself, or None (Trainer's own saving: another model,
         or DeepSpeed / FSDP / SageMaker MP, whose checkpoints Trainer writes and reads its own way)."""
-        from transformers.trainer import is_sagemaker_mp_enabled
-
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or is_sagemaker_mp_enabled():
             return None
         return _adapter_model(self.model if model is None else model)

@@ -4,7 +4,7 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-0000042/`` holding
 
 - ``model.safetensors``: the trainable state. HyperAdaLoRA: `HyperAdaLoraModel.trainable_state_dict` (the
   hypernetworks with their recurrent state and anchors, the heads, the rank masks and importance EMAs);
-  the methods of `hyperadalora.methods`: `GeneratedAdapterModel.trainable_state_dict` (trained parameters,
+  the methods of `hyperadalora.methods`: `AdapterModel.trainable_state_dict` (trained parameters,
   hypernetworks with their recurrent state, anchors and seeds);
   peft LoRA / AdaLoRA: every parameter with ``requires_grad`` (AdaLoRA's ``lora_E`` carries its masking)
   plus AdaLoRA's rank-allocator EMAs (``ipt``, ``exp_avg_ipt``, ``exp_avg_unc``);
@@ -33,15 +33,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .methods import AdapterModel
+from .tuner_utils import tensors_digest
+
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADALORA_EMAS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
-
-
-def _method_kinds() -> tuple:  # the kinds of `hyperadalora.methods` (imported lazily: no import cycle)
-    from .methods import METHODS
-
-    return tuple(METHODS)
 
 
 class CheckpointError(ValueError):
@@ -50,13 +47,8 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- model state
 def _kind(model) -> str:
-    from .methods import GeneratedAdapterModel
-    from .model import HyperAdaLoraModel
-
-    if isinstance(model, HyperAdaLoraModel):
-        return "hyperadalora"
-    if isinstance(model, GeneratedAdapterModel):
-        return model.peft_config.method
+    if isinstance(model, AdapterModel):
+        return model.method_name
     return {"AdaLoraModel": "adalora", "LoraModel": "lora"}.get(type(getattr(model, "base_model", None)).__name__,
                                                                 type(model).__name__)
 
@@ -64,17 +56,8 @@ def _kind(model) -> str:
 def model_state(model) -> tuple[dict, dict]:
     """(tensors, JSON metadata) of everything training changes in ``model`` (an unwrapped adapter model)."""
     kind = _kind(model)
-    if kind == "hyperadalora":
-        state = model.trainable_state_dict()
-        tensors = {f"model.{k}": v for k, v in state["tensors"].items()}
-        alloc = state["allocator"]
-        tensors.update({f"allocator.{k}": alloc[k] for k in ("mask", "ipt", "unc") if alloc[k] is not None})
-        meta = {"allocator": {k: alloc[k] for k in ("last_step", "n_maskings")},
-                "mask_version": state["mask_version"], "allocate_called": state["allocate_called"]}
-    elif kind in _method_kinds():  # GeneratedAdapterModel
-        state = model.trainable_state_dict()
-        tensors = {f"model.{k}": v for k, v in state["tensors"].items()}
-        meta = dict(state["meta"])
+    if isinstance(model, AdapterModel):
+        tensors, meta = model.checkpoint_state()
     else:
         tensors = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
         meta = {}
@@ -109,16 +92,8 @@ def load_model_state(model, tensors: dict, meta: dict, where: str, hint: str = "
                               + "; ".join(sorted(problems)[:5]) + (" ..." if len(problems) > 5 else "") + hint)
     device = next(model.parameters()).device
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    if kind == "hyperadalora":
-        alloc = {k: tensors.get(f"allocator.{k}") for k in ("mask", "ipt", "unc")}
-        alloc.update(meta["allocator"])
-        model.load_trainable_state_dict({"tensors": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-                                         "allocator": alloc, "mask_version": meta["mask_version"],
-                                         "allocate_called": meta["allocate_called"]})
-        return
-    if kind in _method_kinds():  # GeneratedAdapterModel
-        model.load_trainable_state_dict({"tensors": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-                                         "meta": {k: v for k, v in meta.items() if k != "kind"}})
+    if isinstance(model, AdapterModel):
+        model.load_checkpoint_state(tensors, meta)
         return
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -162,17 +137,6 @@ def _file_info(path: str, fsync: bool = False) -> dict:
         if fsync:
             os.fsync(f.fileno())
     return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path)}
-
-
-def tensors_digest(tensors: dict) -> str:
-    """SHA-256 of a dict of tensors (names, dtypes, shapes and bytes, in name order): what a safetensors file's own
-    header cannot vouch for (a flipped byte in the data loads silently)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: str) -> None:

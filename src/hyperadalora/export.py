@@ -37,6 +37,13 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from .base_models import resolve_model_path
+from .config import CONFIG_NAME, HyperAdaLoraConfig
+from .tuner_utils import ADAPTER_WEIGHTS_NAME, save_safetensors
 
 # vLLM's allowed --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -75,9 +82,7 @@ class LoraWeights:
 @torch.no_grad()
 def lora_weights(model) -> LoraWeights:
     """The adapter of a `HyperAdaLoraModel` (its kept ranks) as `LoraWeights`."""
-    from .model import HyperAdaLoraModel
-
-    if not isinstance(model, HyperAdaLoraModel):
+    if getattr(model, "method_name", None) != "hyperadalora":
         raise TypeError(f"lora_weights takes a HyperAdaLoraModel, got {type(model).__name__}: a peft model exports "
                         f"with its own save_pretrained; a saved adapter directory with read_adapter.")
     scaling = model.peft_config.lora_alpha / model.peft_config.init_r
@@ -90,8 +95,6 @@ def lora_weights(model) -> LoraWeights:
 def read_adapter(directory: str) -> LoraWeights:
     """`LoraWeights` of a saved adapter: HyperAdaLoRA's ``save_pretrained`` (``hyperadalora_config.json``) or a peft
     LoRA adapter (``adapter_config.json``, e.g. written by ``export_lora`` or ``hyperadalora train --method lora``)."""
-    from .config import CONFIG_NAME
-
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return _read_hyperadalora(directory)
     if os.path.isfile(os.path.join(directory, "adapter_config.json")):
@@ -104,8 +107,6 @@ def read_adapter(directory: str) -> LoraWeights:
 
 
 def _load_tensors(directory: str) -> dict:
-    from safetensors.torch import load_file
-
     path = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No adapter_model.safetensors in {directory!r}.")
@@ -130,8 +131,6 @@ def _head_modules(keys, spec) -> list:
 
 
 def _read_hyperadalora(directory: str) -> LoraWeights:
-    from .config import CONFIG_NAME, HyperAdaLoraConfig
-
     config = HyperAdaLoraConfig.from_pretrained(directory)
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         saved = json.load(f)
@@ -215,10 +214,6 @@ def write_peft(weights: LoraWeights, directory: str, base_model_name_or_path: Op
     """A peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) of ``weights``, with LoRA scale
     1 at every layer: ``lora_alpha = r``, and for layers of another rank ``rank_pattern`` with ``alpha_pattern``
     equal to it. Layers at rank 0 are left out (pad first, `LoraWeights.padded`, to keep them as zero blocks)."""
-    from peft import LoraConfig
-
-    from .model import ADAPTER_WEIGHTS_NAME, _save_safetensors
-
     ranks = {n: r for n, r in weights.ranks.items() if r > 0}
     if not ranks:
         raise ValueError("Every layer was pruned to rank 0: the adapter is empty; nothing to export as LoRA.")
@@ -237,7 +232,7 @@ def write_peft(weights: LoraWeights, directory: str, base_model_name_or_path: Op
                      modules_to_save=list(weights.head_modules) or None, task_type=weights.task_type,
                      base_model_name_or_path=base_model_name_or_path)
     cfg.save_pretrained(directory)
-    _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
+    save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"})
 
 
 # HF model_type -> (llama.cpp architecture, whether llama.cpp's converter permutes q_proj / k_proj rows for RoPE:
@@ -293,17 +288,13 @@ class GgufBase:
     def load(cls, base: str) -> "GgufBase":
         """From a ``.gguf`` file, the alias ``smollm2`` (its GGUF file) or a transformers model directory."""
         if base == "smollm2":
-            from .models import smollm2_gguf_path
+            from .base_models import smollm2_gguf_path
 
             base = smollm2_gguf_path()
         if base.endswith(".gguf"):
             if not os.path.isfile(base):
                 raise FileNotFoundError(f"Base model file {base!r} does not exist.")
             return cls.from_gguf(base)
-        from transformers import AutoConfig
-
-        from .models import resolve_model_path
-
         return cls.from_hf_config(AutoConfig.from_pretrained(resolve_model_path(base, "instruction")))
 
 

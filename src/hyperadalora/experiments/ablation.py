@@ -39,8 +39,8 @@ def parameter_counts(args, kind: str = "classification") -> dict:
     """Trainable parameters of the adapter built from ``args`` on a fresh base model: HyperAdaLoRA per
     hypernetwork role (P, lambda, Q) and in total; AdaLoRA / LoRA: the adapter matrices. ``heads``: the
     trained task head (the same for every method)."""
-    from ..model import HyperAdaLoraModel
-    from ..models import load_model_and_tokenizer
+    from ..methods import HyperAdaLoraModel
+    from ..base_models import load_model_and_tokenizer
     from ..train import build_adapter_model, task_type_of
 
     base, _, _ = load_model_and_tokenizer(args.model, kind, num_labels=2)

@@ -60,7 +60,7 @@ def model_kind(model) -> str:
         return "classification"
     from transformers import AutoConfig
 
-    from ..models import resolve_model_path
+    from ..base_models import resolve_model_path
 
     archs = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
     return "instruction" if any("CausalLM" in a for a in archs) else "classification"

@@ -47,7 +47,7 @@ def count_parameters(base, methods: list[str]) -> dict:
     """{method: {"trainable", "hypernetworks", "other"}} of each method's adapter model on a fresh base model."""
     from .. import train as train_lib
     from ..data import get_task
-    from ..models import load_model_and_tokenizer
+    from ..base_models import load_model_and_tokenizer
 
     spec = get_task(base.task)
     counts = {}

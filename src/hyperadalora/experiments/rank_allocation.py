@@ -40,7 +40,7 @@ hyperadalora experiment rank-allocation --model /path/to/roberta-base --data-dir
 
 def layer_ranks(wrapped) -> dict:
     """{adapted module name (in the transformers model): current rank} of a HyperAdaLoRA or peft AdaLoRA model."""
-    from ..model import HyperAdaLoraModel
+    from ..methods import HyperAdaLoraModel
 
     if isinstance(wrapped, HyperAdaLoraModel):
         return {k: int(v) for k, v in wrapped.rank_pattern.items()}

@@ -1,4 +1,4 @@
-"""What every adapter method of this package shares: configs, the adapter layer, the generated-adapter model.
+"""What every adapter method of this package declares: its config, its adapter layer, its `Method` record.
 
 A method is one small module (see `hyperlora.py`) that declares:
 
@@ -8,7 +8,7 @@ A method is one small module (see `hyperlora.py`) that declares:
   shapes, and how they change the output of the wrapped ``nn.Linear``,
 - a `Method` record: its name, those two classes, and which roles the hypernetworks generate.
 
-`GeneratedAdapterModel` does the rest for every method: injection into a transformers model, one
+`adapter_model.AdapterModel` does the rest for every method: injection into a transformers model, one
 `generator.RoleGenerator` (one shared hypernetwork) per generated role for all layers, generation with a graph at
 every training forward and once (cached) in evaluation, the recurrent commit after each optimizer step, the
 trainable state for checkpoints, save/load (safetensors + JSON) and merging.
@@ -33,14 +33,8 @@ import torch
 from torch import nn
 
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
-from ..generator import RoleGenerator, hypernetwork_param_groups
-from ..layer import flat_base_forward
-from ..quantization import (dense_dtype, dense_linear, dequantized_weight, keep_trainable_layout, quantization_kind,
-                            refuse_quantized_merge)
-from ..model import (ADAPTER_WEIGHTS_NAME, _full_precision, _Injection, _replace, _save_safetensors, check_rank_fits,
-                     find_target_modules, load_onto, load_safetensors_checked, phi_changed, phi_fingerprint,
-                     refuse_adapted_model, saved_head_states)
-from ..wrapper import AdapterWrapper, with_signature_of
+from ..quantization import dense_dtype, dequantized_weight, quantization_kind
+from ..tuner_utils import BaseAdapterLayer, flat_base_forward
 
 METHOD_CONFIG_NAME = "method_config.json"
 METHODS: dict[str, "Method"] = {}
@@ -119,7 +113,7 @@ class MethodConfig:
         path = os.path.join(directory, METHOD_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No {METHOD_CONFIG_NAME} in {directory!r}: is this a directory written by "
-                                    f"GeneratedAdapterModel.save_pretrained?")
+                                    f"an adapter model's save_pretrained?")
         with open(path) as f:
             try:
                 data = json.load(f)
@@ -215,6 +209,7 @@ class Method:
     layer_cls: type
     generated: tuple = ()
     description: str = ""
+    model_cls: Optional[type] = None  # the method's own `adapter_model.AdapterModel` subclass (HyperAdaLoRA's), if any
 
     def __post_init__(self):
         unknown = set(self.generated) - set(self.layer_cls.ROLES)
@@ -224,7 +219,7 @@ class Method:
         if self.config_cls.method != self.name:
             raise ValueError(f"{self.config_cls.__name__}.method={self.config_cls.method!r} but the method is "
                              f"registered as {self.name!r}.")
-        if self.generated and not issubclass(self.config_cls, HypernetOptions):
+        if self.generated and not hasattr(self.config_cls, "hypernet_config"):
             raise ValueError(f"Method {self.name!r} generates tensors: its config must inherit HypernetOptions.")
 
 
@@ -242,7 +237,7 @@ def get_method(name: str) -> Method:
 
 
 # ---------------------------------------------------------------------------------------------- the layer
-class AdapterLayer(nn.Module):
+class AdapterLayer(BaseAdapterLayer):
     """An ``nn.Linear`` with an adapter. Subclasses define `ROLES`, `shapes`, `adapt` and (if defined) `merged_weight`,
     and may add trained parameters in `setup` (DoRA's magnitude, HydraLoRA's router).
 
@@ -356,368 +351,3 @@ class AdapterLayer(nn.Module):
         gen = f", generated={list(self.generated)}" if self.generated else ""
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, index={self.index}, "
                 f"scaling={self.scaling:g}{gen}")
-
-
-# ---------------------------------------------------------------------------------------------- the model
-class _Buffers(nn.Module):
-    """A list of tensors kept as buffers (``t0``, ``t1``, ...): moved by ``.to()``, saved in ``state_dict``."""
-
-    def __init__(self, tensors: list[torch.Tensor]):
-        super().__init__()
-        self.n = len(tensors)
-        for i, t in enumerate(tensors):
-            self.register_buffer(f"t{i}", t.detach().clone())
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f"t{i}") for i in range(self.n)]
-
-
-class GeneratedAdapterModel(AdapterWrapper):
-    """A transformers model with the adapters of a `Method`, some of whose tensors may be generated.
-
-    Training step (as for any peft model; `after_optimizer_step` is optional: without it the next training
-    forward commits the recurrent state itself)::
-
-        out = model(**batch)                 # generates this step's tensors (with a graph into the hypernetworks)
-        out.loss.backward()
-        optimizer.step()
-        model.after_optimizer_step(step)     # recurrent generation: the generated tensors become the new state
-        optimizer.zero_grad()
-
-    Attributes:
-        base_model: the wrapped transformers model (its target nn.Linear replaced by the method's layers).
-        adapters: the layers, in the order of ``target_names``.
-        generators: role -> `RoleGenerator` (one hypernetwork shared by all layers), for the generated roles.
-        seeds: role -> the seed states of the ``zero_start`` generated roles (the layer gets ``G - G_0``).
-    """
-
-    ADAPTER_LAYER = AdapterLayer
-    OWN_ATTRIBUTES = ("base_model", "generators", "seeds", "adapters")
-
-    def __init__(self, model: nn.Module, config: MethodConfig, *, trained_only: bool = False):
-        super().__init__()
-        if not isinstance(config, MethodConfig):
-            raise TypeError(f"config must be a MethodConfig (e.g. HyperLoraConfig), got {type(config).__name__}.")
-        self.method = get_method(config.method)
-        refuse_adapted_model(model, "load_adapter" if trained_only else "get_peft_model")
-        self.peft_config = config
-        self.base_model = model
-        self.target_names = find_target_modules(model, config)
-        generated = () if trained_only else self.method.generated
-        if generated and config.init == "principal":  # checked before the model is touched
-            check_rank_fits(model, self.target_names, config.r, "r",
-                            "init='principal' seeds the generated tensors with the top r singular vectors of the "
-                            "layer's weight, and it has min(in_features, out_features) of them",
-                            "use init='orthonormal'")
-        device = next(model.parameters()).device
-        injection = _Injection(model)
-        torch_state = torch.random.get_rng_state()
-        torch.manual_seed(config.seed)  # initialisation independent of the caller's RNG
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            keep_trainable_layout(model)  # 4-bit layers: bitsandbytes' CPU inference repacking has no backward
-            self.adapters: list[AdapterLayer] = []
-            for i, name in enumerate(self.target_names):
-                layer = self.method.layer_cls(model.get_submodule(name), config, i, generated)
-                injection.replace(name, layer.to(device))
-                self.adapters.append(layer)
-            self.saved_module_names = self._mark_modules_to_save()
-            if generated:
-                self._build_generators(config, generated)
-        except BaseException:
-            injection.undo()  # a refused model stays the base model it was
-            raise
-        finally:
-            torch.random.set_rng_state(torch_state)
-        if generated:
-            self.generators.to(device)
-            self.seeds.to(device)
-        self._pending: Optional[dict] = None       # last training generation: role -> [group tensors]
-        self._pending_version: Optional[int] = None
-        self._pending_fingerprint: Optional[torch.Tensor] = None
-        self._pending_committed = False
-        self._cache_key = None
-        self._cache_fingerprint: Optional[torch.Tensor] = None
-        self.last_task_loss: Optional[torch.Tensor] = None
-        self.__class__ = with_signature_of(GeneratedAdapterModel, type(model))
-
-    def _build_generators(self, config, generated) -> None:
-        hcfg = config.hypernet_config()
-        seed = "normal" if hcfg.init == "normal" else "orthonormal"
-        principal = None
-        if hcfg.init == "principal":  # seeds: W0's top-r left (for (d_out, r) roles) / right ((r, d_in)) singular vectors
-            from ..model import principal_subspaces
-
-            principal = principal_subspaces(self.adapters, config.r)
-        gen = torch.Generator().manual_seed(config.seed)
-        self.slots: dict[str, list[tuple[int, int]]] = {}  # role -> [(layer, k)] in the generator's entry order
-        generators, seeds = {}, {}
-        for role in generated:
-            spec = self.method.layer_cls.ROLES[role]
-            lengths, widths, slots = [], set(), []
-            for i, layer in enumerate(self.adapters):
-                for k, shape in enumerate(layer.shapes()[role]):
-                    lengths.append(shape[1 - spec.rank_axis])
-                    widths.add(shape[spec.rank_axis])
-                    slots.append((i, k))
-            if len(widths) != 1:
-                raise ValueError(f"Role {role!r} has tensors of different ranks {sorted(widths)}: one hypernetwork "
-                                 f"generates tokens of one width.")
-            initial = None
-            if principal is not None:
-                initial = [principal[1 if spec.rank_axis == 0 else 0][i] for i, _ in slots]
-                if any(t.shape[0] != length for t, length in zip(initial, lengths)):
-                    raise ValueError(f"init='principal' seeds a role from W0's singular vectors, but role {role!r} "
-                                     f"of {self.method.name} is not (r, d_in) or (d_out, r): use init='orthonormal'.")
-            generators[role] = RoleGenerator(role, lengths, widths.pop(), 1, seed, hcfg, gen, initial)
-            self.slots[role] = slots
-            if spec.zero_start:
-                seeds[role] = _Buffers(generators[role].states())
-        self.generators = nn.ModuleDict(generators)
-        self.seeds = nn.ModuleDict(seeds)
-
-    @property
-    def generated(self) -> tuple:
-        """The roles generated by hypernetworks (empty for a trained-only method, or once loaded / dropped)."""
-        return tuple(self.generators) if "generators" in self._modules else ()
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.adapters)
-
-    @property
-    def rank_pattern(self) -> dict:
-        return {name: layer.r for name, layer in zip(self.target_names, self.adapters)}
-
-    @property
-    def total_rank(self) -> int:
-        return sum(self.rank_pattern.values())
-
-    # ------------------------------------------------------------------ parameters
-    def hypernetwork_parameters(self) -> list[nn.Parameter]:
-        return list(self.generators.parameters()) if self.generated else []
-
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        """Trained parameters of the layers (trained roles, DoRA's magnitude, HydraLoRA's router)."""
-        return [p for layer in self.adapters for n, p in layer.named_parameters()
-                if not n.startswith("base_layer.") and p.requires_grad]
-
-    def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """The hypernetworks at ``lr * hypernet_lr_ratio`` (their row embeddings at ``lr * feature_lr_ratio``, see
-        `generator.hypernetwork_param_groups`); the layers' trained parameters and the heads at ``lr``."""
-        groups = hypernetwork_param_groups(self.generators, self.peft_config, lr, weight_decay) if self.generated else []
-        adapter = self.adapter_parameters()
-        groups.append({"params": adapter, "lr": lr, "weight_decay": weight_decay, "name": "adapters"})
-        in_adapters = {id(p) for p in adapter}
-        heads = [p for p in self.base_model.parameters() if p.requires_grad and id(p) not in in_adapters]
-        groups.append({"params": heads, "lr": lr, "weight_decay": weight_decay, "name": "modules_to_save"})
-        return [g for g in groups if g["params"]]
-
-    # ------------------------------------------------------------------ generation
-    def _phi_version(self) -> int:
-        return sum(p._version for p in self.generators.parameters())
-
-    def _phi_changed(self, version: Optional[int], fingerprint: Optional[torch.Tensor]) -> bool:
-        """Updated since ``version`` / ``fingerprint`` (see `model.phi_changed`: fused optimizers included)."""
-        return phi_changed(self.generators, version, fingerprint)
-
-    def _generate(self, track: bool) -> dict:
-        """Every role's tensors, with autocast off: under bf16 autocast the hypernetworks, their state and the
-        generated tensors stay fp32, as HyperAdaLoRA's (`model._full_precision`); only the adapted layers run in
-        bf16."""
-        device = next(iter(self.generators.values())).states()[0].device
-        with _full_precision(device):
-            return {role: g.generate(track=track) for role, g in self.generators.items()}
-
-    def _install(self, outs: dict) -> None:
-        for role, groups in outs.items():
-            if role in self.seeds:  # zero_start: G - G_0
-                groups = [g - s.to(g.dtype) for g, s in zip(groups, self.seeds[role].tensors())]
-            transpose = self.method.layer_cls.ROLES[role].rank_axis == 0
-            per_layer: list[list] = [[] for _ in self.adapters]
-            for (i, _), t in zip(self.slots[role], self.generators[role].per_layer(groups)):
-                per_layer[i].append(t.t() if transpose else t)
-            for layer, tensors in zip(self.adapters, per_layer):
-                layer.install(role, tensors)
-
-    @torch.no_grad()
-    def _commit(self) -> None:
-        """Once the hypernetworks were updated, the last training generation becomes the recurrent state."""
-        if (self._pending is None or self._pending_committed
-                or not self._phi_changed(self._pending_version, self._pending_fingerprint)):
-            return
-        for role, g in self.generators.items():
-            g.commit(self._pending[role], self.peft_config.momentum)
-        self._pending = {role: [t.detach() for t in ts] for role, ts in self._pending.items()}
-        self._pending_committed = True
-        self._cache_key = None
-
-    def after_optimizer_step(self, global_step: Optional[int] = None) -> None:
-        """After ``optimizer.step()``: commit the recurrent state (a no-op when nothing is generated)."""
-        if self.generated:
-            self._commit()
-
-    update_and_allocate = after_optimizer_step  # the HyperAdaLoRA / peft AdaLoRA contract (no rank allocation here)
-
-    def materialize(self, training_pass: Optional[bool] = None) -> Optional[dict]:
-        """Generate this step's tensors and install them in the layers.
-
-        A training pass (training mode, autograd on) generates with a graph into the hypernetworks; otherwise the
-        tensors are generated once under no_grad and cached until the hypernetworks or their state change.
-        """
-        if not self.generated:
-            return None
-        if training_pass is None:
-            training_pass = self.training and torch.is_grad_enabled()
-        self._commit()
-        if training_pass:
-            outs = self._generate(track=True)
-            self._pending, self._pending_version = outs, self._phi_version()
-            self._pending_fingerprint = phi_fingerprint(self.generators)
-            self._pending_committed = False
-            self._cache_key = None
-        else:
-            states = [s for g in self.generators.values() for s in g.states()]
-            version = self._phi_version()
-            key = (version, tuple(s.data_ptr() for s in states), tuple(s._version for s in states))
-            if key == self._cache_key and not self._phi_changed(version, self._cache_fingerprint):
-                return None
-            with torch.no_grad():
-                outs = self._generate(track=False)
-            self._cache_key, self._cache_fingerprint = key, phi_fingerprint(self.generators)
-        self._install(outs)
-        return outs
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, *args, **kwargs):
-        self.materialize()
-        output = self.base_model(*args, **kwargs)
-        loss = getattr(output, "loss", None)
-        if isinstance(loss, torch.Tensor):
-            self.last_task_loss = loss.detach()
-        return output
-
-    # ------------------------------------------------------------------ training state (checkpoints)
-    def _trainable_names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict:
-        """Everything training changes, for an exact resume: the trained parameters (adapters, heads, hypernetworks)
-        and the hypernetworks' buffers (recurrent state, anchors, seeds)."""
-        state = self.state_dict()
-        keys = set(self._trainable_names())
-        keys |= {k for k in state if k.startswith(("generators.", "seeds."))}
-        return {"tensors": {k: state[k].detach().clone() for k in sorted(keys)}, "meta": {}}
-
-    def load_trainable_state_dict(self, state: dict) -> None:
-        tensors = state["tensors"]
-        expected = set(self.trainable_state_dict()["tensors"])
-        if set(tensors) != expected:
-            raise ValueError(f"The state does not fit this model: missing {sorted(expected - set(tensors))[:5]}, "
-                             f"unexpected {sorted(set(tensors) - expected)[:5]}.")
-        self.load_state_dict(tensors, strict=False)
-        self._pending, self._pending_version, self._cache_key = None, None, None
-        self._pending_fingerprint = self._cache_fingerprint = None
-        self._pending_committed = False
-
-    # ------------------------------------------------------------------ the final adapter
-    @torch.no_grad()
-    def _materialized(self) -> None:
-        was_training = self.training
-        self.eval()
-        self.materialize(training_pass=False)
-        self.train(was_training)
-
-    def drop_hypernetworks(self) -> "GeneratedAdapterModel":
-        """Freeze the generated tensors into the layers (as fixed, non-trained tensors) and delete the hypernetworks:
-        inference then costs what the plain method costs."""
-        if not self.generated:
-            return self
-        self._materialized()
-        for layer in self.adapters:
-            for role in self.generators:
-                layer.set_trained(role, layer.tensors(role), requires_grad=False)
-        del self.generators
-        del self.seeds
-        self._pending = None
-        return self
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``adapter_model.safetensors`` (every layer's tensors, generated ones as they are now, its other
-        parameters, and the trained heads) and ``method_config.json``. `load_adapter` reads them back."""
-        os.makedirs(directory, exist_ok=True)
-        self._materialized()
-        tensors = {f"{name}.{k}": v for name, layer in zip(self.target_names, self.adapters)
-                   for k, v in layer.adapter_state().items()}
-        tensors.update(self._modules_to_save_state())
-        # the config first: the tensors' file records its digest (load_adapter refuses an altered one)
-        self.peft_config.save_pretrained(directory, target_names=self.target_names)
-        _save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"},
-                          config_path=os.path.join(directory, METHOD_CONFIG_NAME))
-
-    @torch.no_grad()
-    def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
-        """Fold the adapters into the base weights and return the plain transformers model. Raises ValueError
-        (leaving the model unchanged) for a method whose update depends on the input (HydraLoRA with a router), and
-        for a quantized (bitsandbytes 4-bit / 8-bit) base unless ``dequantize=True``: then each adapted quantized
-        layer becomes a dense ``nn.Linear`` holding the dequantized weight plus the update."""
-        if not dequantize:
-            refuse_quantized_merge(self.adapters, self.target_names)
-        self._materialized()
-        merged = [layer.merged_weight() for layer in self.adapters]  # all first: fail before changing anything
-        for name, layer, weight in zip(self.target_names, self.adapters, merged):
-            base = layer.base_layer
-            if quantization_kind(base) is not None:
-                _replace(self.base_model, name, dense_linear(base, weight))
-                continue
-            base.weight.data.copy_(weight.to(base.weight.dtype))
-            _replace(self.base_model, name, base)
-        return self.base_model
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def load_adapter(model: nn.Module, directory: str) -> GeneratedAdapterModel:
-    """Load an adapter written by `GeneratedAdapterModel.save_pretrained` onto ``model`` (inference: every tensor
-    fixed, no hypernetwork)."""
-    import re
-
-    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        MethodConfig.from_pretrained(directory)  # the clearer error for a directory that holds no adapter
-        raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {directory!r}.")
-    config_path = os.path.join(directory, METHOD_CONFIG_NAME)
-    # the tensors and the config checked against their digests before either is read
-    tensors = load_safetensors_checked(path, config_path if os.path.isfile(config_path) else None)
-    config = MethodConfig.from_pretrained(directory)
-    with open(config_path) as f:
-        names = json.load(f).get("target_names")
-    if not names:  # the layers the file has tensors for
-        names = sorted({k.split(".lora_", 1)[0] for k in tensors
-                        if ".lora_" in k and not k.startswith("modules_to_save.")})
-    if names:
-        config.target_modules = "|".join(re.escape(n) for n in names)
-    return load_onto(model, directory, names, tensors, config.modules_to_save,
-                     build=lambda: GeneratedAdapterModel(model, config, trained_only=True),
-                     load=lambda w: _load_layer_tensors(w, tensors, path))
-
-
-def _load_layer_tensors(wrapped: GeneratedAdapterModel, tensors: dict, path: str) -> None:
-    """Check every saved tensor against the model first, then load them (a misfit changes nothing)."""
-    layers = []
-    for name, layer in zip(wrapped.target_names, wrapped.adapters):
-        state = {}
-        for key, ref in layer.adapter_state().items():
-            full = f"{name}.{key}"
-            if full not in tensors:
-                raise ValueError(f"{path} has no tensor {full!r}: the adapter was saved for another model.")
-            if tensors[full].shape != ref.shape:
-                raise ValueError(f"Adapter tensor {full!r} has shape {tuple(tensors[full].shape)} but the model's "
-                                 f"layer needs {tuple(ref.shape)}: this adapter was trained on another base model.")
-            state[key] = tensors[full]
-        layers.append((layer, state))
-    heads = saved_head_states(wrapped, tensors)
-    for layer, state in layers:
-        layer.load_state_dict(state, strict=False)  # every key was checked above; the base layer is not in the file
-    for module, sub in heads:
-        module.load_state_dict(sub)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layer import add_product
+from ..tuner_utils import add_product
 from .base import AdapterLayer, Method, MethodConfig, RoleSpec, register
 
 

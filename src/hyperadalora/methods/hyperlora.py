@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layer import add_product
+from ..tuner_utils import add_product
 from .base import AdapterLayer, HypernetOptions, Method, MethodConfig, RoleSpec, register
 
 

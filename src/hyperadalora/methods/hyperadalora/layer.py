@@ -12,31 +12,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-
-def add_product(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``out + h @ B^T`` for a linear layer's output ``out`` (tokens, d_out), ``h`` (tokens, r), ``B`` (d_out, r).
-
-    The product is accumulated into ``out`` in place when ``out`` is a fresh 2-D tensor (not a view; what
-    `nn.Linear` returns for a 2-D input, see `flat_base_forward`): one fused multiply-add and no (tokens x d_out)
-    temporary for the product nor for the sum (3-4% of a MiniLM training step on the CPU). Autograd allows it
-    because the base layer's backward does not read its own output. In place on a *view* would make autograd
-    copy the whole gradient in backward (CopySlices), so anything else takes ``out + h @ B^T``.
-    """
-    if (out._base is None and out.dim() == 2 and h.dim() == 2 and out.is_contiguous()
-            and h.dtype == out.dtype):
-        return out.addmm_(h, B.t().to(out.dtype))
-    return out + h @ B.t()
+from ...tuner_utils import BaseAdapterLayer, add_product, flat_base_forward
+from ..base import RoleSpec
 
 
-def flat_base_forward(base_layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x2, base_layer(x2))`` with ``x2 = x`` as (tokens, in): for a 3-D input `nn.Linear` returns a *view* of a 2-D
-    result, for a 2-D one the result itself, which `add_product` can then add into in place. The caller views the
-    sum back to ``x.shape[:-1] + (d_out,)``. A forward hook on the base layer therefore sees (tokens, in)."""
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return x2, base_layer(x2)
+class SVDLinear(BaseAdapterLayer):
+    """``base(x) + scaling * (dropout(x) Q^T diag(lambda)) P^T``, with the step's tensors set by the model."""
 
+    # how HyperAdaLoRA's hypernetworks generate each tensor (see `methods.base.RoleSpec`): P (out, r) one token per
+    # row, lambda one token per rank, Q (r, in) one token per column
+    ROLES = {"P": RoleSpec(rank_axis=1), "lambda": RoleSpec(rank_axis=1), "Q": RoleSpec(rank_axis=0)}
 
-class SVDLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, index: int, scaling: float, dropout: float = 0.0):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
