@@ -34,7 +34,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .methods import AdapterModel
-from .tuner_utils import tensors_digest
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")

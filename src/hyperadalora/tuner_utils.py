@@ -1,13 +1,12 @@
-"""Tuner utilities every adapter method shares (the lowest layer of the package: it imports no other module of it
-but `quantization`).
+"""Tuner utilities every adapter method shares (the lowest layer of the package: it imports only `quantization` and
+`wrapper`).
 
 - targets: which ``nn.Linear`` of a transformers model to adapt (`find_target_modules`), whether a layer is wide
   enough for a rank (`check_rank_fits`), refusing a model that carries adapters already (`refuse_adapted_model`);
 - injection with undo (`Injection`, `replace_module`) and the common part of every loader (`load_onto`);
 - adapter files: safetensors written atomically with the digests of the tensors and of the config beside them
   (`save_safetensors`, `load_safetensors_checked`, `tensors_digest`);
-- the adapter layers' shared kernels (`add_product`, `flat_base_forward`) and their marker base class
-  (`BaseAdapterLayer`);
+- the adapter layers' shared kernels (`add_product`, `flat_base_forward`);
 - generation helpers: autocast off for the hypernetworks (`full_precision`), the hypernetworks' change detection
   (`phi_fingerprint`, `phi_changed`), the principal seeds (`principal_subspaces`), `world_size`.
 """
@@ -31,19 +30,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
 from .quantization import dequantized_weight
+from .wrapper import BaseAdapterLayer, BaseAdapterModel
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 HYPERNET_WEIGHTS_NAME = "hypernetworks.safetensors"
 OUTPUT_LAYER_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out", "output_layer")
-
-
-class BaseAdapterLayer(nn.Module):
-    """Base class of every adapter layer of this package (an ``nn.Linear`` with an adapter, the base layer kept as
-    ``base_layer``): what `refuse_adapted_model` recognises, and what is never marked as a module to save."""
-
-
-class BaseAdapterModel(nn.Module):
-    """Base class of the adapter model (`adapter_model.AdapterModel`): what `refuse_adapted_model` recognises."""
 
 
 def _default_targets(model: nn.Module) -> list[str]:

@@ -27,8 +27,6 @@ commits the state itself.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import re
@@ -38,11 +36,11 @@ import torch
 from torch import nn
 
 from ..generator import RoleGenerator, hypernetwork_param_groups
-from ..quantization import (dense_linear, enable_gradient_checkpointing, keep_trainable_layout, quantization_kind,
-                            refuse_quantized_merge)
-from ..tuner_utils import (ADAPTER_WEIGHTS_NAME, BaseAdapterLayer, BaseAdapterModel, Injection, check_rank_fits,
+from ..quantization import dense_linear, keep_trainable_layout, quantization_kind, refuse_quantized_merge
+from ..tuner_utils import (ADAPTER_WEIGHTS_NAME, Injection, check_rank_fits,
                            find_target_modules, full_precision, load_onto, load_safetensors_checked, phi_changed,
                            phi_fingerprint, principal_subspaces, refuse_adapted_model, replace_module, save_safetensors)
+from ..wrapper import BaseAdapterLayer, BaseAdapterModel, with_signature_of
 from .base import METHOD_CONFIG_NAME, METHODS, Method, MethodConfig, get_method
 
 
@@ -74,9 +72,6 @@ class AdapterModel(BaseAdapterModel):
     CONFIG_NAME: ClassVar[str] = METHOD_CONFIG_NAME   # the JSON file `save_pretrained` writes beside the tensors
     ALLOCATES_RANK: ClassVar[bool] = False  # `update_and_allocate` reallocates a rank budget (HyperAdaLoRA)
     OWN_ATTRIBUTES: ClassVar[tuple] = ("base_model", "generators", "seeds", "adapters", "allocator")
-    # transformers' mark of a model with trainable adapters attached: its Trainer refuses a quantized base model
-    # ("purely quantized models") unless the model is a peft model or carries this mark
-    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config, *, trained_only: bool = False):
         super().__init__()
@@ -247,58 +242,6 @@ class AdapterModel(BaseAdapterModel):
     @property
     def last_orth_penalty(self) -> Optional[torch.Tensor]:  # the name HyperAdaLoRA's callers know
         return self.last_penalty
-
-    # ------------------------------------------------------------------ the wrapper
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in self.OWN_ATTRIBUTES:
-                raise
-            return getattr(self.base_model, name)
-
-    def _mark_modules_to_save(self) -> list[str]:
-        """Make the ``modules_to_save`` (matched by name or dotted suffix) trainable; returns their names."""
-        names = []
-        for target in self.peft_config.modules_to_save or ():
-            for name, module in self.base_model.named_modules():
-                if (name == target or name.endswith("." + target)) and not isinstance(module, BaseAdapterLayer):
-                    module.requires_grad_(True)
-                    names.append(name)
-        return names
-
-    def _modules_to_save_state(self) -> dict:
-        return {f"modules_to_save.{name}.{k}": v for name in self.saved_module_names
-                for k, v in self.base_model.get_submodule(name).state_dict().items()}
-
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache of generated tensors
-        self._cache_key = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
-
-    def print_trainable_parameters(self) -> None:
-        t, a = self.get_nb_trainable_parameters()
-        print(f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}")
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **options) -> None:
-        """Gradient checkpointing of the base model, non-reentrant unless asked otherwise (what `Trainer` calls for
-        ``gradient_checkpointing=True``); see `quantization.enable_gradient_checkpointing`."""
-        enable_gradient_checkpointing(self, activation_checkpointing_kwargs, **options)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **options) -> None:
-        """The older name of `activation_checkpointing_enable` (transformers < 5.2x, peft)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
-
-    def generate(self, *args, **kwargs):
-        """Text generation with the current adapter (generated once, cached)."""
-        self.materialize(training_pass=False)
-        return self.base_model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ parameters
     def hypernetwork_parameters(self) -> list[nn.Parameter]:
@@ -590,21 +533,3 @@ class AdapterModel(BaseAdapterModel):
                                      f"model.")
                 heads.append((module, state))
         return heads
-
-
-@functools.lru_cache(maxsize=None)
-def with_signature_of(wrapper_cls: type, base_cls: type) -> type:
-    """A subclass of ``wrapper_cls`` whose ``forward`` has the signature of ``base_cls.forward`` (like peft's task
-    classes), so that `transformers.Trainer` keeps the right dataset columns and finds the labels."""
-    try:
-        signature = inspect.signature(base_cls.forward)
-    except (TypeError, ValueError):
-        return wrapper_cls
-
-    def forward(self, *args, **kwargs):
-        return wrapper_cls.forward(self, *args, **kwargs)
-
-    forward.__signature__ = signature
-    forward.__doc__ = wrapper_cls.forward.__doc__
-    name = f"{wrapper_cls.__name__}For{base_cls.__name__}"
-    return type(name, (wrapper_cls,), {"forward": forward, "__module__": wrapper_cls.__module__, "__qualname__": name})

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
 from ..quantization import dense_dtype, dequantized_weight, quantization_kind
-from ..tuner_utils import BaseAdapterLayer, flat_base_forward
+from ..tuner_utils import flat_base_forward
+from ..wrapper import BaseAdapterLayer
 
 METHOD_CONFIG_NAME = "method_config.json"
 METHODS: dict[str, "Method"] = {}

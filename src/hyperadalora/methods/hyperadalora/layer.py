@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...tuner_utils import BaseAdapterLayer, add_product, flat_base_forward
+from ...tuner_utils import add_product, flat_base_forward
+from ...wrapper import BaseAdapterLayer
 from ..base import RoleSpec
 
 

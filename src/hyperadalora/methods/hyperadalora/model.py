@@ -32,7 +32,7 @@ from ...config import CONFIG_NAME, HyperAdaLoraConfig
 from ...export import export, lora_weights
 from ...generator import RoleGenerator
 from ...quantization import dequantized_weight, quantization_kind
-from ...tuner_utils import (ADAPTER_WEIGHTS_NAME, HYPERNET_WEIGHTS_NAME, check_rank_fits, full_precision,
+from ...tuner_utils import (HYPERNET_WEIGHTS_NAME, check_rank_fits, full_precision,
                             principal_subspaces, save_safetensors, world_size)
 from ..adapter_model import AdapterModel
 from .allocation import RankAllocator
