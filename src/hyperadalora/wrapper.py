@@ -21,6 +21,14 @@ class BaseAdapterLayer(nn.Module):
     """Base class of every adapter layer of this package (an ``nn.Linear`` with an adapter, the base layer kept as
     ``base_layer``): what `tuner_utils.refuse_adapted_model` recognises, never marked as a module to save."""
 
+    @property
+    def weight(self):  # code that inspects `.weight` of a linear layer keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
 
 class BaseAdapterModel(nn.Module):
     """Base class of the adapter model (`methods.adapter_model.AdapterModel`). Subclasses set ``base_model``,

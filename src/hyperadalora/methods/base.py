@@ -291,14 +291,6 @@ class AdapterLayer(BaseAdapterLayer):
         return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
     # ---- tensors ----
-    @property
-    def weight(self) -> torch.Tensor:  # code that inspects `.weight` of a linear layer keeps working
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
     def base_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """W0 ``(d_out, d_in)`` as a dense tensor without a gradient (dequantized for a 4-bit / 8-bit base), in
         ``dtype`` (default: the weight's own, or the quantized layer's compute dtype)."""

@@ -38,14 +38,6 @@ class SVDLinear(BaseAdapterLayer):
         self.Q: Optional[torch.Tensor] = None        # (r, in_features)
         self.disabled = False
 
-    @property
-    def weight(self) -> torch.Tensor:  # code that inspects `.weight` of a linear layer keeps working
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
     def set_tensors(self, P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor) -> None:
         self.P, self.lam, self.Q = P, lam, Q
 
