@@ -1,16 +1,23 @@
 """The lr-sweep experiment (issue 23): its statistics on synthetic cells, and tiny end-to-end runs."""
 
+import argparse
 import json
 import math
 import os
+import shlex
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from hyperadalora.experiments import ExperimentOptions, run_experiment
+from hyperadalora.experiments import ExperimentOptions, add_experiment_parser, run_experiment
 from hyperadalora.experiments.lr_sweep import analysis, design
 from hyperadalora.experiments.lr_sweep import cells as lr_cells
+from hyperadalora.experiments.options import as_options
 from hyperadalora.experiments.stats import stats, t_interval
+from hyperadalora.experiments.task_setup import default_glue_dir, glue_task_available
 
 from test_experiments import POS, NEG, glue_dir, tiny_bert_dir, tokenizer  # noqa: F401 (fixtures)
 
@@ -192,3 +199,34 @@ def test_lr_sweep_instruction_task_scores_the_dev_loss(tmp_path, tokenizer):  # 
     held_out = run["evals"][-1]["n"]
     assert held_out >= 2 and all(e["score"] > 0 for e in run["evals"])  # a mean per-example loss
     assert data["tasks"]["alpaca"]["settings"]["score"] == "dev_loss"
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "lr-sweep"
+
+
+@pytest.mark.skipif(not (COMMITTED / "cells").is_dir(), reason="no committed lr-sweep cells")
+def test_the_committed_lr_sweep_report_is_rebuilt_from_its_cells(tmp_path, monkeypatch):
+    """report.md of docs/results/lr-sweep, rebuilt by the report's own command (--report-only) from the committed
+    cells, is the committed one, but for the machine line and the seconds the report took."""
+    if not glue_task_available("sst2", default_glue_dir(ExperimentOptions()))[0]:
+        pytest.skip("no SST-2 data (the sweep checks that its task's files exist)")
+    committed = (COMMITTED / "report.md").read_text()
+    command = committed.split("```\n", 2)[1].strip()
+    argv = shlex.split(command)
+    assert argv[:3] == ["hyperadalora", "experiment", "lr-sweep"] and "--report-only" in argv, command
+    out = tmp_path / argv[argv.index("--output-dir") + 1]
+    shutil.copytree(COMMITTED / "cells", out / "cells", ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser(prog="hyperadalora")
+    add_experiment_parser(parser.add_subparsers(dest="command"))
+    threads = torch.get_num_threads()
+    try:
+        result = run_experiment("lr-sweep", as_options(vars(parser.parse_args(argv[1:]))))
+    finally:
+        torch.set_num_threads(threads)
+
+    def stable(text):
+        return [line for line in text.splitlines()
+                if not line.startswith(("- machine: ", "This report was written in "))]
+
+    assert stable(open(result["report"]).read()) == stable(committed)
