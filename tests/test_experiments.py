@@ -3,7 +3,10 @@
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,10 +18,17 @@ from hyperadalora import cli
 from conftest import make_bert, make_llama
 from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experiment_parser, cmd_experiment,
                                       format_table, run_experiment, steps_to_target, summarize)
-from hyperadalora.experiments import common, nlg
+from hyperadalora.experiments import nlg
+from hyperadalora.experiments.convergence import (convergence, dev_speed, drop_target, final_smoothed, loss_per_epoch,
+                                                  paired_gap)
+from hyperadalora.experiments.formulation import VARIANTS, parse_option
+from hyperadalora.experiments.goal import CLASSIFICATION_BOUND, goal_check, goal_table
+from hyperadalora.experiments.options import as_options, command_line, seed_list
 from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
-from hyperadalora.experiments.formulation import VARIANTS
-from hyperadalora.train import read_metrics
+from hyperadalora.experiments.report import convergence_table, epoch_section, fmt_stat
+from hyperadalora.experiments.stats import stats
+from hyperadalora.experiments.task_setup import glue_task_available, window_for
+from hyperadalora.train import HYPER_FIELDS, read_metrics
 
 POS = ["good", "great", "fine", "happy", "nice"]
 NEG = ["bad", "awful", "poor", "sad", "ugly"]
@@ -75,8 +85,6 @@ def tiny(tmp_path, **kw):
 
 def check_outputs(result, n_png=1):
     out = result["report"].rsplit("/", 1)[0]
-    import os
-
     report = open(result["report"]).read()
     assert report.startswith("# ")
     assert "hyperadalora experiment" in "\n".join(report.split("\n")[:6])  # the command, at the top
@@ -125,10 +133,10 @@ def test_steps_to_target_on_synthetic_curves():
 def test_paired_gap_compares_the_same_steps_only():
     ref = [{"step": s, "task_loss": 1.0} for s in range(1, 11)]
     rows = [{"step": s, "task_loss": 0.9 if s % 2 else 1.3} for s in range(1, 9)]  # 8 steps logged, ref 10
-    gap = common.paired_gap(rows, ref, skip=2)                                      # steps 3..8
+    gap = paired_gap(rows, ref, skip=2)                                      # steps 3..8
     assert gap["loss_gap"] == pytest.approx((3 * -0.1 + 3 * 0.3) / 6)
     assert gap["steps_below"] == pytest.approx(0.5)
-    assert common.paired_gap(rows, ref, skip=20) == {"loss_gap": None, "steps_below": None}
+    assert paired_gap(rows, ref, skip=20) == {"loss_gap": None, "steps_below": None}
 
 
 def test_loss_per_epoch_splits_the_runs_at_each_pass_over_the_training_set():
@@ -137,18 +145,18 @@ def test_loss_per_epoch_splits_the_runs_at_each_pass_over_the_training_set():
                          for s in range(1, n + 1)]}
 
     runs = {0: {"ref": run(1.0), "hyper": run(0.9)}, 1: {"ref": run(1.2), "hyper": run(1.0)}}
-    per_epoch = common.loss_per_epoch(runs, ["ref", "hyper"], "ref")
+    per_epoch = loss_per_epoch(runs, ["ref", "hyper"], "ref")
     assert [(e["epoch"], e["first_step"], e["last_step"]) for e in per_epoch] == [(0, 1, 4), (1, 5, 8), (2, 9, 10)]
     assert per_epoch[0]["ref"]["mean"] == pytest.approx(1.1 - 0.025)            # seeds 1.0 and 1.2, steps 1-4
     assert per_epoch[2]["hyper_gap"]["mean"] == pytest.approx(-0.15)             # -0.1 on seed 0, -0.2 on seed 1
     assert "ref_gap" not in per_epoch[0]
-    text = "\n".join(common.epoch_section(per_epoch, ["ref", "hyper"], "ref"))
+    text = "\n".join(epoch_section(per_epoch, ["ref", "hyper"], "ref"))
     assert "| 3 | 9-10 |" in text and "hyper - ref, same batches" in text
-    one = common.loss_per_epoch({0: {"ref": run(1.0, n=3), "hyper": run(0.9, n=3)}}, ["ref", "hyper"], "ref")
-    assert len(one) == 1 and "first pass" in common.epoch_section(one, ["ref", "hyper"], "ref")[0]
+    one = loss_per_epoch({0: {"ref": run(1.0, n=3), "hyper": run(0.9, n=3)}}, ["ref", "hyper"], "ref")
+    assert len(one) == 1 and "first pass" in epoch_section(one, ["ref", "hyper"], "ref")[0]
     no_epoch = {0: {"ref": {"rows": [{"step": 1, "task_loss": 1.0}]}, "hyper": {"rows": []}}}
-    assert common.loss_per_epoch(no_epoch, ["ref", "hyper"], "ref") == []
-    assert common.epoch_section([], ["ref"], "ref") == []
+    assert loss_per_epoch(no_epoch, ["ref", "hyper"], "ref") == []
+    assert epoch_section([], ["ref"], "ref") == []
 
 
 def test_convergence_statistics_over_seeds():
@@ -158,17 +166,17 @@ def test_convergence_statistics_over_seeds():
                                           "final_eval": {"accuracy": 0.5 + seed_shift}, "total_rank": 4}}
 
     runs = {s: {"ref": run(0.01, 0.01 * s), "fast": run(0.02, 0.01 * s)} for s in range(3)}
-    conv = common.convergence(runs, window=1, reference="ref")
+    conv = convergence(runs, window=1, reference="ref")
     assert conv["target_loss"]["n"] == 3
     ratio = conv["methods"]["fast"]["steps_ratio"]
     assert ratio["mean"] == pytest.approx(26 / 50) and ratio["min"] <= ratio["max"]
     assert conv["methods"]["fast"]["dev_accuracy"]["std"] > 0
-    text = common.fmt_stat(conv["methods"]["fast"]["steps_to_target"], "{:.1f}")
+    text = fmt_stat(conv["methods"]["fast"]["steps_to_target"], "{:.1f}")
     assert "±" in text and "[" in text
-    assert common.fmt_stat(common.stats([None, None], "not reached")) == "n/a (not reached)"
-    assert common.fmt_stat(common.stats([None, None])) == "n/a"                    # e.g. a loss gap: no reason
-    assert "(1/2 seeds)" in common.fmt_stat(common.stats([3.0, None]))
-    assert common.window_for(300) == 25 and common.window_for(60) == 6 and common.window_for(4) == 5
+    assert fmt_stat(stats([None, None], "not reached")) == "n/a (not reached)"
+    assert fmt_stat(stats([None, None])) == "n/a"                    # e.g. a loss gap: no reason
+    assert "(1/2 seeds)" in fmt_stat(stats([3.0, None]))
+    assert window_for(300) == 25 and window_for(60) == 6 and window_for(4) == 5
 
 
 def test_steps_to_90_percent_of_the_reference_drop():
@@ -180,52 +188,52 @@ def test_steps_to_90_percent_of_the_reference_drop():
     summary = {"median_step_s": 1.0, "train_time_s": 100.0, "final_eval": {}, "total_rank": 4}
     runs = {0: {"ref": {"rows": rows(0.01, 0.5), "summary": summary},
                 "touch": {"rows": rows(0.02, 0.501), "summary": summary}}}
-    conv = common.convergence(runs, window=2, reference="ref")
+    conv = convergence(runs, window=2, reference="ref")
     seed = conv["per_seed"][0]
     assert seed["target_90"] == pytest.approx(0.995 - 0.9 * (0.995 - 0.5))  # start: the mean of the first 2 losses
     touch = seed["methods"]["touch"]
     assert touch["steps_to_target"] is None                           # the final-loss target: never reached
     assert seed["methods"]["ref"]["steps_to_90"] == 47 and touch["steps_to_90"] == 25  # (2-step trailing means)
     assert touch["steps_ratio_90"] == pytest.approx(25 / 47)
-    assert "ratio (90%)" in common.convergence_table(conv)
+    assert "ratio (90%)" in convergence_table(conv)
     rng = np.random.default_rng(0)
     flat = [{"step": i + 1, "task_loss": 0.69 + 0.03 * rng.standard_normal(), "train_time": 1.0} for i in range(200)]
-    final = common.final_smoothed(flat, 20)
-    assert common.drop_target(flat, final, window=20) is None          # a drop within the noise: no 90% level
+    final = final_smoothed(flat, 20)
+    assert drop_target(flat, final, window=20) is None          # a drop within the noise: no 90% level
 
 
 def test_command_line_round_trips_through_the_parser():
     opts = ExperimentOptions(steps=50, seeds=3, lr=1e-4, tasks=["rte", "sst2"], data_path=["a b.json", "c.json"],
                              batch_sizes=[1, 2], reuse=True, output_dir="out dir")
-    cmd = common.command_line("nlg", opts)
+    cmd = command_line("nlg", opts)
     parser = argparse.ArgumentParser(prog="hyperadalora")
     add_experiment_parser(parser.add_subparsers(dest="command"))
     ns = parser.parse_args(shlex.split(cmd)[1:])
-    back = common.as_options({k: v for k, v in vars(ns).items()})
+    back = as_options({k: v for k, v in vars(ns).items()})
     for name in ("steps", "seeds", "lr", "tasks", "data_path", "batch_sizes", "reuse", "output_dir"):
         assert getattr(back, name) == getattr(opts, name), name
     assert ns.name == "nlg" and ns.func is cmd_experiment
     with pytest.raises(ValueError, match="steps"):
-        common.as_options({"steps": 0})
+        as_options({"steps": 0})
     for seeds in ([2, 3], [5]):  # a list of seeds (to add seeds to an earlier run) round-trips too
-        cmd = common.command_line("nlu-convergence", ExperimentOptions(seeds=seeds))
-        back = common.as_options(vars(parser.parse_args(shlex.split(cmd)[1:])))
-        assert back.seeds == seeds and common.seed_list(back, 1) == seeds, cmd
+        cmd = command_line("nlu-convergence", ExperimentOptions(seeds=seeds))
+        back = as_options(vars(parser.parse_args(shlex.split(cmd)[1:])))
+        assert back.seeds == seeds and seed_list(back, 1) == seeds, cmd
     specs = ["w20:hypernet_warmup_steps=20,lr_scale=2", "mlp:hypernet=mlp"]  # repeated, each with its commas
-    cmd = common.command_line("formulation", ExperimentOptions(variant=specs))
+    cmd = command_line("formulation", ExperimentOptions(variant=specs))
     assert "--variant w20:hypernet_warmup_steps=20,lr_scale=2 --variant mlp:hypernet=mlp" in cmd
-    assert common.as_options(vars(parser.parse_args(shlex.split(cmd)[1:]))).variant == specs
-    assert common.seed_list(common.as_options({"seeds": "3"}), 1) == [0, 1, 2]
-    assert common.seed_list(common.as_options({}), 2) == [0, 1]
+    assert as_options(vars(parser.parse_args(shlex.split(cmd)[1:]))).variant == specs
+    assert seed_list(as_options({"seeds": "3"}), 1) == [0, 1, 2]
+    assert seed_list(as_options({}), 2) == [0, 1]
     for bad in ("0", "-1", "a", "2,2", "1,x", [], True):
         with pytest.raises(ValueError, match="seeds"):
-            common.as_options({"seeds": bad})
+            as_options({"seeds": bad})
     with pytest.raises(ValueError, match="Unknown experiment"):
         run_experiment("nope")
     assert set(EXPERIMENTS) == {"nlu-convergence", "nlg", "ablation-hypernet", "gamma", "efficiency",
                                 "rank-allocation", "extension", "formulation", "lr-sweep"}
-    cmd = common.command_line("lr-sweep", ExperimentOptions(lrs=[1e-4, 3e-3, 0.03], report_only=True))
-    back = common.as_options(vars(parser.parse_args(shlex.split(cmd)[1:])))
+    cmd = command_line("lr-sweep", ExperimentOptions(lrs=[1e-4, 3e-3, 0.03], report_only=True))
+    back = as_options(vars(parser.parse_args(shlex.split(cmd)[1:])))
     assert back.lrs == [1e-4, 3e-3, 0.03] and back.report_only, cmd
 
 
@@ -282,8 +290,6 @@ def _conv(per_seed: dict) -> dict:
 
 
 def test_goal_check_verdicts():
-    from hyperadalora.experiments.common import CLASSIFICATION_BOUND, goal_check, goal_table
-
     def check(per_seed):
         return goal_check(_conv(per_seed), "hyper", {"accuracy": CLASSIFICATION_BOUND})
 
@@ -455,6 +461,31 @@ def test_formulation_tiny(tmp_path, tiny_bert_dir, glue_dir):
         run_experiment("formulation", opts)
 
 
+def test_a_variant_option_is_read_as_its_train_flag_reads_it():
+    """--variant NAME:KEY=VALUE reads VALUE as `hyperadalora train --KEY VALUE` does (by the option's type in
+    HyperAdaLoraConfig), without the experiments importing the command line."""
+    texts = ["1", "0", "-3", "2.5", "none", "NULL", "true", "off", "maybe", "mlp"]
+    keys = [k for k in HYPER_FIELDS if k in cli.TRAIN_FLAGS]
+    assert {"feature_dim", "feature_lr_ratio_final", "identity", "lambda_codes", "hypernet_dim", "momentum"} <= set(keys)
+    for key in keys:
+        for text in ((t + "!")[:-1] for t in texts):  # not the interned literal: cli.NONE is compared by identity
+            try:
+                expected = cli.TRAIN_FLAGS[key][0](text)
+                expected = None if expected is cli.NONE else expected
+            except (ValueError, argparse.ArgumentTypeError):
+                expected = ValueError
+            try:
+                got = parse_option(key, text)
+            except ValueError:
+                got = ValueError
+            assert got == expected and type(got) is type(expected), (key, text, got, expected)
+    assert parse_option("hypernet_checkpointing", "off") is False          # an option without a train flag
+    code = ("import sys, hyperadalora.experiments; "
+            "sys.exit('hyperadalora.cli' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+                          ).returncode == 0, "the experiments import hyperadalora.cli"
+
+
 def test_formulation_runs_a_variant_of_ones_own_from_the_command_line(tmp_path, tiny_bert_dir, glue_dir, capsys):
     """--variant NAME:KEY=VALUE,... : the library default with those options, run beside adalora and default."""
     out = tmp_path / "out"
@@ -542,13 +573,13 @@ def test_dev_speed_reads_the_steps_to_the_references_final_dev_loss():
 
     runs = {0: {"ref": run([2.0, 1.8, 1.7, 1.6]), "new": run([1.9, 1.6, 1.5, 1.4])},    # 20 vs 40 steps
             1: {"ref": run([2.0, 1.5, 1.6, 1.55]), "new": run([2.0, 1.9, 1.8, 1.7])}}  # ref at 20; new never
-    speed = common.dev_speed(runs, "ref", "new")
+    speed = dev_speed(runs, "ref", "new")
     assert speed["per_seed"][0] == {"target": 1.6, "reference_steps": 40, "steps": 20, "steps_ratio": 0.5,
                                     "time_ratio": pytest.approx(9.5 / 19.5)}  # times from the end of step 1
     assert speed["per_seed"][1]["reference_steps"] == 20 and speed["per_seed"][1]["steps"] is None
     assert speed["steps_ratio"]["mean"] == 0.5 and speed["steps_ratio"]["n"] == 1 and speed["not_reached"] == 1
     with pytest.raises(ValueError, match="no final 'eval_loss'"):
-        common.dev_speed({0: {"ref": {**run([1.0]), "summary": {}}, "new": run([1.0])}}, "ref", "new")
+        dev_speed({0: {"ref": {**run([1.0]), "summary": {}}, "new": run([1.0])}}, "ref", "new")
 
 
 def test_nlg_tiny(tmp_path, tokenizer, monkeypatch):
@@ -605,6 +636,6 @@ def test_cli_subcommand(tmp_path, tiny_bert_dir, glue_dir, capsys):
 
 def test_single_task_experiments_accept_the_embedded_sentiment_task(tmp_path):
     """The embedded sentiment task needs no GLUE folder; a GLUE task without its files is a clear error."""
-    assert common.glue_task_available("sentiment", None) == (True, "")
-    ok, why = common.glue_task_available("rte", str(tmp_path))
+    assert glue_task_available("sentiment", None) == (True, "")
+    ok, why = glue_task_available("rte", str(tmp_path))
     assert not ok and "RTE" in why

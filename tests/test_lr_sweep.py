@@ -1,20 +1,29 @@
 """The lr-sweep experiment (issue 23): its statistics on synthetic cells, and tiny end-to-end runs."""
 
+import argparse
 import json
 import math
 import os
+import shlex
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from hyperadalora.experiments import lr_sweep, run_experiment, ExperimentOptions
-from hyperadalora.experiments.common import stats, t_interval
+from hyperadalora.experiments import ExperimentOptions, add_experiment_parser, run_experiment
+from hyperadalora.experiments.lr_sweep import analysis, design
+from hyperadalora.experiments.lr_sweep import cells as lr_cells
+from hyperadalora.experiments.options import as_options
+from hyperadalora.experiments.stats import stats, t_interval
+from hyperadalora.experiments.task_setup import default_glue_dir, glue_task_available
 
 from test_experiments import POS, NEG, glue_dir, tiny_bert_dir, tokenizer  # noqa: F401 (fixtures)
 
-SPEC = lr_sweep.SweepTask("toy", "sst2", steps=100, batch_size=4, max_length=8, eval_every=25, seeds=3,
+SPEC = design.SweepTask("toy", "sst2", steps=100, batch_size=4, max_length=8, eval_every=25, seeds=3,
                           score="accuracy", tolerance=0.01)
-LOSS_SPEC = lr_sweep.SweepTask("toyloss", "alpaca", steps=100, batch_size=4, max_length=8, eval_every=25, seeds=3,
+LOSS_SPEC = design.SweepTask("toyloss", "alpaca", steps=100, batch_size=4, max_length=8, eval_every=25, seeds=3,
                                score="dev_loss", tolerance=0.02)
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 
@@ -50,47 +59,47 @@ def test_t_interval_and_sample_std():
 
 
 def test_dev_halves_are_a_fixed_partition():
-    a, b = lr_sweep.dev_halves(11)
+    a, b = lr_cells.dev_halves(11)
     assert sorted(np.concatenate([a, b]).tolist()) == list(range(11)) and len(a) == 5
-    a2, _ = lr_sweep.dev_halves(11)
+    a2, _ = lr_cells.dev_halves(11)
     assert a.tolist() == a2.tolist()
-    scores = lr_sweep.eval_scores(SPEC, {"correct": "1111100000"})
+    scores = lr_cells.eval_scores(SPEC, {"correct": "1111100000"})
     assert scores["score"] == 0.5 and scores["n"] == 10
-    a, b = lr_sweep.dev_halves(10)
+    a, b = lr_cells.dev_halves(10)
     assert scores["score_a"] == pytest.approx(np.mean([1 if i < 5 else 0 for i in a]))
-    lossy = lr_sweep.eval_scores(LOSS_SPEC, {"example_losses": [1.0, 2.0, float("nan"), 3.0]})
+    lossy = lr_cells.eval_scores(LOSS_SPEC, {"example_losses": [1.0, 2.0, float("nan"), 3.0]})
     assert lossy["score"] == pytest.approx(2.0)  # an example without labelled tokens is left out
 
 
 def test_good_window_interpolates_and_flags_the_grid_end():
     curve = {1e-3: 0.80, 1e-2: 0.90, 1e-1: 0.80}
-    w = lr_sweep.good_window(SPEC, curve)
+    w = analysis.good_window(SPEC, curve)
     assert w["decades"] == pytest.approx(0.2) and not w["censored"]  # 0.1 of a decade on each side
-    w = lr_sweep.good_window(SPEC, {1e-3: 0.895, 1e-2: 0.90, 1e-1: 0.80})
+    w = analysis.good_window(SPEC, {1e-3: 0.895, 1e-2: 0.90, 1e-1: 0.80})
     assert w["censored"] and w["decades"] == pytest.approx(1.1)
     # a loss: lower is better
-    w = lr_sweep.good_window(LOSS_SPEC, {1e-3: 1.10, 1e-2: 1.00, 1e-1: 1.10})
+    w = analysis.good_window(LOSS_SPEC, {1e-3: 1.10, 1e-2: 1.00, 1e-1: 1.10})
     assert w["decades"] == pytest.approx(0.4) and not w["censored"]
 
 
 def test_steps_to_interpolates_and_counts_a_miss():
     c = {"evals": [{"step": 25, "score_b": 0.6}, {"step": 50, "score_b": 0.8}, {"step": 75, "score_b": 0.85}]}
-    assert lr_sweep.steps_to(SPEC, c, 0.7) == pytest.approx(37.5)
-    assert lr_sweep.steps_to(SPEC, c, 0.5) == 25.0
-    assert lr_sweep.steps_to(SPEC, c, 0.9) is None
-    assert lr_sweep.auc(SPEC, c) == pytest.approx(((0.6 + 0.8) / 2 * 25 + (0.8 + 0.85) / 2 * 25) / 50)
+    assert analysis.steps_to(SPEC, c, 0.7) == pytest.approx(37.5)
+    assert analysis.steps_to(SPEC, c, 0.5) == 25.0
+    assert analysis.steps_to(SPEC, c, 0.9) is None
+    assert analysis.auc(SPEC, c) == pytest.approx(((0.6 + 0.8) / 2 * 25 + (0.8 + 0.85) / 2 * 25) / 50)
 
 
 def test_fit_shift_recovers_a_known_lr_multiplier():
     ada = {lr: peak(lr, 1e-2) for lr in LRS}
     hyper = {lr: peak(lr, 1e-2 / 3) for lr in LRS}  # Hyper at lr behaves like AdaLoRA at 3 lr
-    d = lr_sweep.fit_shift(SPEC, hyper, ada)
+    d = analysis.fit_shift(SPEC, hyper, ada)
     assert 10 ** d == pytest.approx(3.0, rel=0.02)
 
 
 def test_verdict_no_advantage_when_hyper_is_adalora_at_another_lr():
     cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3})
-    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    a = analysis.analyse(SPEC, cells, LRS, [0, 1, 2])
     assert a["verdict"] == "no advantage when tuned", a["why"]
     assert not any(a["rule"].values())
     assert a["shift"]["s"] == pytest.approx(3.0, rel=0.05)
@@ -102,10 +111,10 @@ def test_verdict_no_advantage_when_hyper_is_adalora_at_another_lr():
 
 def test_verdict_advantage_by_a_higher_peak_or_by_speed():
     cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3}, heights={"hyperadalora": 0.95})
-    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    a = analysis.analyse(SPEC, cells, LRS, [0, 1, 2])
     assert a["verdict"] == "advantage" and a["rule"]["a"]
     cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3}, speeds={"hyperadalora": 2.0})
-    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    a = analysis.analyse(SPEC, cells, LRS, [0, 1, 2])
     assert a["rule"]["c"] and not a["rule"]["a"] and a["verdict"] == "advantage"
     assert a["speed"]["ratio"]["mean"] == pytest.approx(0.5, rel=0.01)
     assert a["speed"]["auc_diff"]["mean"] > 0
@@ -113,25 +122,25 @@ def test_verdict_advantage_by_a_higher_peak_or_by_speed():
 
 def test_verdict_not_decided_with_missing_cells_or_an_unbracketed_optimum():
     cells = grid({"adalora": 3e-3, "hyperadalora": 1e-3, "lora": 1e-3})
-    a = lr_sweep.analyse(SPEC, cells[1:], LRS, [0, 1, 2])
+    a = analysis.analyse(SPEC, cells[1:], LRS, [0, 1, 2])
     assert a["verdict"] == "not decided" and "1 cell(s) still to run" in a["why"] and len(a["missing"]) == 1
     cells = grid({"adalora": 1, "hyperadalora": 1e-3, "lora": 1e-3})  # AdaLoRA's best: the largest lr
-    a = lr_sweep.analyse(SPEC, cells, LRS, [0, 1, 2])
+    a = analysis.analyse(SPEC, cells, LRS, [0, 1, 2])
     assert a["verdict"] == "not decided" and "largest tried: extend the grid" in a["why"]
 
 
 def test_claim_is_exclusive_and_takes_over_a_stale_lock(tmp_path):
     path = str(tmp_path / "cell.json")
-    assert lr_sweep.claim(path)
-    assert not lr_sweep.claim(path)  # held by this (live) process
+    assert lr_cells.claim(path)
+    assert not lr_cells.claim(path)  # held by this (live) process
     os.remove(path + ".lock")
     with open(path + ".lock", "w") as f:
         f.write("999999999")  # no such process
-    assert lr_sweep.claim(path)
+    assert lr_cells.claim(path)
 
 
 def test_cell_order_runs_whole_seeds_from_the_middle_of_the_grid():
-    order = lr_sweep.cell_order([1e-4, 1e-3, 1e-2, 1e-1], [0, 1])
+    order = lr_cells.cell_order([1e-4, 1e-3, 1e-2, 1e-1], [0, 1])
     assert [s for s, _ in order] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert set(lr for _, lr in order[:2]) == {1e-3, 1e-2}
 
@@ -190,3 +199,34 @@ def test_lr_sweep_instruction_task_scores_the_dev_loss(tmp_path, tokenizer):  # 
     held_out = run["evals"][-1]["n"]
     assert held_out >= 2 and all(e["score"] > 0 for e in run["evals"])  # a mean per-example loss
     assert data["tasks"]["alpaca"]["settings"]["score"] == "dev_loss"
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "lr-sweep"
+
+
+@pytest.mark.skipif(not (COMMITTED / "cells").is_dir(), reason="no committed lr-sweep cells")
+def test_the_committed_lr_sweep_report_is_rebuilt_from_its_cells(tmp_path, monkeypatch):
+    """report.md of docs/results/lr-sweep, rebuilt by the report's own command (--report-only) from the committed
+    cells, is the committed one, but for the machine line and the seconds the report took."""
+    if not glue_task_available("sst2", default_glue_dir(ExperimentOptions()))[0]:
+        pytest.skip("no SST-2 data (the sweep checks that its task's files exist)")
+    committed = (COMMITTED / "report.md").read_text()
+    command = committed.split("```\n", 2)[1].strip()
+    argv = shlex.split(command)
+    assert argv[:3] == ["hyperadalora", "experiment", "lr-sweep"] and "--report-only" in argv, command
+    out = tmp_path / argv[argv.index("--output-dir") + 1]
+    shutil.copytree(COMMITTED / "cells", out / "cells", ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser(prog="hyperadalora")
+    add_experiment_parser(parser.add_subparsers(dest="command"))
+    threads = torch.get_num_threads()
+    try:
+        result = run_experiment("lr-sweep", as_options(vars(parser.parse_args(argv[1:]))))
+    finally:
+        torch.set_num_threads(threads)
+
+    def stable(text):
+        return [line for line in text.splitlines()
+                if not line.startswith(("- machine: ", "This report was written in "))]
+
+    assert stable(open(result["report"]).read()) == stable(committed)

@@ -5,6 +5,26 @@ from __future__ import annotations
 import numpy as np
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend, imported on first use rather than with this module: pyplot
+    is slow to import, and setting the backend at import would change it for every program that imports the
+    library."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out, save and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def smooth(values, window: int = 25) -> np.ndarray:
     """Trailing moving average (the first points average what exists so far)."""
     x = np.asarray(values, dtype=float)
@@ -19,11 +39,7 @@ def smooth(values, window: int = 25) -> np.ndarray:
 def plot_loss_curves(curves: dict, path: str, title: str = "", window: int = 25, key: str = "task_loss",
                      xlabel: str = "optimizer step") -> str:
     """curves: {label: list of metrics rows}; raw (faint) and smoothed training loss per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for i, (label, rows) in enumerate(curves.items()):
         steps = [r["step"] for r in rows]
@@ -36,20 +52,13 @@ def plot_loss_curves(curves: dict, path: str, title: str = "", window: int = 25,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def rank_heatmap(steps: list, names: list, ranks, title: str = "rank per layer"):
     """A matplotlib Figure: the rank of every adapted layer (rows, in ``names`` order) at every logged step
     (columns); ``ranks`` is (len(names), len(steps)). The caller closes it (``plt.close(fig)``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ranks = np.asarray(ranks, dtype=float)
     fig, ax = plt.subplots(figsize=(8, max(2.5, min(12.0, 0.12 * len(names) + 1.5))), dpi=100)
     image = ax.imshow(ranks, aspect="auto", interpolation="nearest", cmap="viridis",

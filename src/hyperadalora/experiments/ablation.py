@@ -9,11 +9,19 @@ built model).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from .common import (as_options, convergence, convergence_table, curves, fmt_stat, markdown_table, output_dir,
-                     plot_loss_bands, primary_metric, report_header, run_index, run_variants, settings_of,
-                     single_task_setup, write_outputs)
+from ..methods import AdapterModel
+from ..base_models import load_model_and_tokenizer
+from ..train import build_adapter_model, task_type_of
+from .convergence import convergence, curves, primary_metric
+from .options import as_options
+from .plots import plot_loss_bands
+from .report import (convergence_table, curves_json, fmt_stat, markdown_table, report_header, settings_of,
+                     write_outputs)
+from .runs import run_index, run_variants
+from .task_setup import output_dir, single_task_setup
 
 NAME = "ablation-hypernet"
 DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -39,18 +47,16 @@ def parameter_counts(args, kind: str = "classification") -> dict:
     """Trainable parameters of the adapter built from ``args`` on a fresh base model: HyperAdaLoRA per
     hypernetwork role (P, lambda, Q) and in total; AdaLoRA / LoRA: the adapter matrices. ``heads``: the
     trained task head (the same for every method)."""
-    from ..methods import HyperAdaLoraModel
-    from ..base_models import load_model_and_tokenizer
-    from ..train import build_adapter_model, task_type_of
-
     base, _, _ = load_model_and_tokenizer(args.model, kind, num_labels=2)
     wrapped, _ = build_adapter_model(args, base, task_type_of(kind))
-    if isinstance(wrapped, HyperAdaLoraModel):
-        roles = {role: sum(p.numel() for p in wrapped.generators[role].parameters()) for role in wrapped.ROLES}
+    if isinstance(wrapped, AdapterModel):
+        # per generated role (HyperAdaLoRA: P, lambda, Q), the hypernetworks in all, the layers' trained parameters
+        roles = {role: sum(p.numel() for p in wrapped.generators[role].parameters()) for role in wrapped.generated}
         hyper = sum(p.numel() for p in wrapped.hypernetwork_parameters())
-        heads = sum(p.numel() for p in wrapped.base_model.parameters() if p.requires_grad)
-        return {"P": roles["P"], "lambda": roles["lambda"], "Q": roles["Q"], "hypernetworks": hyper,
-                "adapter": hyper, "heads": heads, "n_layers": wrapped.n_layers}
+        trained = sum(p.numel() for p in wrapped.adapter_parameters())
+        heads = sum(p.numel() for p in wrapped.base_model.parameters() if p.requires_grad) - trained
+        return {**roles, "hypernetworks": hyper, "adapter": hyper + trained, "heads": heads,
+                "n_layers": wrapped.n_layers}
     adapter = sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and "lora_" in n)
     heads = sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and "lora_" not in n)
     n_layers = sum(1 for m in wrapped.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}))
@@ -61,16 +67,13 @@ def parameter_counts(args, kind: str = "classification") -> dict:
 def run_ablation_hypernet(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
-    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
-    command, env, base = setup.command, setup.env, setup.base
+    task, data_dir, steps, seeds, window, command, env, base = single_task_setup(opts, NAME, DEFAULTS,
+                                                                                 method="hyperadalora")
     runs = run_variants(base, VARIANTS, out, seeds, reuse=opts.reuse)
     conv_attn = convergence(runs, window, reference="attention")
     conv_ada = convergence(runs, window, reference="adalora")
     metric = primary_metric(runs[seeds[0]]["attention"]["summary"]["final_eval"]) or "accuracy"
     counts = {}
-    import dataclasses
-
     for label, overrides in VARIANTS.items():
         ov = dict(overrides)
         counts[label] = parameter_counts(dataclasses.replace(base, hyper={**base.hyper, **ov.pop("hyper", {})}, **ov))
@@ -81,7 +84,7 @@ def run_ablation_hypernet(opts=None) -> dict:
     results = {"experiment": NAME, "command": command, "env": env, "task": task, "seeds": seeds, "window": window,
                "args": base, "variants": VARIANTS, "convergence_vs_attention": conv_attn,
                "convergence_vs_adalora": conv_ada, "parameter_counts": counts, "plot": os.path.basename(png),
-               "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
+               "curves": curves_json(series),
                "runs": run_index(runs)}
     count_rows = [[label, *(f"{c[k]:,}" if c[k] is not None else "-" for k in ("P", "lambda", "Q", "hypernetworks")),
                    f"{c['adapter']:,}", f"{c['heads']:,}"] for label, c in counts.items()]

@@ -12,8 +12,15 @@ import importlib.util
 import os
 import sys
 
-from .common import (REPO_ROOT, as_options, command_line, environment, fmt, markdown_table, output_dir, pick, _plt,
-                     report_header, save_line_plot, write_outputs)
+import torch
+from transformers import AutoConfig
+
+from ..base_models import resolve_model_path
+from ..plotting import pyplot
+from .options import as_options, command_line, pick
+from .plots import save_line_plot
+from .report import fmt, markdown_table, report_header, write_outputs
+from .task_setup import REPO_ROOT, environment, output_dir
 
 NAME = "efficiency"
 METHODS = ("hyperadalora", "adalora", "lora")
@@ -58,16 +65,12 @@ def model_kind(model) -> str:
         return "instruction"
     if model is None:
         return "classification"
-    from transformers import AutoConfig
-
-    from ..base_models import resolve_model_path
-
     archs = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
     return "instruction" if any("CausalLM" in a for a in archs) else "classification"
 
 
 def _plot(results: dict, path: str, key: str, err: str, ylabel: str, title: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     sizes = sorted(int(b) for b in results)
     for i, m in enumerate(next(iter(results.values()))):
@@ -81,8 +84,6 @@ def _plot(results: dict, path: str, key: str, err: str, ylabel: str, title: str)
 
 
 def run_efficiency(opts=None) -> dict:
-    import torch
-
     opts = as_options(opts)
     out = output_dir(opts, NAME)
     st = load_step_time()

@@ -15,10 +15,17 @@ import os
 
 import numpy as np
 
-from .common import (_plt, as_options, available_tasks, base_args, command_line, convergence, convergence_table,
-                     curves, environment, fmt_stat, gap_note, markdown_table, output_dir, pick, plot_loss_bands,
-                     primary_metric, report_header, run_variants, seed_list, seeds_note, settings_of, window_for,
+from .. import train as train_lib
+from ..data import get_task
+from ..base_models import load_model_and_tokenizer
+from ..plotting import pyplot, save_figure
+from .convergence import convergence, curves, primary_metric
+from .options import as_options
+from .plots import plot_loss_bands, seeds_note
+from .report import (convergence_table, curves_json, fmt_stat, gap_note, markdown_table, report_header, settings_of,
                      write_outputs)
+from .runs import SUMMARY_KEYS, base_args, run_index, run_variants
+from .task_setup import available_tasks, experiment_setup, output_dir
 
 NAME = "extension"
 TASKS = ("rte", "sst2")
@@ -45,10 +52,6 @@ Each method's learning rate deserves its own sweep (the hypernetwork variants ha
 
 def count_parameters(base, methods: list[str]) -> dict:
     """{method: {"trainable", "hypernetworks", "other"}} of each method's adapter model on a fresh base model."""
-    from .. import train as train_lib
-    from ..data import get_task
-    from ..base_models import load_model_and_tokenizer
-
     spec = get_task(base.task)
     counts = {}
     for method in methods:
@@ -63,7 +66,7 @@ def count_parameters(base, methods: list[str]) -> dict:
 
 def plot_dev(summary: dict, metric: str, path: str, title: str) -> str:
     """Grouped bars: dev metric of base and variant, per task and pair."""
-    plt = _plt()
+    plt = pyplot()
     labels, base_vals, hyper_vals = [], [], []
     for (task, pair), row in summary.items():
         labels.append(f"{task}\n{pair[0]} / {pair[1]}")
@@ -79,22 +82,15 @@ def plot_dev(summary: dict, metric: str, path: str, title: str) -> str:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_extension(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
     data_dir, todo, skipped = available_tasks(opts, TASKS)
-    steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = seed_list(opts, DEFAULTS["seeds"])
-    window = window_for(steps)
+    steps, seeds, window, command, env = experiment_setup(opts, NAME, DEFAULTS)
     methods = [m for pair in PAIRS for m in pair]
-    command = command_line(NAME, opts)
-    env = environment()
     results = {"experiment": NAME, "command": command, "env": env, "data_dir": data_dir, "seeds": seeds,
                "window": window, "skipped": skipped, "pairs": [list(p) for p in PAIRS], "tasks": {}}
     sections, summary_rows, dev_summary = [], [], {}
@@ -121,12 +117,7 @@ def run_extension(opts=None) -> dict:
             mb, mh = conv["methods"][b], conv["methods"][h]
             task_result["pairs"][f"{b}/{h}"] = {
                 "convergence": conv, "plot": os.path.basename(png),
-                "curves": {label: {"steps": s.tolist(), "task_loss": v.round(5).tolist()}
-                           for label, (s, v) in series.items()},
-                "runs": {str(seed): {label: {"output_dir": r["args"].output_dir, "summary": {
-                    k: r["summary"].get(k) for k in ("final_eval", "train_time_s", "wall_time_s", "median_step_s",
-                                                     "total_rank", "nonfinite_steps")}}
-                    for label, r in rs.items()} for seed, rs in sub.items()},
+                "curves": curves_json(series), "runs": run_index(sub, SUMMARY_KEYS, nested=True),
             }
             # a ratio to the base's final loss measures speed only where the base's loss came down beyond its noise
             # (`drop_target`); on a flat curve it is noise

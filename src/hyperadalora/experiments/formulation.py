@@ -16,15 +16,20 @@ HyperAdaLoRA options (the names of `HyperAdaLoraConfig`'s fields / the train fla
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import re
+import typing
 
-from .common import (CLASSIFICATION_BOUND, as_options, convergence, curves, epoch_section, fmt_stat, gap_note,
-                     goal_check, goal_section, loss_per_epoch, markdown_table, output_dir, plot_gap_bands,
-                     plot_loss_bands, primary_metric, report_header, run_index, run_variants, settings_of,
-                     single_task_setup, write_outputs)
+from ..config import HyperAdaLoraConfig
+from ..train import HYPER_FIELDS
+from .convergence import convergence, curves, loss_per_epoch, primary_metric
+from .goal import CLASSIFICATION_BOUND, goal_check, goal_section
+from .options import as_options
+from .plots import plot_gap_bands, plot_loss_bands
+from .report import (curves_json, epoch_section, fmt_stat, gap_note, markdown_table, report_header, settings_of,
+                     write_outputs)
+from .runs import run_index, run_variants
+from .task_setup import output_dir, single_task_setup
 
 NAME = "formulation"
 DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -199,25 +204,36 @@ def _resolve(overrides: dict, steps: int) -> dict:
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-def _parser_of(key: str):
-    """How to read a command-line value of a HyperAdaLoRA option that has no train flag: by its default's type."""
-    from ..cli import _flag
-    from ..config import HyperAdaLoraConfig
+OPTION_TYPES = typing.get_type_hints(HyperAdaLoraConfig)  # {option: its type, e.g. int, bool, Optional[float]}
 
-    default = {f.name: f.default for f in dataclasses.fields(HyperAdaLoraConfig)}[key]
-    if isinstance(default, bool):
-        return lambda text: _flag(text, key)
-    return type(default) if isinstance(default, (int, float)) else str
+
+def parse_option(key: str, text: str):
+    """The value of HyperAdaLoRA option ``key`` from its command-line text, read as ``hyperadalora train --KEY TEXT``
+    reads it: by the type of the option's field in `HyperAdaLoraConfig` (true / false for a switch; none / null for
+    an option that may be None). A text the type does not take -> ValueError."""
+    kinds = typing.get_args(OPTION_TYPES[key]) or (OPTION_TYPES[key],)  # Optional[X]: (X, NoneType)
+    kind = kinds[0]
+    nullable = type(None) in kinds
+    if nullable and text.strip().lower() in ("none", "null"):
+        return None
+    if kind is bool:
+        value = text.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key} takes true or false, got {text!r}.")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{key} takes {'an integer' if kind is int else 'a number'}{' or none' if nullable else ''}, "
+                         f"got {text!r}.") from None
 
 
 def parse_variant(spec: str) -> tuple[str, tuple[dict, str]]:
     """``NAME:KEY=VALUE,...`` -> (NAME, (overrides, description)): the library default with those HyperAdaLoRA
     options (values parsed as the train flags parse them) and ``lr_scale``. Bad input -> ValueError / TypeError
     saying what to change, before anything runs."""
-    from ..cli import NONE, TRAIN_FLAGS
-    from ..config import HyperAdaLoraConfig
-    from ..train import HYPER_FIELDS
-
     example = "e.g. --variant rows10:feature_lr_ratio=10,hypernet=mlp"
     name, sep, body = spec.partition(":")
     name = name.strip()
@@ -244,12 +260,10 @@ def parse_variant(spec: str) -> tuple[str, tuple[dict, str]]:
             continue
         if key not in HYPER_FIELDS:
             raise ValueError(f"--variant {name}: unknown option {key!r}; valid: lr_scale, {', '.join(HYPER_FIELDS)}.")
-        kind = TRAIN_FLAGS[key][0] if key in TRAIN_FLAGS else _parser_of(key)
         try:
-            value = kind(text)
-        except (ValueError, argparse.ArgumentTypeError) as e:
+            hyper[key] = parse_option(key, text)
+        except ValueError as e:
             raise ValueError(f"--variant {name}: {key}={text!r}: {e}") from None
-        hyper[key] = None if value is NONE else value
     try:  # the config's own checks, before anything runs
         HyperAdaLoraConfig(**{**DEFAULT, **hyper})
     except (ValueError, TypeError) as e:
@@ -268,9 +282,8 @@ def run_formulation(opts=None) -> dict:
             raise ValueError(f"--variant {name} is given twice; give each of your variants its own name.")
         custom[name] = variant
     out = output_dir(opts, NAME)
-    setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
-    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
-    command, env, base = setup.command, setup.env, setup.base
+    task, data_dir, steps, seeds, window, command, env, base = single_task_setup(opts, NAME, DEFAULTS,
+                                                                                 method="hyperadalora")
     table = {**VARIANTS, **custom}
     chosen = list(opts.variants or (["default"] if custom else VARIANTS)) + list(custom)
     unknown = [v for v in chosen if v not in table]
@@ -312,7 +325,7 @@ def run_formulation(opts=None) -> dict:
                                           for label in labels},
                "convergence": conv, "goal_check": goals, "loss_per_epoch": per_epoch, "health": health, "plot": os.path.basename(png),
                "gap_plot": os.path.basename(gap_png),
-               "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
+               "curves": curves_json(series),
                "runs": run_index(runs)}
     settings = settings_of(base)
     settings.update({"seeds": ", ".join(map(str, seeds)), "smoothing window": window, "data dir": data_dir})

@@ -12,9 +12,14 @@ from __future__ import annotations
 import os
 
 from ..plotting import smooth
-from .common import (as_options, convergence, convergence_table, curves, final_smoothed, fmt_stat, markdown_table,
-                     output_dir, plot_loss_bands, report_header, run_index, run_variants,
-                     settings_of, single_task_setup, stats, write_outputs)
+from .convergence import convergence, curves, final_smoothed
+from .options import as_options
+from .plots import plot_loss_bands
+from .report import (convergence_table, curves_json, fmt_stat, markdown_table, report_header, settings_of,
+                     write_outputs)
+from .runs import run_index, run_variants
+from .stats import stats
+from .task_setup import output_dir, single_task_setup
 
 NAME = "gamma"
 GAMMAS = (0.1, 0.15, 0.2)
@@ -41,9 +46,8 @@ def label_of(gamma: float) -> str:
 def run_gamma(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    setup = single_task_setup(opts, NAME, DEFAULTS, method="hyperadalora")
-    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
-    command, env, base = setup.command, setup.env, setup.base
+    task, data_dir, steps, seeds, window, command, env, base = single_task_setup(opts, NAME, DEFAULTS,
+                                                                                 method="hyperadalora")
     variants = {label_of(g): {"orth_reg_weight": g} for g in GAMMAS}
     runs = run_variants(base, variants, out, seeds, reuse=opts.reuse)
     reference = label_of(GAMMAS[0])
@@ -63,7 +67,7 @@ def run_gamma(opts=None) -> dict:
     results = {"experiment": NAME, "command": command, "env": env, "task": task, "seeds": seeds, "window": window,
                "gammas": list(GAMMAS), "args": base, "convergence": conv, "final_orth_penalty": penalty,
                "plot": os.path.basename(png),
-               "curves": {k: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for k, (s, v) in series.items()},
+               "curves": curves_json(series),
                "runs": run_index(runs)}
     rows = [[label, *(fmt_stat(conv["methods"][label].get(f"dev_{k}")) for k in metric_keys),
              fmt_stat(conv["methods"][label]["final_smoothed_task_loss"]), fmt_stat(penalty[label], "{:.4g}"),

@@ -5,7 +5,7 @@ with the same seeds, data order, hyperparameters and steps. Reported: BLEU-4 and
 on the held-out split (`train.train` generates for ``gen_eval_examples`` held-out prompts at the end), the dev
 loss, the total training time (steps only) and its ratio, and the steps / training time to the target loss
 (AdaLoRA's final smoothed training loss). The dev loss is also evaluated every tenth of the run: the steps and
-training time to AdaLoRA's final dev loss (`common.dev_speed`) measure speed where the training loss of a short
+training time to AdaLoRA's final dev loss (`convergence.dev_speed`) measure speed where the training loss of a short
 run does not come down beyond the noise of its batches.
 """
 
@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 
-from .common import (DEFAULT_ALPACA_FILE, GENERATION_QUALITY, as_options, base_args,
-                     command_line, convergence, convergence_table, curves, dev_speed, environment, eval_points,
-                     fmt, fmt_stat, gap_note, goal_check, goal_section, markdown_table, output_dir, pick,
-                     plot_eval_points, plot_gap_bands, plot_loss_bands, report_header, repo_path, run_variants,
-                     seed_list, seeds_note, settings_of, stats, window_for, write_outputs)
+from .convergence import convergence, curves, dev_speed, eval_points, train_time_at
+from .goal import GENERATION_QUALITY, goal_check, goal_section
+from .options import as_options, pick
+from .plots import plot_eval_points, plot_gap_bands, plot_loss_bands, seeds_note
+from .report import (convergence_table, curves_json, fmt, fmt_stat, gap_note, markdown_table, report_header,
+                     settings_of, write_outputs)
+from .runs import base_args, run_index, run_variants
+from .stats import stats
+from .task_setup import DEFAULT_ALPACA_FILE, experiment_setup, output_dir, repo_path
 
 NAME = "nlg"
 DEFAULTS = dict(steps=50, batch_size=4, lr=1e-3, max_length=256, max_eval_examples=16, gen_eval_examples=16,
@@ -70,10 +74,7 @@ def _label(path: str, taken: set) -> str:
 def run_nlg(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = seed_list(opts, DEFAULTS["seeds"])
-    window = window_for(steps)
-    command, env = command_line(NAME, opts), environment()
+    steps, seeds, window, command, env = experiment_setup(opts, NAME, DEFAULTS)
     results = {"experiment": NAME, "command": command, "env": env, "seeds": seeds, "window": window, "datasets": {}}
     sections, summary_rows, speed_rows, taken, goals = [], [], [], set(), {}
     for path in _datasets(opts):
@@ -87,8 +88,6 @@ def run_nlg(opts=None) -> dict:
         runs = run_variants(base, METHODS, os.path.join(out, label), seeds, reuse=opts.reuse)
         conv = convergence(runs, window, reference="adalora")
         def after_first(run):  # the run's training time without its first step (`train_time_at`)
-            from . import train_time_at
-
             return train_time_at(run["rows"], run["rows"][-1]["step"])
 
         train_ratio = stats([after_first(rs["hyperadalora"]) / after_first(rs["adalora"]) for rs in runs.values()])
@@ -110,11 +109,7 @@ def run_nlg(opts=None) -> dict:
             "train_time_ratio": train_ratio, "dev_speed": speed, "dev_loss_at_checkpoints": dev,
             "plot": os.path.basename(png), "gap_plot": os.path.basename(gap_png),
             "dev_plot": os.path.basename(dev_png),
-            "curves": {m: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for m, (s, v) in series.items()},
-            "runs": {str(seed): {m: {"output_dir": r["args"].output_dir, "final_eval": r["summary"]["final_eval"],
-                                     "train_time_s": r["summary"]["train_time_s"],
-                                     "median_step_s": r["summary"]["median_step_s"]}
-                                 for m, r in rs.items()} for seed, rs in runs.items()},
+            "curves": curves_json(series), "runs": run_index(runs, ("final_eval", "train_time_s", "median_step_s")),
         }
         rows = []
         for m in METHODS:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 
-from .common import (CLASSIFICATION_BOUND, as_options, available_tasks, base_args, command_line, convergence,
-                     convergence_table, curves, environment, epoch_section, eval_points, fmt_stat, gap_note,
-                     goal_check, goal_section, loss_per_epoch, markdown_table, output_dir, pick, plot_eval_points,
-                     plot_gap_bands, plot_loss_bands, primary_metric, report_header, run_variants, seed_list,
-                     seeds_note, settings_of, window_for, write_outputs)
+from .convergence import convergence, curves, eval_points, loss_per_epoch, primary_metric
+from .goal import CLASSIFICATION_BOUND, goal_check, goal_section
+from .options import as_options
+from .plots import plot_eval_points, plot_gap_bands, plot_loss_bands, seeds_note
+from .report import (convergence_table, curves_json, epoch_section, fmt_stat, gap_note, markdown_table, report_header,
+                     settings_of, write_outputs)
+from .runs import SUMMARY_KEYS, base_args, run_index, run_variants
+from .task_setup import available_tasks, experiment_setup, output_dir
 
 NAME = "nlu-convergence"
 TASKS = ("rte", "wnli", "sst2", "mnli")
@@ -46,11 +49,7 @@ def run_nlu_convergence(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
     data_dir, todo, skipped = available_tasks(opts, TASKS)
-    steps = pick(opts.steps, DEFAULTS["steps"])
-    seeds = seed_list(opts, DEFAULTS["seeds"])
-    window = window_for(steps)
-    command = command_line(NAME, opts)
-    env = environment()
+    steps, seeds, window, command, env = experiment_setup(opts, NAME, DEFAULTS)
     results = {"experiment": NAME, "command": command, "env": env, "data_dir": data_dir, "seeds": seeds,
                "window": window, "skipped": skipped, "tasks": {}}
     sections, summary_rows, goals = [], [], {}
@@ -80,11 +79,7 @@ def run_nlu_convergence(opts=None) -> dict:
             "args": base, "metric": metric, "convergence": conv, "goal_check": goals[task],
             "dev_at_checkpoints": dev, "loss_per_epoch": per_epoch,
             "plots": [os.path.basename(loss_png), os.path.basename(gap_png), os.path.basename(dev_png)],
-            "curves": {label: {"steps": s.tolist(), "task_loss": v.round(5).tolist()} for label, (s, v) in series.items()},
-            "runs": {str(seed): {label: {"output_dir": r["args"].output_dir, "summary": {
-                k: r["summary"].get(k) for k in ("final_eval", "train_time_s", "wall_time_s", "median_step_s",
-                                                 "total_rank", "nonfinite_steps", "rank_pattern")}}
-                for label, r in rs.items()} for seed, rs in runs.items()},
+            "curves": curves_json(series), "runs": run_index(runs, SUMMARY_KEYS + ("rank_pattern",), nested=True),
         }
         h, a = conv["methods"]["hyperadalora"], conv["methods"]["adalora"]
         summary_rows.append([task, fmt_stat(conv["target_loss"]), fmt_stat(a["steps_to_target"], "{:.1f}"),

@@ -14,9 +14,14 @@ import re
 
 import numpy as np
 
-from .common import (as_options, capture_adapter_models, convergence, convergence_table, curves, markdown_table,
-                     output_dir, plot_loss_bands, _plt, primary_metric, report_header, run_variants, save_line_plot,
-                     settings_of, single_task_setup, write_outputs)
+from ..methods import AdapterModel
+from ..plotting import pyplot, save_figure
+from .convergence import convergence, curves, primary_metric
+from .options import as_options
+from .plots import plot_loss_bands, save_line_plot
+from .report import convergence_table, markdown_table, report_header, settings_of, write_outputs
+from .runs import capture_adapter_models, run_variants
+from .task_setup import output_dir, single_task_setup
 
 NAME = "rank-allocation"
 DEFAULTS = dict(task="sst2", steps=200, batch_size=16, lr=3e-3, max_length=64, max_eval_examples=300, seeds=1)
@@ -40,9 +45,7 @@ hyperadalora experiment rank-allocation --model /path/to/roberta-base --data-dir
 
 def layer_ranks(wrapped) -> dict:
     """{adapted module name (in the transformers model): current rank} of a HyperAdaLoRA or peft AdaLoRA model."""
-    from ..methods import HyperAdaLoraModel
-
-    if isinstance(wrapped, HyperAdaLoraModel):
+    if isinstance(wrapped, AdapterModel):
         return {k: int(v) for k, v in wrapped.rank_pattern.items()}
     cfg = wrapped.peft_config["default"]
     names = [n for n, m in wrapped.get_base_model().named_modules()
@@ -77,7 +80,7 @@ def short_name(name: str) -> str:
 
 
 def _heatmap(matrix: np.ndarray, names: list[str], steps: np.ndarray, path: str, title: str, vmax: int) -> str:
-    plt = _plt()
+    plt = pyplot()
     height = max(3.5, 0.16 * len(names) + 1.2)
     fig, ax = plt.subplots(figsize=(8, height), dpi=110)
     im = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=vmax,
@@ -88,14 +91,11 @@ def _heatmap(matrix: np.ndarray, names: list[str], steps: np.ndarray, path: str,
     ax.set_title(title, fontsize=10)
     cbar = fig.colorbar(im, ax=ax, ticks=range(vmax + 1))
     cbar.set_label("rank")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _total_plot(totals: dict, steps: np.ndarray, path: str, title: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
     for i, (label, t) in enumerate(totals.items()):
         ax.plot(steps, t, color=f"C{i}", linewidth=2 if i == 0 else 1.2, linestyle="-" if i == 0 else "--",
@@ -106,9 +106,8 @@ def _total_plot(totals: dict, steps: np.ndarray, path: str, title: str) -> str:
 def run_rank_allocation(opts=None) -> dict:
     opts = as_options(opts)
     out = output_dir(opts, NAME)
-    setup = single_task_setup(opts, NAME, DEFAULTS, method="adalora")
-    task, data_dir, steps, seeds, window = setup.task, setup.data_dir, setup.steps, setup.seeds, setup.window
-    command, env, base = setup.command, setup.env, setup.base
+    task, data_dir, steps, seeds, window, command, env, base = single_task_setup(opts, NAME, DEFAULTS,
+                                                                                 method="adalora")
     records = {label: {} for label in METHODS}   # label -> seed -> [(step, {name: rank})]
 
     with capture_adapter_models() as built:

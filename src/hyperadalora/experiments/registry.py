@@ -6,15 +6,15 @@ import argparse
 import os
 
 from .ablation import run_ablation_hypernet
-from .common import ExperimentOptions, as_options
 from .efficiency import run_efficiency
+from .extension import run_extension
 from .formulation import VARIANTS as FORMULATION_VARIANTS
 from .formulation import run_formulation
-from .extension import run_extension
 from .gamma import run_gamma
 from .lr_sweep import run_lr_sweep
 from .nlg import run_nlg
 from .nlu import run_nlu_convergence
+from .options import ExperimentOptions, as_options
 from .rank_allocation import run_rank_allocation
 
 EXPERIMENTS = {
