@@ -40,7 +40,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import cpu_peak_bytes  # noqa: E402
+from step_time import cpu_peak_bytes, train_step  # noqa: E402
 
 from hyperadalora import data as data_lib  # noqa: E402
 from hyperadalora import quantization as Q  # noqa: E402
@@ -128,13 +128,7 @@ class Config:
         self.times = []
 
     def step(self, batch) -> None:
-        out = self.model(**batch)
-        out.loss.backward()
-        self.opt.step()
-        self.n += 1
-        if self.allocate is not None:
-            self.allocate(self.n)
-        self.opt.zero_grad(set_to_none=True)
+        self.n = train_step(self.model, self.opt, self.allocate, self.n, batch)
 
 
 def real_batches(opts, n: int) -> list[dict]:

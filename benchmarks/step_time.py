@@ -123,14 +123,23 @@ class Runner:
         self.n = 0
 
     def step(self, batch: dict) -> None:
-        with self.autocast():
-            out = self.model(**batch)
-        out.loss.backward()
-        self.opt.step()
-        self.n += 1
-        if self.allocate is not None:
-            self.allocate(self.n)
-        self.opt.zero_grad(set_to_none=True)
+        self.n = train_step(self.model, self.opt, self.allocate, self.n, batch, self.autocast)
+
+
+def train_step(model, opt, allocate, n: int, batch: dict, autocast=contextlib.nullcontext) -> int:
+    """One training step as `hyperadalora train` takes it: forward (under ``autocast()``) + backward +
+    ``opt.step()`` + ``allocate(n + 1)`` (rank allocation / recurrent commit; None: nothing) + ``zero_grad``.
+    ``n``: optimizer steps done before it; returns the count after it (``n + 1``). The step this benchmark and
+    benchmarks/quantized.py time."""
+    with autocast():
+        out = model(**batch)
+    out.loss.backward()
+    opt.step()
+    n += 1
+    if allocate is not None:
+        allocate(n)
+    opt.zero_grad(set_to_none=True)
+    return n
 
 
 def make_batches(opts, vocab: int, batch_size: int, device, n: int = 4) -> list[dict]:

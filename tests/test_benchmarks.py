@@ -27,6 +27,37 @@ def test_paired_ratio_is_the_median_of_per_iteration_ratios_with_a_bootstrap_int
     assert hi > lo                                            # noise gives a band, not a point
 
 
+def test_both_benchmarks_time_one_training_step():
+    """step_time.py and quantized.py time the same step: forward, backward, optimizer step, allocate(step),
+    zero_grad."""
+    import contextlib
+
+    import torch
+
+    import quantized
+    from conftest import BERT_TARGETS, make_bert
+
+    assert quantized.train_step is step_time.train_step
+    model = ha.get_peft_model(make_bert(), ha.HyperLoraConfig(r=2, target_modules=BERT_TARGETS, task_type="SEQ_CLS"))
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    allocated = []
+    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "labels": torch.tensor([0, 1])}
+    assert step_time.train_step(model, opt, allocated.append, 4, batch) == 5
+    assert allocated == [5]                                               # allocate(steps done)
+    after = [p for g in opt.param_groups for p in g["params"]]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))      # the optimizer stepped
+    assert all(p.grad is None for p in after)                             # zero_grad(set_to_none=True)
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():  # the forward runs inside it
+        entered.append(True)
+        yield
+
+    assert step_time.train_step(model, opt, None, 5, batch, autocast) == 6 and allocated == [5] and entered
+
+
 def test_summary_table_shows_the_paired_ratio_and_the_verdict():
     res = {"hyperadalora": {"median_ms": 101.0, "peak_mib": 10.0, "time_vs_adalora": 1.01, "time_vs_lora": 1.05,
                             "mem_vs_adalora": 0.999, "paired_vs_adalora": {"median": 1.004, "ci95": [0.97, 1.03]}},

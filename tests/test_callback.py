@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
+from test_every_method import OURS
 
 MAX_STEPS = 12
 
@@ -311,9 +312,12 @@ def dir_bytes(path, names):
     return sum(os.path.getsize(os.path.join(path, n)) for n in names)
 
 
-def hyperlora_config():
-    return ha.HyperLoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS", hypernet="mlp",
-                              hypernet_dim=16)
+def method_config(method):
+    """A small config of one of `hyperadalora.methods` (rank 2 on query and value; small MLP hypernetworks)."""
+    from test_every_method import config_cls, is_generated
+
+    return config_cls(method)(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
+                              **({"hypernet": "mlp", "hypernet_dim": 16} if is_generated(method) else {}))
 
 
 def outputs(model, batch):
@@ -361,12 +365,12 @@ def test_checkpoint_holds_the_adapter_and_training_state_not_the_base_model(tmp_
     assert not torch.allclose(outputs(loaded, EVAL_BATCH), outputs(make_bert(**BIG_BERT), EVAL_BATCH), atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["hyperadalora", "hyperlora"])
+@pytest.mark.parametrize("method", OURS)
 def test_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, method):
     from hyperadalora.checkpoint import model_state
 
     def make():
-        config = hyper_config(importance="sensitivity") if method == "hyperadalora" else hyperlora_config()
+        config = hyper_config(importance="sensitivity") if method == "hyperadalora" else method_config(method)
         return ha.get_peft_model(make_bert(num_layers=1), config)
 
     straight, spy = make(), LossSpy()
@@ -467,13 +471,14 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
                                                                          best["allocator.mask"])
 
 
-@pytest.mark.parametrize("method", ["hyperadalora", "hyperlora"])
+@pytest.mark.parametrize("method", OURS)
 def test_save_model_writes_a_loadable_adapter(tmp_path, method):
     from transformers import AutoTokenizer, default_data_collator
 
     from hyperadalora.base_models import minilm_path
 
-    config = hyper_config(total_step=4, tinit=1, tfinal=1, deltaT=1) if method == "hyperadalora" else hyperlora_config()
+    config = (hyper_config(total_step=4, tinit=1, tfinal=1, deltaT=1) if method == "hyperadalora"
+              else method_config(method))
     model = ha.get_peft_model(make_bert(num_layers=1), config)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     trainer = hyper_trainer(model, tmp_path / "run", save_strategy="no", max_steps=4, processing_class=tokenizer,

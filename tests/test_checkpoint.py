@@ -16,7 +16,7 @@ from hyperadalora import checkpoint as ckpt_lib
 from hyperadalora import cli
 from hyperadalora import train as train_mod
 from hyperadalora.resume import ResumeConflict, ResumeNote
-from hyperadalora.train import NonFiniteLossError, TrainArgs, TrainingInterrupted, read_metrics, train
+from hyperadalora.train import NonFiniteLossError, TrainArgs, read_metrics, train
 from test_train import toy_examples, write_sst2, write_tiny_model
 
 STEPS = 12
@@ -57,30 +57,7 @@ def snapshot_files(root):
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("method", ["hyperadalora", "adalora", "lora"])
-def test_interrupted_run_resumes_with_bitwise_equal_losses(tmp_path, tokenizer, method):
-    run_ = functools.partial(run, tokenizer, method=method, lora_dropout=0.1)  # dropout: the global RNG matters
-    reference = read_metrics(run_(tmp_path / "ref", save_every=4, keep_checkpoints=3)["metrics"])[0]
-    out = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted) as info:  # SIGINT after step 5: finish it, checkpoint, stop
-        run_(out, on_step=signal_at(5), save_every=2)
-    assert info.value.exit_code == 130 and info.value.step == 5
-    assert "--resume" in str(info.value) and info.value.checkpoint.endswith("step-0000005")
-    assert steps_of(out) == [4, 5]  # saved at 2 and 4, then at the signal; the newest 2 kept
-    assert len(read_metrics(out / "metrics.jsonl")[0]) == 5
-    summary = run_(out, resume=str(out), save_every=2, keep_checkpoints=4)
-    assert summary["resumed_from"].endswith("step-0000005")
-    rows, evals = read_metrics(summary["metrics"])
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for key in ("loss", "task_loss", "lr", "total_rank", "epoch"):
-        assert [r[key] for r in rows] == [r[key] for r in reference], key  # exact, not approx
-    assert len(evals) == 1 and evals[0]["final"]
-    assert steps_of(out) == [6, 8, 10, STEPS]
-    for step in (8, STEPS):  # the whole training state (weights, EMAs, masks, RNG) is identical, not just the loss
-        hashes = [json.loads((d / "checkpoints" / f"step-{step:07d}" / "manifest.json").read_text())["files"]
-                  for d in (out, tmp_path / "ref")]
-        for name in ("model.safetensors", "rng.safetensors"):
-            assert hashes[0][name] == hashes[1][name], (step, name)
+# test_every_method.py: test_an_interrupted_run_resumes_with_bitwise_equal_losses (for every method)
 
 
 # ---------------------------------------------------------------------------------------------- signals / CLI

@@ -1,5 +1,5 @@
-"""Gradient checkpointing: the same per-step losses (bit for bit) with and without it, for HyperAdaLoRA and a
-generated method, in a plain training loop (with dropout: the recomputation replays the RNG), through the training
+"""Gradient checkpointing: the same per-step losses (bit for bit) with and without it, for every method, in a plain
+training loop (with dropout: the recomputation replays the RNG), through the training
 loop's ``gradient_checkpointing`` flag, and under `HyperAdaLoraTrainer` with Trainer's own
 ``gradient_checkpointing=True``; and the layers really are recomputed in backward."""
 
@@ -11,8 +11,9 @@ from transformers import BertConfig, BertForSequenceClassification, TrainerCallb
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
-from hyperadalora import HyperLoraConfig, get_peft_model
+from hyperadalora import get_peft_model
 from hyperadalora.quantization import enable_gradient_checkpointing
+from test_every_method import EVERY, OURS, config_cls, is_generated
 
 STEPS = 5
 
@@ -29,7 +30,8 @@ def config(method):
         return ha.HyperAdaLoraConfig(init_r=4, target_r=2, total_step=STEPS, tinit=1, tfinal=1, deltaT=1,
                                      lora_dropout=0.1, task_type="SEQ_CLS", target_modules=BERT_TARGETS,
                                      hypernet_dim=16)
-    return HyperLoraConfig(r=4, lora_dropout=0.1, task_type="SEQ_CLS", target_modules=BERT_TARGETS, hypernet_dim=16)
+    return config_cls(method)(r=4, lora_dropout=0.1, task_type="SEQ_CLS", target_modules=BERT_TARGETS,
+                              **({"hypernet_dim": 16} if is_generated(method) else {}))
 
 
 def run(method, checkpointing):
@@ -54,7 +56,7 @@ def run(method, checkpointing):
     return losses, len(calls), wrapped
 
 
-@pytest.mark.parametrize("method", ["hyperadalora", "hyperlora"])
+@pytest.mark.parametrize("method", OURS)
 def test_same_losses_with_and_without_checkpointing(method):
     plain, plain_calls, a = run(method, False)
     ckpt, ckpt_calls, b = run(method, True)
@@ -97,7 +99,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
-@pytest.mark.parametrize("method", ["hyperadalora", "hyperhydralora"])
+@pytest.mark.parametrize("method", EVERY)
 def test_training_loop_flag_gives_the_same_losses(tmp_path, tokenizer, method):
     from test_train import toy_examples
 

@@ -257,31 +257,6 @@ def test_export_lora_loads_in_vanilla_peft(tmp_path, batch):
     assert (peft_model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.device
-def test_merge_and_unload(batch, device):
-    batch = on(device, batch)
-    model = _trained(batch, device)
-    ref = model(input_ids=batch["input_ids"]).logits
-    merged = model.merge_and_unload()
-    assert not any(isinstance(m, ha.SVDLinear) for m in merged.modules())
-    assert (merged(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-5
-
-
-def test_load_onto_other_shapes_fails_clearly(tmp_path, batch):
-    model = _trained(batch)
-    model.save_pretrained(tmp_path / "a")
-    with pytest.raises(ValueError, match="another base model"):
-        ha.load_adapter(make_bert(hidden=48), tmp_path / "a")
-
-
-def test_drop_hypernetworks_keeps_outputs(batch):
-    model = _trained(batch)
-    ref = model(input_ids=batch["input_ids"]).logits
-    model.drop_hypernetworks()
-    assert model.fixed and "generators" not in dict(model.named_children())
-    assert (model(input_ids=batch["input_ids"]).logits - ref).abs().max().item() < 1e-6
-
-
 def test_causal_lm_and_element_tokens():
     base = make_llama()
     x = torch.randint(0, 100, (2, 10))
@@ -311,12 +286,6 @@ def test_causal_lm_and_element_tokens():
 def test_element_tokens_refused_above_limit():
     with pytest.raises(ValueError, match="max_element_tokens"):
         ha.get_peft_model(make_bert(), cfg(tokens="element", max_element_tokens=50))
-
-
-def test_moves_with_the_model(batch):
-    model = _trained(batch)
-    model.to(torch.float64)
-    assert all(s.dtype == torch.float64 for g in model.generators.values() for s in g.states())
 
 
 def test_one_commit_per_optimizer_step(batch):

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from conftest import make_bert
+from hyperadalora import train as train_mod
 from hyperadalora.methods.hyperadalora.allocation import budget_at
-from hyperadalora.methods import HyperAdaLoraModel
 from hyperadalora.train import TrainArgs, read_metrics, train
+from test_every_method import EVERY
 from test_train import toy_examples
 
 
@@ -36,40 +37,41 @@ def test_precision_flag_and_dtype_agree():
         TrainArgs(precision="fp16")
 
 
-@pytest.mark.parametrize("method", ["hyperadalora", "lora"])
-def test_bf16_autocast_stays_close_to_fp32(tmp_path, tokenizer, method):
-    seen = {}
+@pytest.mark.parametrize("method", EVERY)
+def test_bf16_autocast_stays_close_to_fp32(tmp_path, tokenizer, monkeypatch, method):
+    """--precision bf16 in the training loop: the losses stay close to fp32's; for the generated methods the
+    hypernetworks run in fp32 under the autocast, their parameters and state are never bf16, and the tensors they
+    hand to the layers at every step are fp32 (only the adapted layers run in bf16)."""
+    from test_every_method import generated_per_layer, is_generated
 
-    def hook(module, args, output):  # the hypernetworks' outputs under autocast
-        seen.setdefault("dtypes", set()).add(output.dtype)
+    generated = is_generated(method)
+    built, seen, checked = {}, set(), []
+
+    def build(args, model, task_type):  # catch the wrapped model to inspect it during training
+        wrapped, allocate = original(args, model, task_type)
+        built["model"] = wrapped
+        if generated and args.precision == "bf16":
+            for m in wrapped.generators.modules():
+                m.register_forward_hook(lambda module, a, output: seen.add(output.dtype)
+                                        if isinstance(output, torch.Tensor) else None)
+        return wrapped, allocate
 
     def check(step, row):
-        model = summary_model.get("model")
-        if isinstance(model, HyperAdaLoraModel):
-            assert all(p.dtype == torch.float32 for p in model.generators.parameters())
-            for name, b in model.generators.named_buffers():  # states fp32; P's and Q's identity offsets stored fp16
-                if b.is_floating_point():
-                    assert b.dtype == (torch.float16 if name.startswith(("P.offset", "Q.offset")) else torch.float32), name
-            assert all(t.dtype == torch.float32 for ts in model._pending.values() for t in ts)
+        model = built["model"]
+        tensors = [*model.generators.parameters(), *model.generators.buffers()]
+        assert tensors and all(t.dtype != torch.bfloat16 for t in tensors)
+        assert all(p.dtype == torch.float32 for p in model.generators.parameters())
+        assert {t.dtype for ts in generated_per_layer(model) for t in ts} == {torch.float32}
+        checked.append(step)
 
-    summary_model = {}
-    original_init = HyperAdaLoraModel.__init__
-
-    def init(self, *a, **k):  # catch the wrapped model to inspect it during training
-        original_init(self, *a, **k)
-        summary_model["model"] = self
-        for g in self.generators.values():
-            g.hypernet.register_forward_hook(hook)
-
-    HyperAdaLoraModel.__init__ = init
-    try:
-        _, fp32 = run(tmp_path, tokenizer, "fp32", method=method, max_steps=6)
-        seen.clear()
-        _, bf16 = run(tmp_path, tokenizer, "bf16", on_step=check, method=method, max_steps=6, precision="bf16")
-    finally:
-        HyperAdaLoraModel.__init__ = original_init
-    if method == "hyperadalora":
-        assert seen["dtypes"] == {torch.float32}   # the hypernetworks ran in fp32 under bf16 autocast
+    original = train_mod.build_adapter_model
+    monkeypatch.setattr(train_mod, "build_adapter_model", build)
+    _, fp32 = run(tmp_path, tokenizer, "fp32", method=method, max_steps=6)
+    _, bf16 = run(tmp_path, tokenizer, "bf16", on_step=check if generated else None, method=method, max_steps=6,
+                  precision="bf16")
+    if generated:
+        assert checked == list(range(1, 7))
+        assert seen == {torch.float32}   # the hypernetworks ran in fp32 under bf16 autocast
     for a, b in zip(fp32, bf16):
         assert b["task_loss"] == pytest.approx(a["task_loss"], abs=5e-3), (a["step"], a["task_loss"], b["task_loss"])
     assert any(a["task_loss"] != b["task_loss"] for a, b in zip(fp32, bf16))  # bf16 did run
