@@ -232,8 +232,6 @@ def test_save_load_round_trip(tmp_path, batch, method, device):
     assert (logits(again, batch) - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="bug: load_adapter returns the model in training mode (adapter dropout on); "
-                                       "peft's PeftModel.from_pretrained returns it in eval mode")
 @pytest.mark.parametrize("method", OURS)
 def test_load_adapter_gives_a_model_ready_for_inference(tmp_path, batch, method):
     """load_adapter is for inference (as peft's from_pretrained): the model it returns is in evaluation mode, so an
@@ -372,12 +370,7 @@ def test_trainable_state_dict_is_a_copy(batch, method):
     assert any(not torch.equal(now[k], v) for k, v in frozen.items())
 
 
-PARTIAL_LOAD = pytest.mark.xfail(strict=True, reason="bug: a state whose keys fit but whose shapes do not is half "
-                                                    "loaded, then torch's RuntimeError (no ValueError, model changed)")
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=PARTIAL_LOAD) if m in ("hyperadalora", "hyperlora") else m
-                                    for m in OURS])
+@pytest.mark.parametrize("method", OURS)
 def test_trainable_state_of_another_model_is_refused_and_changes_nothing(batch, method):
     """The trainable state of a 2-layer model loaded into a 1-layer one: a ValueError, and the model is left as it
     was (a misfit changes nothing, as in load_adapter)."""

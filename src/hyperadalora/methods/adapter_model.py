@@ -386,11 +386,9 @@ class AdapterModel(BaseAdapterModel):
         return {"tensors": {k: state[k].detach().clone() for k in sorted(keys)}, "meta": {}}
 
     def load_trainable_state_dict(self, state: dict) -> None:
+        """Put a `trainable_state_dict` back; ValueError, changing nothing, for a state of another model."""
         tensors = state["tensors"]
-        expected = set(self.trainable_state_dict()["tensors"])
-        if set(tensors) != expected:
-            raise ValueError(f"The state does not fit this model: missing {sorted(expected - set(tensors))[:5]}, "
-                             f"unexpected {sorted(set(tensors) - expected)[:5]}.")
+        refuse_misfit(self.trainable_state_dict()["tensors"], tensors)
         self.load_state_dict(tensors, strict=False)
         self._forget_generation()
 
@@ -491,9 +489,10 @@ class AdapterModel(BaseAdapterModel):
         if names:
             config.target_modules = "|".join(re.escape(n) for n in names)
         model_cls = get_method(config.method).model_cls or AdapterModel
-        return load_onto(model, directory, names, tensors, config.modules_to_save,
-                         build=lambda: model_cls(model, config, trained_only=True),
-                         load=lambda w: w._load_saved_tensors(tensors, path))
+        wrapped = load_onto(model, directory, names, tensors, config.modules_to_save,
+                            build=lambda: model_cls(model, config, trained_only=True),
+                            load=lambda w: w._load_saved_tensors(tensors, path))
+        return wrapped.eval()  # for inference, as peft's from_pretrained: adapter dropout off
 
     def _load_saved_tensors(self, tensors: dict, path: str) -> None:
         """Check every saved tensor against the model first, then load them (a misfit changes nothing)."""
@@ -533,3 +532,14 @@ class AdapterModel(BaseAdapterModel):
                                      f"model.")
                 heads.append((module, state))
         return heads
+
+
+def refuse_misfit(expected: dict, tensors: dict) -> None:
+    """ValueError unless ``tensors`` has exactly the keys of ``expected`` with the same shapes (checked before anything
+    is loaded: a state of another model changes nothing)."""
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    shapes = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & tensors.keys()) if tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"The state does not fit this model (another base model or adapter configuration?): missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}, other shapes {shapes[:5]}.")

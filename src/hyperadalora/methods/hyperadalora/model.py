@@ -34,7 +34,7 @@ from ...generator import RoleGenerator
 from ...quantization import dequantized_weight, quantization_kind
 from ...tuner_utils import (HYPERNET_WEIGHTS_NAME, check_rank_fits, full_precision,
                             principal_subspaces, save_safetensors, world_size)
-from ..adapter_model import AdapterModel
+from ..adapter_model import AdapterModel, refuse_misfit
 from .allocation import RankAllocator
 from .layer import SVDLinear
 
@@ -263,12 +263,15 @@ class HyperAdaLoraModel(AdapterModel):
                 "mask_version": self._mask_version, "allocate_called": self._allocate_called}
 
     def load_trainable_state_dict(self, state: dict) -> None:
+        """Put a `trainable_state_dict` back; ValueError, changing nothing, for a state of another model."""
         tensors = state["tensors"]
+        refuse_misfit(self.trainable_state_dict()["tensors"], tensors)
+        mask = state["allocator"].get("mask")
+        if mask is not None and tuple(mask.shape) != tuple(self.allocator.mask.shape):
+            raise ValueError(f"The state's rank masks are {tuple(mask.shape)}, this model's "
+                             f"{tuple(self.allocator.mask.shape)} (another number of layers or init_r).")
         gen = {k[len("generators."):]: v for k, v in tensors.items() if k.startswith("generators.")}
-        missing, unexpected = self.generators.load_state_dict(gen, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"Checkpoint does not fit this model's hypernetworks: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}.")
+        self.generators.load_state_dict(gen, strict=False)
         for name in self.saved_module_names:
             prefix = f"modules_to_save.{name}."
             sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
