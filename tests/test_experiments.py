@@ -18,7 +18,7 @@ from hyperadalora.experiments import (EXPERIMENTS, ExperimentOptions, add_experi
 from hyperadalora.experiments import common, nlg
 from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
 from hyperadalora.experiments.formulation import VARIANTS
-from hyperadalora.train import read_metrics
+from hyperadalora.training import read_metrics
 
 POS = ["good", "great", "fine", "happy", "nice"]
 NEG = ["bad", "awful", "poor", "sad", "ugly"]
@@ -236,7 +236,7 @@ def test_split_name():
 
 
 def test_layer_ranks_of_peft_adalora_follows_its_rank_pattern(bert):
-    from hyperadalora.train import TrainArgs, build_adapter_model
+    from hyperadalora.training import TrainArgs, build_adapter_model
 
     args = TrainArgs(method="adalora", max_steps=20, init_r=3, target_r=2)
     wrapped, _ = build_adapter_model(args, bert, "SEQ_CLS")

@@ -6,7 +6,7 @@ import torch
 from conftest import make_bert
 from hyperadalora.allocator import budget_at
 from hyperadalora.model import HyperAdaLoraModel
-from hyperadalora.train import TrainArgs, read_metrics, train
+from hyperadalora.training import TrainArgs, read_metrics, train
 from test_train import toy_examples
 
 

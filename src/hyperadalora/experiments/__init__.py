@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..plotting import plot_loss_curves, smooth
-from ..train import TrainArgs, read_metrics, train
+from ..training import TrainArgs, read_metrics, train
 
 SMOOTH_WINDOW = 25
 

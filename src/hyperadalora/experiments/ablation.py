@@ -41,7 +41,7 @@ def parameter_counts(args, kind: str = "classification") -> dict:
     trained task head (the same for every method)."""
     from ..model import HyperAdaLoraModel
     from ..models import load_model_and_tokenizer
-    from ..train import build_adapter_model, task_type_of
+    from ..training import build_adapter_model, task_type_of
 
     base, _, _ = load_model_and_tokenizer(args.model, kind, num_labels=2)
     wrapped, _ = build_adapter_model(args, base, task_type_of(kind))

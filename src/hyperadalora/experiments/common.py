@@ -27,9 +27,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .. import train as train_lib
+from .. import training as train_lib
 from ..plotting import smooth
-from ..train import TrainArgs, read_metrics
+from ..training import TrainArgs, read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_GLUE_DIR = "../shared/data/glue"                                       # relative to the repository root

@@ -45,7 +45,7 @@ Each method's learning rate deserves its own sweep (the hypernetwork variants ha
 
 def count_parameters(base, methods: list[str]) -> dict:
     """{method: {"trainable", "hypernetworks", "other"}} of each method's adapter model on a fresh base model."""
-    from .. import train as train_lib
+    from .. import training as train_lib
     from ..data import get_task
     from ..models import load_model_and_tokenizer
 

@@ -216,7 +216,7 @@ def parse_variant(spec: str) -> tuple[str, tuple[dict, str]]:
     saying what to change, before anything runs."""
     from ..cli import NONE, TRAIN_FLAGS
     from ..config import HyperAdaLoraConfig
-    from ..train import HYPER_FIELDS
+    from ..training import HYPER_FIELDS
 
     example = "e.g. --variant rows10:feature_lr_ratio=10,hypernet=mlp"
     name, sep, body = spec.partition(":")
