@@ -24,7 +24,7 @@ Never lose a run, never fail silently:
   stops with `NonFiniteLossError`, after writing a checkpoint of the last good step.
 
 Modules: `args` (`TrainArgs`, the methods, the options under ``hyper``), `adapters` (the adapter of a run:
-`build_adapter_model`), `loop` (`train`, `TrainingLoop`, `LoopState`), `evaluation`, `distributed` (devices,
+`build_adapter_model`), `entry` (`train`), `loop` (`TrainingLoop`, `LoopState`), `evaluation`, `distributed` (devices,
 processes, batch sharding), `run_files` (the output directory, metrics.jsonl, resume checks), `stopping`.
 """
 
@@ -36,7 +36,8 @@ from .args import (DEFAULT_OUTPUT_DIR, DEFAULT_TASK, DTYPES, FROM_THE_RUN, HYPER
                    config_class, has_hypernetworks, hypernetwork_options, run_dir_of)
 from .distributed import Distributed, all_mean, check_device, setup_distributed, shard_batch, wrap_ddp
 from .evaluation import evaluate, generate_and_score, per_example_lm_loss
-from .loop import AdapterBuilder, LoopState, TrainingLoop, grads_finite, set_seed, train
+from .entry import set_seed, train
+from .loop import AdapterBuilder, LoopState, TrainingLoop, grads_finite
 from .run_files import (RUN_FILES, check_resume_args, latest_checkpoint, median_step, prepare_output_dir,
                         read_metrics, truncate_metrics)
 from .stopping import (DISK_FULL_ERRNOS, DiskFullError, NonFiniteLossError, StopRequest, TrainingInterrupted)

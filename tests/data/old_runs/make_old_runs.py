@@ -3,7 +3,6 @@
 
     PYTHONPATH=<checkout of 358d364>/src python tests/data/old_runs/make_old_runs.py tests/data/old_runs
 """
-import json
 import os
 import shutil
 import sys
