@@ -157,8 +157,10 @@ class Faults:
         import hyperadalora.checkpoint as ckpt
         import hyperadalora.config as config
         import hyperadalora.methods.base as method_base
+        import hyperadalora.training as train_mod
+        import hyperadalora.training.loop as loop_mod
+        import hyperadalora.training.run_files as run_files_mod
         import hyperadalora.tuner_utils as tuner_utils
-        import hyperadalora.train as train_mod
 
         faults, real_open = self, open
 
@@ -191,7 +193,7 @@ class Faults:
                 return File(path, mode, *a, **k)
             return real_open(path, mode, *a, **k)
 
-        for module in (ckpt, train_mod, config, method_base):
+        for module in (ckpt, loop_mod, run_files_mod, config, method_base):
             module.open = fault_open  # module globals shadow the builtin
 
         def write_bytes(path, data: bytes):

@@ -44,7 +44,7 @@ from step_time import cpu_peak_bytes, train_step  # noqa: E402
 
 from hyperadalora import data as data_lib  # noqa: E402
 from hyperadalora import quantization as Q  # noqa: E402
-from hyperadalora import train as T  # noqa: E402
+from hyperadalora import training as T  # noqa: E402
 from hyperadalora.base_models import load_model_and_tokenizer  # noqa: E402
 
 MiB = 2 ** 20

@@ -1,8 +1,8 @@
 """Training-step time and peak memory of HyperAdaLoRA vs peft's AdaLoRA and LoRA, side by side, in one run.
 
-Every method wraps a fresh copy of the same base model through `hyperadalora.train.build_adapter_model` with
+Every method wraps a fresh copy of the same base model through `hyperadalora.training.build_adapter_model` with
 the same `TrainArgs` (init_r=3, target_r=2, the same target modules, max_steps=10_000 so that no rank masking
-happens while measuring unless --allocate-during), and trains with AdamW on `train.param_groups`. One step =
+happens while measuring unless --allocate-during), and trains with AdamW on `training.param_groups`. One step =
 forward on a synthetic batch (random token ids, attention mask of ones, random labels) + backward +
 optimizer.step + allocate(step) (HyperAdaLoRA, AdaLoRA) + zero_grad.
 
@@ -43,7 +43,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig
 
-from hyperadalora import train as T
+from hyperadalora import training as T
 from hyperadalora.base_models import load_model_and_tokenizer, resolve_model_path
 
 MiB = 2 ** 20

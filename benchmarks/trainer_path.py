@@ -1,15 +1,15 @@
 """The `transformers.Trainer` path vs the library's own training loop, side by side in one run.
 
-Same base model, data, steps, batch size, learning rate and adapter config (`train.build_adapter_model` with the
+Same base model, data, steps, batch size, learning rate and adapter config (`training.build_adapter_model` with the
 same `TrainArgs`) for every row:
 
-- ``loop``: HyperAdaLoRA trained by `hyperadalora.train.train` (what `hyperadalora train` runs);
+- ``loop``: HyperAdaLoRA trained by `hyperadalora.training.train` (what `hyperadalora train` runs);
 - ``HyperAdaLoraTrainer``: HyperAdaLoRA under `ha.HyperAdaLoraTrainer` (optimizer from
   `model.optimizer_param_groups`: the hypernetworks' own learning rates);
 - ``Trainer, default optimizer``: HyperAdaLoRA under a plain `transformers.Trainer` with `ha.RankAllocationCallback`
   and Trainer's own optimizer, which puts every parameter at the run's lr (the callback warns);
 - ``AdaLoRA, Trainer``: peft's AdaLoRA under a plain Trainer with `ha.RankAllocationCallback`, the reference;
-- ``AdaLoRA, loop``: peft's AdaLoRA trained by `hyperadalora.train.train`.
+- ``AdaLoRA, loop``: peft's AdaLoRA trained by `hyperadalora.training.train`.
 
 Trainer's sampler and the loop's do not draw the same batches, so the table compares the mean training loss
 (task loss + orthogonal penalty, as each run logs it) over windows of steps, not step by step. The penalty is
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import hyperadalora as ha  # noqa: E402
 from hyperadalora import data as data_lib  # noqa: E402
-from hyperadalora import train as train_lib  # noqa: E402
+from hyperadalora import training as train_lib  # noqa: E402
 from hyperadalora.base_models import load_model_and_tokenizer  # noqa: E402
 
 ROWS = ("loop", "HyperAdaLoraTrainer", "Trainer, default optimizer", "AdaLoRA, Trainer", "AdaLoRA, loop")

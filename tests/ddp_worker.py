@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT --batch-size 4
     python tests/ddp_worker.py OUT --batch-size 8
 
-Trains HyperAdaLoRA on a tiny BERT (tests/conftest.py) with `hyperadalora.train.train` and writes, per
+Trains HyperAdaLoRA on a tiny BERT (tests/conftest.py) with `hyperadalora.training.train` and writes, per
 process, what the test compares: after every `update_and_allocate`, the rank masks, the sensitivity EMAs,
 the hypernetworks' parameters and their recurrent state (``OUT/process-<rank>.pt``); process 0 also writes
 the run's metrics.jsonl.
@@ -27,7 +27,7 @@ def run(out: str, batch_size: int, grad_accum: int = 1, steps: int = 10, importa
     from conftest import make_bert
     from hyperadalora.methods import HyperAdaLoraModel
     from hyperadalora.base_models import minilm_path
-    from hyperadalora.train import TrainArgs, train
+    from hyperadalora.training import TrainArgs, train
     from test_train import toy_examples
 
     records = []

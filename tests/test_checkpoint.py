@@ -14,9 +14,9 @@ import torch
 from conftest import make_bert
 from hyperadalora import checkpoint as ckpt_lib
 from hyperadalora import cli
-from hyperadalora import train as train_mod
+from hyperadalora import training as train_mod
 from hyperadalora.resume import ResumeConflict, ResumeNote
-from hyperadalora.train import NonFiniteLossError, TrainArgs, read_metrics, train
+from hyperadalora.training import NonFiniteLossError, TrainArgs, TrainingInterrupted, read_metrics, train
 from test_train import toy_examples, write_sst2, write_tiny_model
 
 STEPS = 12

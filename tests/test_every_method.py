@@ -8,7 +8,7 @@ test_precision_accum.py (bf16 through the training loop), test_train.py (same da
 eval loss), test_callback.py (HyperAdaLoraTrainer: exact resume, save_model).
 
 Only the public API: `hyperadalora.get_peft_model` / `load_adapter`, the config classes (found through the method
-registry), the wrapper's public methods, `hyperadalora.train.train`. Whether a method generates tensors comes from
+registry), the wrapper's public methods, `hyperadalora.training.train`. Whether a method generates tensors comes from
 the registry (`Method.generated`), never from the class of the model it builds. A new method registered in
 `hyperadalora.methods` is tested here without any change to this file.
 """
@@ -23,7 +23,7 @@ import torch
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert, on
 from hyperadalora import methods as M
-from hyperadalora.train import TrainArgs, TrainingInterrupted, read_metrics, train
+from hyperadalora.training import TrainArgs, TrainingInterrupted, read_metrics, train
 
 # ---------------------------------------------------------------------------------------------- the methods
 PEFT = ["lora", "dora", "adalora"]               # peft's own, run by the same training code

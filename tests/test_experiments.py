@@ -28,7 +28,8 @@ from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
 from hyperadalora.experiments.report import convergence_table, epoch_section, fmt_stat
 from hyperadalora.experiments.stats import stats
 from hyperadalora.experiments.task_setup import glue_task_available, window_for
-from hyperadalora.train import HYPER_FIELDS, read_metrics
+from hyperadalora.experiments.formulation import VARIANTS
+from hyperadalora.training import HYPER_FIELDS, read_metrics
 
 POS = ["good", "great", "fine", "happy", "nice"]
 NEG = ["bad", "awful", "poor", "sad", "ugly"]
@@ -244,7 +245,7 @@ def test_split_name():
 
 
 def test_layer_ranks_of_peft_adalora_follows_its_rank_pattern(bert):
-    from hyperadalora.train import TrainArgs, build_adapter_model
+    from hyperadalora.training import TrainArgs, build_adapter_model
 
     args = TrainArgs(method="adalora", max_steps=20, init_r=3, target_r=2)
     wrapped, _ = build_adapter_model(args, bert, "SEQ_CLS")

@@ -15,7 +15,7 @@ import torch
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
 from hyperadalora import checkpoint as ckpt_lib
-from hyperadalora.train import DiskFullError, TrainingInterrupted, read_metrics
+from hyperadalora.training import DiskFullError, TrainingInterrupted, read_metrics
 from test_checkpoint import run, signal_at, tokenizer  # noqa: F401 (a fixture)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))

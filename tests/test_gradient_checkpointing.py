@@ -103,7 +103,7 @@ def tokenizer():
 def test_training_loop_flag_gives_the_same_losses(tmp_path, tokenizer, method):
     from test_train import toy_examples
 
-    from hyperadalora.train import TrainArgs, train
+    from hyperadalora.training import TrainArgs, train
 
     losses = {}
     for flag in (False, True):

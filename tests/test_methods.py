@@ -11,7 +11,7 @@ import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert, make_llama, on
 from hyperadalora import cli
 from hyperadalora import methods as M
-from hyperadalora.train import TrainArgs, args_from_dict
+from hyperadalora.training import TrainArgs, TrainingInterrupted, args_from_dict, read_metrics
 
 ALL = ["hyperlora", "hyperdora", "hydralora", "hyperhydralora"]
 GENERATED = ["hyperlora", "hyperdora", "hyperhydralora"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import make_bert
-from hyperadalora import train as train_mod
+from hyperadalora import training as train_mod
 from hyperadalora.methods.hyperadalora.allocation import budget_at
-from hyperadalora.train import TrainArgs, read_metrics, train
+from hyperadalora.training import TrainArgs, read_metrics, train
 from test_every_method import EVERY
 from test_train import toy_examples
 
@@ -20,12 +20,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
-def run(tmp_path, tokenizer, name, on_step=None, **kw):
+def run(tmp_path, tokenizer, name, on_step=None, build_adapter=None, **kw):
     base = dict(method="hyperadalora", task="sst2", max_steps=12, batch_size=8, lr=5e-3, max_length=16, seed=0,
                 tinit=2, tfinal=3, deltaT=1, device="cpu", progress=False, save_adapter=False, keep_checkpoints=0)
     args = TrainArgs(**{**base, **kw, "output_dir": str(tmp_path / name)})
     summary = train(args, model=make_bert(vocab=tokenizer.vocab_size, hidden=32), tokenizer=tokenizer,
-                    train_examples=toy_examples(64), eval_examples=toy_examples(8, seed=1), on_step=on_step)
+                    train_examples=toy_examples(64), eval_examples=toy_examples(8, seed=1), on_step=on_step,
+                    build_adapter=build_adapter)
     return summary, read_metrics(summary["metrics"])[0]
 
 
@@ -65,10 +66,9 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path, tokenizer, monkeypatch, met
         checked.append(step)
 
     original = train_mod.build_adapter_model
-    monkeypatch.setattr(train_mod, "build_adapter_model", build)
-    _, fp32 = run(tmp_path, tokenizer, "fp32", method=method, max_steps=6)
+    _, fp32 = run(tmp_path, tokenizer, "fp32", method=method, max_steps=6, build_adapter=build)
     _, bf16 = run(tmp_path, tokenizer, "bf16", on_step=check if generated else None, method=method, max_steps=6,
-                  precision="bf16")
+                  precision="bf16", build_adapter=build)
     if generated:
         assert checked == list(range(1, 7))
         assert seen == {torch.float32}   # the hypernetworks ran in fp32 under bf16 autocast

@@ -181,7 +181,7 @@ def test_merge_of_an_unquantized_base_is_unchanged_by_the_new_option():
 
 # ---------------------------------------------------------------------------------------------- the training loop
 def test_train_args_quantization_options():
-    from hyperadalora.train import TrainArgs
+    from hyperadalora.training import TrainArgs
 
     assert TrainArgs(load_in_4bit=True).quant_type == "nf4"
     assert TrainArgs(load_in_4bit=True, quant_type="fp4").quant_type == "fp4"
@@ -198,7 +198,7 @@ def test_train_args_quantization_options():
 
 def test_cli_flags_reach_train_args():
     from hyperadalora.cli import build_parser, collect_options
-    from hyperadalora.train import args_from_dict
+    from hyperadalora.training import args_from_dict
 
     ns = build_parser().parse_args(["train", "--load-in-4bit", "--quant-type", "fp4", "--gradient-checkpointing"])
     args = args_from_dict(collect_options(ns))
@@ -220,7 +220,7 @@ def tokenizer():
 def test_train_loop_on_a_quantized_model_records_the_flags(tmp_path, tokenizer):
     from test_train import toy_examples
 
-    from hyperadalora.train import TrainArgs, train
+    from hyperadalora.training import TrainArgs, train
 
     args = TrainArgs(method="hyperdora", max_steps=4, batch_size=8, lr=1e-2, max_length=16, load_in_8bit=True,
                      gradient_checkpointing=True, output_dir=str(tmp_path / "run"), progress=False)

@@ -10,9 +10,9 @@ import signal
 import pytest
 
 from hyperadalora import cli
-from hyperadalora import train as train_mod
+from hyperadalora import training as train_mod
 from hyperadalora.resume import OVERRIDABLE, ResumeConflict, ResumeNote
-from hyperadalora.train import TrainArgs, read_metrics
+from hyperadalora.training import TrainArgs, read_metrics
 from test_checkpoint import signal_at, snapshot_files, tokenizer  # noqa: F401 (a fixture)
 from test_train import write_sst2, write_tiny_model
 

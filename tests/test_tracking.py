@@ -13,7 +13,7 @@ import torch
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert
 from hyperadalora import cli, tracking
-from hyperadalora.train import TrainArgs, read_metrics, train
+from hyperadalora.training import TrainArgs, read_metrics, train
 from test_train import toy_examples, write_sst2, write_tiny_model
 
 
@@ -178,7 +178,7 @@ def test_hyperadalora_trainer_reports_the_ranks_to_trainers_own_report_to(tmp_pa
 def test_rank_per_layer_of_peft_models():
     import peft
 
-    from hyperadalora.train import total_rank
+    from hyperadalora.training import total_rank
 
     lora = peft.get_peft_model(make_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"]))
     ranks = tracking.rank_per_layer(lora)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_bert
 from hyperadalora import cli
-from hyperadalora.train import TrainArgs, read_metrics, train
+from hyperadalora.training import TrainArgs, read_metrics, train
 from test_every_method import EVERY
 
 WORDS_POS = ["good", "great", "fine", "happy", "nice"]
@@ -103,7 +103,7 @@ def test_wrapping_a_model_shows_no_deprecation_warning_of_a_dependency(method):
     # can do nothing about; the wrapper keeps it out of their log (and leaves every other warning alone).
     import warnings
 
-    from hyperadalora.train import build_adapter_model
+    from hyperadalora.training import build_adapter_model
 
     args = TrainArgs(method=method, task="sst2", max_steps=10, tinit=2, tfinal=2, deltaT=2)
     with warnings.catch_warnings(record=True) as caught:
@@ -221,7 +221,7 @@ def test_cli_demo_refuses_a_method(capsys, tmp_path):
 
 
 def test_device_that_is_not_there_fails_before_the_model_loads(tmp_path):
-    from hyperadalora.train import check_device
+    from hyperadalora.training import check_device
 
     check_device(None)
     check_device("cpu")
@@ -310,7 +310,7 @@ def test_cli_boolean_hypernetwork_option(value, expected):
 
 @pytest.mark.parametrize("value, expected", [("none", None), ("None", None), ("8", 8)])
 def test_cli_nullable_options_take_a_value_or_none(value, expected):
-    from hyperadalora.train import args_from_dict
+    from hyperadalora.training import args_from_dict
 
     ns = cli.build_parser().parse_args(["train", "--feature-dim", value, "--feature-lr-ratio", "none"])
     args = args_from_dict(cli.collect_options(ns))
@@ -328,7 +328,7 @@ def test_cli_nullable_options_take_a_value_or_none(value, expected):
 
 
 def test_yaml_null_sets_a_nullable_hypernetwork_option_and_is_ignored_elsewhere():
-    from hyperadalora.train import args_from_dict
+    from hyperadalora.training import args_from_dict
 
     args = args_from_dict({"feature_dim": None, "max_steps": None, "hypernet": None})
     assert args.hyper == {"feature_dim": None}
@@ -380,7 +380,7 @@ def test_deberta_gets_the_papers_target_modules_and_trains_a_step(method):
     method adapts the paper's six matrices per layer (not the pooler, as 'all-linear' would)."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    from hyperadalora.train import build_adapter_model, default_target_modules
+    from hyperadalora.training import build_adapter_model, default_target_modules
 
     torch.manual_seed(0)
     config = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -16,7 +16,7 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-0000042/`` holding
 - ``manifest.json``: size and SHA-256 of every other file, checked before anything is loaded.
 
 It is written into a temporary directory, fsynced and renamed into place, so a crash leaves either the
-whole checkpoint or none. The training loop (`hyperadalora.train`) decides when to save and how to resume.
+whole checkpoint or none. The training loop (`hyperadalora.training`) decides when to save and how to resume.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def model_state(model) -> tuple[dict, dict]:
 
 def load_model_state(model, tensors: dict, meta: dict, where: str, hint: str = "") -> None:
     """Put a `model_state` back into ``model``; a checkpoint of another method or shape -> CheckpointError.
-    ``hint`` (from `train._check_resume_args`: the options to set) is appended to that error's message."""
+    ``hint`` (from `training.check_resume_args`: the options to set) is appended to that error's message."""
     kind = _kind(model)
     if meta.get("kind") != kind:
         raise CheckpointError(f"{where} was written by a {meta.get('kind')!r} run; this run's method is {kind!r}.")
@@ -157,7 +157,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, loop: dict, rng: 
                     hypernetwork_options: dict | None = None) -> str:
     """Write ``run_dir/checkpoints/step-<step>/`` atomically, then delete all but the newest ``keep``.
     ``hypernetwork_options``: every hypernetwork option the run used, defaults included
-    (`train.hypernetwork_options`), so that a resume under changed library defaults can say what changed."""
+    (`training.hypernetwork_options`), so that a resume under changed library defaults can say what changed."""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:07d}")

@@ -14,86 +14,18 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 import warnings
 
-from . import __version__
-
-TRAIN_FLAGS = {  # flag -> (type, help); every flag is also a YAML key of --config (with underscores)
-    "method": (str, "hyperadalora | adalora | lora | dora (peft) | hyperlora | hyperdora | hydralora | hyperhydralora"),
-    "model": (str, "model directory, .gguf file, hub name, or 'minilm' / 'smollm2' (default: minilm / smollm2)"),
-    "task": (str, "cola sst2 mrpc qqp mnli qnli rte wnli | sentiment (embedded) | alpaca (instruction)"),
-    "data_dir": (str, "GLUE TSV root (e.g. ../shared/data/glue); default: embedded data or the hub"),
-    "data_path": (str, "instruction data file (Alpaca-style JSON / JSONL)"),
-    "max_steps": (int, "optimizer steps"), "batch_size": (int, "examples per micro-batch (per process)"),
-    "grad_accum": (int, "micro-batches per optimizer step"), "lr": (float, "learning rate"),
-    "weight_decay": (float, "AdamW weight decay"), "warmup_steps": (int, "linear warm-up steps"),
-    "scheduler": (str, "linear | constant"), "max_grad_norm": (float, "gradient clipping (0: off)"),
-    "seed": (int, "random seed"), "max_length": (int, "max tokens per example"),
-    "max_train_examples": (int, "subsample the training set"), "max_eval_examples": (int, "subsample the dev set"),
-    "eval_every": (int, "evaluate every N steps (0: only at the end)"),
-    "gen_eval_examples": (int, "instruction tasks: held-out prompts to generate for BLEU/ROUGE"),
-    "max_new_tokens": (int, "generation length"),
-    "output_dir": (str, "where metrics.jsonl, summary.json, checkpoints/ and adapter/ go (default: runs/train; "
-                        "with --resume: the resumed run's directory)"),
-    "dtype": (str, "float32 | bfloat16"), "device": (str, "cpu | cuda (default: auto)"),
-    "precision": (str, "fp32 | bf16 (bf16 autocast of the model; the hypernetworks stay fp32); same as --dtype"),
-    "init_r": (int, "initial rank (lora, dora and the other methods: their rank r)"),
-    "target_r": (int, "final average rank (hyperadalora, adalora)"), "lora_alpha": (float, "alpha"),
-    "lora_dropout": (float, "adapter dropout"), "tinit": (int, "steps before pruning (default: 10%% of the steps)"),
-    "tfinal": (int, "steps at the final budget (default: 20%% of the steps)"),
-    "deltaT": (int, "re-mask interval (hyperadalora, adalora)"),
-    "orth_reg_weight": (float, "gamma of the orthogonal regulariser (hyperadalora, adalora)"),
-    "resume": (str, "continue the run recorded in a checkpoint directory, or in a run's output dir (its newest valid "
-                    "checkpoint): every option comes from the record; only --max-steps, --save-every, "
-                    "--keep-checkpoints, --output-dir, --device, evaluation and progress flags may change"),
-    "save_every": (int, "write a checkpoint every N optimizer steps (0: only at the end)"),
-    "keep_checkpoints": (int, "newest checkpoints to keep (0: write none)"),
-    "max_nonfinite": (int, "stop after this many consecutive NaN/Inf steps (they are skipped)"),
-    "report_to": (str, "none | tensorboard (OUTPUT_DIR/tensorboard) | wandb (offline) | mlflow (file://OUTPUT_DIR/"
-                       "mlruns): loss, lr, total rank, rank per layer and a rank heatmap"),
-    # HyperAdaLoRA
-    "hypernet": (str, "attention | mlp | cnn"), "attention": (str, "full | induced"),
-    "n_induced": (int, "slots of induced attention"), "generation": (str, "recurrent | static"),
-    "tokens": (str, "row | element"), "context": (str, "module | feature | layer_feature | none"), "importance": (str, "magnitude | sensitivity"),
-    "hypernet_dim": (int, "hypernetwork width"), "hypernet_heads": (int, "attention heads"),
-    "feature_dim": (lambda v: _optional(v, int, "--feature-dim"),
-                    "width of the feature / layer_feature row embeddings (default 4; none: hypernet_dim)"),
-    "hypernet_ffn_mult": (int, "feed-forward multiplier"), "output_scale": (float, "increment scale"),
-    "momentum": (float, "recurrent momentum (1 = paper)"), "hypernet_lr_ratio": (float, "hypernetwork lr / lr"),
-    "feature_lr_ratio": (lambda v: _optional(v, float, "--feature-lr-ratio"),
-                         "row-embedding lr / lr (default 30; none: hypernet_lr_ratio)"),
-    "feature_lr_ratio_final": (lambda v: _optional(v, float, "--feature-lr-ratio-final"),
-                               "row-embedding lr / lr at the last step, reached geometrically (default none: "
-                               "constant)"),
-    "hypernet_warmup_steps": (int, "steps over which the hypernetworks' lr rises linearly to its ratios (default 0)"),
-    "init": (str, "seed state of the generated tensors: orthonormal | principal | normal (default: principal for "
-                  "hyperadalora, orthonormal for the other generated methods)"),
-    "identity": (lambda v: _optional(v, str, "--identity"),
-                 "zero_output | offset (static generation) | none (the generation's default)"),
-    "increment_scale": (str, "state | width (units of the generated increment)"),
-    "center_increment": (lambda v: _flag(v, "--center-increment"),
-                         "true | false: remove the row mean of P/Q increments"),
-    "basis": (str, "free | unit | orthonormal: what the generated P and Q are made into"),
-    "lambda_codes": (lambda v: _flag(v, "--lambda-codes"),
-                     "true | false: per-layer codes for every singular value (context layer_feature)"),
-    "element_chunk": (int, "element tokens per attention chunk"),
-    # HydraLoRA
-    "n_heads": (int, "hydralora / hyperhydralora: B heads per layer (default 3)"),
-    # quantized base
-    "quant_type": (str, "with --load-in-4bit: nf4 | fp4 (default nf4)"),
-}
-SWITCHES = {  # flag -> help; on when given (also YAML keys, true / false)
-    "load_in_4bit": "load the base model's linear layers in 4-bit (bitsandbytes; the task head stays full precision)",
-    "load_in_8bit": "load the base model's linear layers in 8-bit (bitsandbytes LLM.int8)",
-    "gradient_checkpointing": "recompute each layer's activations in backward (less memory, same losses)",
-}
-
+from . import __version__, training
+from .config import ADALORA, ADALORA_ONLY_FIELDS, HYPERNET_FIELDS, HyperAdaLoraConfig
+from .resume import ResumeNote
 
 NONE = "none"  # a command-line value that stands for None (see collect_options)
 
 
 def _optional(value: str, kind, name: str):
-    """A number, or none / null (None: see `train.NULLABLE_HYPER_FIELDS`)."""
+    """A value, or none / null (None: see `training.NULLABLE_HYPER_FIELDS`)."""
     if value.strip().lower() in ("none", "null"):
         return NONE
     try:
@@ -113,6 +45,78 @@ def _flag(value: str, name: str) -> bool:
     raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}.")
 
 
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """int for Optional[int]; list for a list or a union holding one (target_modules)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union:
+        return list if any(typing.get_origin(a) is list or a is list for a in args) else _base_type(args[0])
+    return typing.get_origin(annotation) or annotation
+
+
+def _parser(name: str, annotation, nullable: bool):
+    """How a flag's value is read: by the field's type (true / false for a bool; ``none`` for a nullable field)."""
+    kind, flag = _base_type(annotation), _flag_name(name)
+    if kind is bool:
+        return lambda v: _flag(v, flag)
+    kind = kind if kind in (int, float) else str  # str: also a list (comma-separated, split in collect_options)
+    return (lambda v: _optional(v, kind, flag)) if nullable else kind
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def _default_text(name: str) -> str:
+    """A hyper option's default, per method where the methods' configs differ (e.g. init)."""
+    by_value: dict = {}
+    for method in training.METHODS:
+        cls = training.config_class(method)
+        found = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+        if name in found and found[name].default is not dataclasses.MISSING:
+            by_value.setdefault(_show(found[name].default), []).append(method)
+    if len(by_value) == 1:
+        return f" (default: {next(iter(by_value))})"
+    return " (default: " + "; ".join(f"{v} for {', '.join(ms)}" for v, ms in by_value.items()) + ")"
+
+
+def _train_flags() -> tuple[dict, dict, dict]:
+    """The train flags, generated from the fields' metadata (one source: `training.TrainArgs` and the methods'
+    configs): ({name: (parse, help)} of the flags that take a value, {name: help} of the switches (on when given),
+    {name: (flag, help)} of the flags that turn an option off)."""
+    flags, switches, negated = {}, {}, {}
+    hints = typing.get_type_hints(training.TrainArgs)
+    for f in dataclasses.fields(training.TrainArgs):
+        help_ = f.metadata["help"]
+        if f.metadata.get("cli") is False:
+            continue
+        if f.metadata.get("switch"):
+            switches[f.name] = help_
+        elif f.metadata.get("negate"):
+            negated[f.name] = (f.metadata["negate"], help_)
+        else:
+            if f.default not in (None, dataclasses.MISSING) and "default" not in help_:
+                help_ += f" (default: {_show(f.default)})"
+            flags[f.name] = (_parser(f.name, hints[f.name], False), help_)
+    hints = typing.get_type_hints(HyperAdaLoraConfig)
+    fields = {f.name: f for f in dataclasses.fields(HyperAdaLoraConfig)}
+    for name in training.HYPER_FIELDS:
+        f = fields[name]
+        help_ = f.metadata["help"]
+        if f.metadata["group"] == ADALORA:
+            help_ = "hyperadalora: " + help_
+        flags[name] = (_parser(name, hints[name], name in training.NULLABLE_HYPER_FIELDS),
+                       help_ + ("" if "default" in help_.lower() else _default_text(name)))
+    return flags, switches, negated
+
+
+# flag -> (type, help), switch -> help, negated option -> (flag, help); every flag is also a YAML key of --config
+TRAIN_FLAGS, SWITCHES, NEGATED = _train_flags()
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 
@@ -128,46 +132,26 @@ def load_yaml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-# Options that only some methods use: given for another method, they are an error, not silently ignored.
-SCHEDULE_OPTIONS = ("target_r", "tinit", "tfinal", "deltaT", "orth_reg_weight")   # rank budget schedule
-
-
-def _defaults() -> dict:
-    """The train flags' defaults, for the help text: TrainArgs' and HyperAdaLoraConfig's."""
-    from .config import HyperAdaLoraConfig
-    from .train import TrainArgs
-
-    out = {}
-    for cls in (TrainArgs, HyperAdaLoraConfig):
-        for f in dataclasses.fields(cls):
-            if f.name in TRAIN_FLAGS and f.default is not dataclasses.MISSING and f.default is not None:
-                out.setdefault(f.name, f.default)
-    return out
+# Options that only some methods use: given for another method, they are an error, not silently ignored. The rank
+# budget schedule: AdaLoRA's fields that a TrainArgs field sets, but init_r (the other methods' rank r).
+SCHEDULE_OPTIONS = tuple(name for name in ADALORA_ONLY_FIELDS if name in training.TRAIN_ARG_FIELDS and name != "init_r")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
-    defaults = _defaults()
     for name, (typ, help_) in TRAIN_FLAGS.items():
-        if name in defaults and "default" not in help_:
-            value = defaults[name]
-            help_ += f" (default: {str(value).lower() if isinstance(value, bool) else value})"
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
-    parser.add_argument("--target-modules", dest="target_modules", default=None,
-                        help="comma-separated module name suffixes (default: all attention and MLP projections)")
+        parser.add_argument(_flag_name(name), dest=name, type=typ, default=None, help=help_.replace("%", "%%"))
     for name, help_ in SWITCHES.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    parser.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
-                        help="replace a run already in --output-dir (its summary, metrics, checkpoints and adapter); "
-                             "without it such a directory is refused")
+        parser.add_argument(_flag_name(name), dest=name, action="store_true", default=None,
+                            help=help_.replace("%", "%%"))
+    for name, (flag, help_) in NEGATED.items():
+        parser.add_argument(flag, dest=name, action="store_false", default=None,
+                            help=f"do not {help_}".replace("%", "%%"))
 
 
 def check_options_apply(options: dict) -> None:
     """Options given (flags or YAML) that the chosen method does not use are an error: a user who sets them
     expects them to act. dtype and precision name the same setting and must agree when both are given."""
-    from .train import HYPER_FIELDS, METHODS, SCHEDULED_METHODS, config_class, has_hypernetworks
-
     method = options.get("method", "hyperadalora")
 
     def hint(names) -> str:
@@ -175,32 +159,36 @@ def check_options_apply(options: dict) -> None:
         return f"leave {one} out, or choose a method that uses {one}"
 
     given = [k for k in SCHEDULE_OPTIONS if options.get(k) is not None]
-    if given and method not in SCHEDULED_METHODS:
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: the rank budget schedule applies "
+    if given and method not in training.SCHEDULED_METHODS:
+        raise ValueError(f"{', '.join(_flag_name(k) for k in given)}: the rank budget schedule applies "
                          f"to hyperadalora and adalora only, not to --method {method} ({hint(given)}).")
-    if method not in METHODS:
+    if method not in training.METHODS:
         return  # TrainArgs names the valid methods
-    with_heads = [m for m in METHODS if config_class(m) is not None
-                  and "n_heads" in {f.name for f in dataclasses.fields(config_class(m))}]
+    with_heads = [m for m in training.METHODS if training.config_class(m) is not None
+                  and "n_heads" in {f.name for f in dataclasses.fields(training.config_class(m))}]
     if options.get("n_heads") is not None and method not in with_heads:
         raise ValueError(f"--n-heads applies to {' and '.join(with_heads)} only, not to --method {method} "
                          f"({hint(['n_heads'])}).")
-    hyper = [k for k in HYPER_FIELDS if k in options or k in (options.get("hyper") or {})]
-    if hyper and not has_hypernetworks(method):
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in hyper)}: hypernetwork options; "
-                         f"--method {method} has no hypernetworks ({hint(hyper)}).")
+    hyper = [k for k in training.HYPER_FIELDS if k in options or k in (options.get("hyper") or {})]
+    nets = [k for k in hyper if k in HYPERNET_FIELDS]
+    if nets and not training.has_hypernetworks(method):
+        raise ValueError(f"{', '.join(_flag_name(k) for k in nets)}: hypernetwork options; "
+                         f"--method {method} has no hypernetworks ({hint(nets)}).")
+    cls = training.config_class(method)
+    foreign = [k for k in hyper if cls is None or k not in {f.name for f in dataclasses.fields(cls)}]
+    if foreign:  # HyperAdaLoRA's rank allocation (importance, beta1, beta2)
+        raise ValueError(f"{', '.join(_flag_name(k) for k in foreign)}: options of HyperAdaLoRA's rank allocation "
+                         f"(--method hyperadalora only), not of --method {method} ({hint(foreign)}).")
     dtype, precision = options.get("dtype"), options.get("precision")
     if dtype is not None and precision is not None:
-        from .train import DTYPES
-
-        if DTYPES.get(precision, precision) != dtype:
+        if training.DTYPES.get(precision, precision) != dtype:
             raise ValueError(f"--dtype {dtype} and --precision {precision} disagree (they name the same setting): "
                              f"give one of them.")
 
 
 def collect_options(ns: argparse.Namespace) -> dict:
     options = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    for name in list(TRAIN_FLAGS) + list(SWITCHES) + ["target_modules", "progress", "overwrite"]:
+    for name in list(TRAIN_FLAGS) + list(SWITCHES) + list(NEGATED):
         value = getattr(ns, name, None)
         if value is not None:
             options[name] = None if value is NONE else value
@@ -210,23 +198,20 @@ def collect_options(ns: argparse.Namespace) -> dict:
 
 
 def cmd_train(ns) -> int:
-    from .resume import ResumeNote
-    from .train import TrainingInterrupted, args_from_dict, train
-
     options = collect_options(ns)
     if not options.get("resume"):  # resuming: the record's method applies; anything that would change it is refused
         check_options_apply(options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResumeNote)
-        args = args_from_dict(options)
+        args = training.args_from_dict(options)
     for w in caught:  # one line per option a resumed run changes; other warnings as they were
         if issubclass(w.category, ResumeNote):
             print(f"hyperadalora train: note: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     try:
-        summary = train(args)
-    except TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint was written
+        summary = training.train(args)  # looked up at the call: a replaced training.train applies
+    except training.TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint was written
         print(f"hyperadalora train: {e}", file=sys.stderr)
         return e.exit_code
     summary.pop("model", None)
@@ -239,7 +224,6 @@ def cmd_train(ns) -> int:
 
 def cmd_demo(ns) -> int:
     from .experiments import compare
-    from .train import args_from_dict
 
     given = collect_options(ns)
     if "method" in given:
@@ -248,7 +232,7 @@ def cmd_demo(ns) -> int:
     check_options_apply(given)
     options = {"task": "sentiment", "max_steps": 200, "batch_size": 16, "max_length": 64, "lr": 1e-3,
                "max_eval_examples": 500, "output_dir": ns.output_dir, **given}
-    base = args_from_dict(options)
+    base = training.args_from_dict(options)
     command = "hyperadalora demo " + " ".join(sys.argv[2:])
     result = compare(base, {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}},
                      base.output_dir, reference="adalora", command=command.strip(),

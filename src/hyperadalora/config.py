@@ -3,6 +3,13 @@
 The fields mirror peft's `AdaLoraConfig` where the meaning is the same (`init_r`, `target_r`, `tinit`,
 `tfinal`, `deltaT`, `total_step`, `beta1`, `beta2`, `orth_reg_weight`, `lora_alpha`, `lora_dropout`,
 `target_modules`, `modules_to_save`, `task_type`), plus the hypernetwork fields of METHOD.md section 2.
+
+Every field says in its metadata which group it belongs to (``"group"``), whether None is a value of its own
+(``"nullable"``: not "use the default") and what it does (``"help"``). The lists of options that the rest of the
+package uses are derived from it (`fields_of`): the hypernetwork options that every generated method shares
+(`HYPERNET_FIELDS`, `methods.HypernetOptions`), AdaLoRA's rank budget (`ADALORA_ONLY_FIELDS`), the fields every
+adapter has (`ADAPTER_FIELDS`); the training options and command-line flags (`training.args`, `cli`) come from the
+same metadata.
 """
 
 from __future__ import annotations
@@ -32,6 +39,33 @@ DEFAULT_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["cl
                            "QUESTION_ANS": ["qa_outputs"]}
 
 
+# Field groups (a field's ``metadata["group"]``).
+ADAPTER = "adapter"    # what every adapter has (methods.MethodConfig has the same fields): scale, dropout, targets...
+ADALORA = "adalora"    # AdaLoRA's SVD form and rank allocation: the rank budget, its schedule, importance, regulariser
+HYPERNET = "hypernet"  # the hypernetworks and the tensors they generate: shared by every generated method
+GROUPS = (ADAPTER, ADALORA, HYPERNET)
+
+
+def option(default, group: str, help: str, *, nullable: bool = False):
+    """A config field with its metadata: its `GROUPS` entry, its help, and (``nullable``) whether None is a value of
+    its own (a YAML null / a command-line ``none`` sets it) rather than "not given"."""
+    if group not in GROUPS:
+        raise ValueError(f"group={group!r}: choose one of {GROUPS}.")
+    return field(default=default, metadata={"group": group, "help": help, **({"nullable": True} if nullable else {})})
+
+
+def fields_of(cls, group: str, nullable: Optional[bool] = None) -> tuple[str, ...]:
+    """The names of the fields of the config class ``cls`` in ``group`` (in field order); ``nullable`` True / False:
+    only those that are / are not nullable."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("group") == group
+                 and (nullable is None or bool(f.metadata.get("nullable")) == nullable))
+
+
+def nullable_fields(cls) -> tuple[str, ...]:
+    """The fields of ``cls`` for which None is a value of its own (``metadata["nullable"]``)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("nullable"))
+
+
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, choices))}.")
@@ -47,127 +81,126 @@ class HyperAdaLoraConfig:
 
     method: ClassVar[str] = "hyperadalora"  # its name in the method registry (`methods.get_method`)
 
-    # --- the adapter (AdaLoRA's fields) ---
-    init_r: int = field(default=3, metadata={"help": "Rank of every adapter at the start (budget init_r * n_layers)."})
-    target_r: int = field(default=2, metadata={"help": "Average rank per layer at the end of the schedule."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Scale: the update is multiplied by lora_alpha / init_r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module names (suffix match), a regex (full match), 'all-linear', or None for the "
-                          "architecture's defaults (peft's AdaLoRA mapping)."})
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter (SEQ_CLS: the head)."})
-    task_type: Optional[str] = field(default=None, metadata={"help": "peft task type, e.g. SEQ_CLS or CAUSAL_LM."})
+    # --- the adapter (init_r and target_r: the rank budget, group ADALORA) ---
+    init_r: int = option(3, ADALORA, "Rank of every adapter at the start (budget init_r * n_layers).")
+    target_r: int = option(2, ADALORA, "Average rank per layer at the end of the schedule.")
+    lora_alpha: float = option(16.0, ADAPTER, "Scale: the update is multiplied by lora_alpha / init_r.")
+    lora_dropout: float = option(0.0, ADAPTER, "Dropout on the adapter's input.")
+    target_modules: Optional[Union[list[str], str]] = option(
+        None, ADAPTER,
+        "Module names (suffix match), a regex (full match), 'all-linear', or None for the architecture's defaults "
+        "(peft's AdaLoRA mapping).")
+    modules_to_save: Optional[list[str]] = option(
+        None, ADAPTER,
+        "Modules trained in full and saved with the adapter (SEQ_CLS: the head).")
+    task_type: Optional[str] = option(None, ADAPTER, "peft task type, e.g. SEQ_CLS or CAUSAL_LM.")
     # --- rank allocation (AdaLoRA's budget schedule) ---
-    total_step: Optional[int] = field(default=None, metadata={"help": "Number of optimizer steps of the run."})
-    tinit: int = field(default=0, metadata={"help": "Steps at the full budget before pruning starts."})
-    tfinal: int = field(default=0, metadata={"help": "Steps at the final budget at the end of the run."})
-    deltaT: int = field(default=1, metadata={"help": "Re-mask every deltaT steps while the budget shrinks."})
-    importance: str = field(default="magnitude", metadata={"help": "'magnitude' of the generated lambda (paper) or "
-                                                                   "AdaLoRA's 'sensitivity' on the generated tensors."})
-    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity (importance='sensitivity')."})
-    beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty (importance='sensitivity')."})
-    orth_reg_weight: float = field(default=0.1, metadata={"help": "gamma: weight of ||P^T P - I||^2 + ||Q Q^T - I||^2."})
+    total_step: Optional[int] = option(None, ADALORA, "Number of optimizer steps of the run.")
+    tinit: int = option(0, ADALORA, "Steps at the full budget before pruning starts.")
+    tfinal: int = option(0, ADALORA, "Steps at the final budget at the end of the run.")
+    deltaT: int = option(1, ADALORA, "Re-mask every deltaT steps while the budget shrinks.")
+    importance: str = option(
+        "magnitude", ADALORA,
+        "'magnitude' of the generated lambda (paper) or AdaLoRA's 'sensitivity' on the generated tensors.")
+    beta1: float = option(0.85, ADALORA, "EMA factor of the sensitivity (importance='sensitivity').")
+    beta2: float = option(0.85, ADALORA, "EMA factor of the uncertainty (importance='sensitivity').")
+    orth_reg_weight: float = option(0.1, ADALORA, "gamma: weight of ||P^T P - I||^2 + ||Q Q^T - I||^2.")
     # --- the hypernetworks ---
-    hypernet: str = field(default="cnn", metadata={"help": "'cnn' (a residual 1-D convolution over the tokens), "
-                                                      "'attention' (one BERT layer, the paper's) or 'mlp'."})
-    attention: str = field(default="induced", metadata={"help": "hypernet='attention': 'full' self-attention among "
-                                                                 "the tokens of a matrix (eq. 8, O(L^2)) or 'induced' "
-                                                                 "attention through n_induced learned slots (O(L))."})
-    n_induced: int = field(default=16, metadata={"help": "Learned slots of attention='induced'."})
-    generation: str = field(default="static", metadata={"help": "'recurrent' (X_{t+1} = H(X_t)) or 'static' (X = H(X_0))."})
-    tokens: str = field(default="row", metadata={"help": "'row' (a row of P / column of Q / one lambda per token) "
-                                                         "or 'element' (every scalar a token, eq. 8)."})
-    context: str = field(default="layer_feature", metadata={"help": "'module': tokens carry a learned embedding of their "
-                                                             "layer (and rank position); 'feature': also of the "
-                                                             "feature (row of P, column of Q) they stand for, shared "
-                                                             "by all layers of that dimension; 'layer_feature': "
-                                                             "a learned embedding of every row of every layer "
-                                                             "(n_rows * feature_dim parameters per layer and "
-                                                             "role); 'none': no context."})
-    lambda_codes: bool = field(default=True, metadata={"help": "With context 'layer_feature': also a learned code "
-                                                              "(feature_dim wide, trained at feature_lr_ratio) for "
-                                                              "every singular value of every layer, added to "
-                                                              "H_lambda's tokens as the row embeddings are to H_P's "
-                                                              "and H_Q's; without it lambda's tokens carry only the "
-                                                              "module and rank-position embeddings (trained at "
-                                                              "hypernet_lr_ratio). On RTE it closes the gap to AdaLoRA "
-                                                              "after step 300 (docs/results/lambda-codes-rte). No "
-                                                              "effect with other contexts (as feature_dim)."})
-    hypernet_dim: int = field(default=8, metadata={"help": "Width d_h of the hypernetworks (8: converges in as few "
-                                                           "steps as 16 or 32, docs/results/archive/width, and "
-                                                           "costs least per step)."})
-    feature_dim: Optional[int] = field(default=4, metadata={"help": "context 'feature' / 'layer_feature': width of "
-                                                                     "the learned row embeddings, mapped to "
-                                                                     "hypernet_dim by a linear map of the "
-                                                                     "hypernetwork when they differ. 4: half the "
-                                                                     "parameters and optimizer state of width 8, "
-                                                                     "the same convergence "
-                                                                     "(docs/results/archive/feature-dim). None: "
-                                                                     "hypernet_dim."})
-    hypernet_heads: int = field(default=4, metadata={"help": "Attention heads (hypernet='attention')."})
-    hypernet_ffn_mult: int = field(default=2, metadata={"help": "Feed-forward width = hypernet_ffn_mult * hypernet_dim; "
-                                                               "0: no feed-forward block (cnn and attention "
-                                                               "bodies; the cnn body then costs about half)."})
-    identity: Optional[str] = field(default=None, metadata={"help": "How step 0 is made the identity: 'zero_output' "
-                                                                     "(zero-initialised output projection) or 'offset' "
-                                                                     "(random output projection, its initial output "
-                                                                     "subtracted; static generation only). Default: "
-                                                                     "'offset' for static, 'zero_output' for recurrent."})
-    increment_scale: str = field(default="width", metadata={"help": "Units of the generated increment: 'state' (the "
-                                                                    "state's typical entry: 1/sqrt(rows) for P and Q, "
-                                                                    "1 for lambda) or 'width' (1/hypernet_dim, so that "
-                                                                    "one Adam step moves each generated entry by about "
-                                                                    "the learning rate, as AdaLoRA's own step does)."})
-    center_increment: bool = field(default=True, metadata={"help": "Subtract from each generated P (Q) increment "
-                                                                    "its mean over the rows (columns): the shared "
-                                                                    "hypernetwork then cannot move all rows of a "
-                                                                    "matrix the same way."})
-    basis: str = field(default="free", metadata={"help": "What the generated P and Q are made into before use: "
-                                                     "'free' (used as generated; the orthogonal regulariser keeps "
-                                                     "them near orthonormal, as in AdaLoRA), 'unit' (each column of "
-                                                     "P / row of Q scaled to norm 1) or 'orthonormal' (P's columns / "
-                                                     "Q's rows orthonormalised by a QR decomposition, signs kept): "
-                                                     "the singular values are then exactly lambda."})
-    output_scale: float = field(default=1.0, metadata={"help": "Scale of the generated increment H(X) - X."})
-    momentum: float = field(default=0.5, metadata={"help": "Recurrent mode: how much of the hypernetworks' output "
-                                                           "increment carries over to the next step (1.0 = the paper's "
-                                                           "X_{t+1} = H(X_t); < 1 damps the recurrence)."})
-    hypernet_lr_ratio: float = field(default=1.0, metadata={"help": "Learning rate of the hypernetworks (bodies, "
-                                                                   "module and rank embeddings) relative to the run's "
-                                                                   "learning rate."})
-    feature_lr_ratio: Optional[float] = field(default=30.0, metadata={"help": "Learning rate of the row embeddings "
-                                                                           "(context 'feature' / 'layer_feature') "
-                                                                           "relative to the run's learning rate: one "
-                                                                           "code per row of a layer, they act like "
-                                                                           "per-layer parameters and want a large "
-                                                                           "step, the shared bodies a small one. "
-                                                                           "None: hypernet_lr_ratio."})
-    feature_lr_ratio_final: Optional[float] = field(default=None, metadata={"help": "The row embeddings' lr ratio at "
-                                                                                 "the end of the run: the ratio "
-                                                                                 "moves geometrically from "
-                                                                                 "feature_lr_ratio to this over "
-                                                                                 "the run's optimizer steps (on top "
-                                                                                 "of the run's own lr schedule). "
-                                                                                 "None: constant."})
-    hypernet_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps over which the hypernetworks' "
-                                                                    "learning rates (bodies and row embeddings) "
-                                                                    "rise linearly to their ratios (on top of the "
-                                                                    "run's own lr schedule; the heads are not "
-                                                                    "warmed up). 0: no warm-up."})
-    hypernet_checkpointing: bool = field(default=True, metadata={"help": "Recompute the hypernetworks' activations "
-                                                                         "in backward instead of storing them."})
-    init: str = field(default="principal", metadata={"help": "Seed state of P and Q: 'orthonormal' (random), "
-                                                               "'principal' (top init_r singular vectors of the "
-                                                               "frozen weight) or 'normal' "
-                                                               "(the paper's; lambda then also starts random)."})
-    init_std: float = field(default=0.02, metadata={"help": "Std of the 'normal' initialisation."})
-    element_chunk: int = field(default=1024, metadata={"help": "tokens='element': attention runs within chunks of this "
-                                                               "many tokens of one matrix."})
-    max_element_tokens: int = field(default=1 << 22, metadata={"help": "tokens='element': refuse layers with more "
-                                                                       "elements than this (per role)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the initial state and hypernetwork initialisation."})
+    hypernet: str = option(
+        "cnn", HYPERNET,
+        "'cnn' (a residual 1-D convolution over the tokens), 'attention' (one BERT layer, the paper's) or 'mlp'.")
+    attention: str = option(
+        "induced", HYPERNET,
+        "hypernet='attention': 'full' self-attention among the tokens of a matrix (eq. 8, O(L^2)) or 'induced' "
+        "attention through n_induced learned slots (O(L)).")
+    n_induced: int = option(16, HYPERNET, "Learned slots of attention='induced'.")
+    generation: str = option("static", HYPERNET, "'recurrent' (X_{t+1} = H(X_t)) or 'static' (X = H(X_0)).")
+    tokens: str = option(
+        "row", HYPERNET,
+        "'row' (a row of P / column of Q / one lambda per token) or 'element' (every scalar a token, eq. 8).")
+    context: str = option(
+        "layer_feature", HYPERNET,
+        "'module': tokens carry a learned embedding of their layer (and rank position); 'feature': also of the feature"
+        " (row of P, column of Q) they stand for, shared by all layers of that dimension; 'layer_feature': a learned "
+        "embedding of every row of every layer (n_rows * feature_dim parameters per layer and role); 'none': no "
+        "context.")
+    lambda_codes: bool = option(
+        True, HYPERNET,
+        "With context 'layer_feature': also a learned code (feature_dim wide, trained at feature_lr_ratio) for every "
+        "singular value of every layer, added to H_lambda's tokens as the row embeddings are to H_P's and H_Q's; "
+        "without it lambda's tokens carry only the module and rank-position embeddings (trained at hypernet_lr_ratio)."
+        " On RTE it closes the gap to AdaLoRA after step 300 (docs/results/lambda-codes-rte). No effect with other "
+        "contexts (as feature_dim).")
+    hypernet_dim: int = option(
+        8, HYPERNET,
+        "Width d_h of the hypernetworks (8: converges in as few steps as 16 or 32, docs/results/archive/width, and "
+        "costs least per step).")
+    feature_dim: Optional[int] = option(
+        4, HYPERNET,
+        "context 'feature' / 'layer_feature': width of the learned row embeddings, mapped to hypernet_dim by a linear "
+        "map of the hypernetwork when they differ. 4: half the parameters and optimizer state of width 8, the same "
+        "convergence (docs/results/archive/feature-dim). None: hypernet_dim.", nullable=True)
+    hypernet_heads: int = option(4, HYPERNET, "Attention heads (hypernet='attention').")
+    hypernet_ffn_mult: int = option(
+        2, HYPERNET,
+        "Feed-forward width = hypernet_ffn_mult * hypernet_dim; 0: no feed-forward block (cnn and attention bodies; "
+        "the cnn body then costs about half).")
+    identity: Optional[str] = option(
+        None, HYPERNET,
+        "How step 0 is made the identity: 'zero_output' (zero-initialised output projection) or 'offset' (random "
+        "output projection, its initial output subtracted; static generation only). Default: 'offset' for static, "
+        "'zero_output' for recurrent.", nullable=True)
+    increment_scale: str = option(
+        "width", HYPERNET,
+        "Units of the generated increment: 'state' (the state's typical entry: 1/sqrt(rows) for P and Q, 1 for lambda)"
+        " or 'width' (1/hypernet_dim, so that one Adam step moves each generated entry by about the learning rate, as "
+        "AdaLoRA's own step does).")
+    center_increment: bool = option(
+        True, HYPERNET,
+        "Subtract from each generated P (Q) increment its mean over the rows (columns): the shared hypernetwork then "
+        "cannot move all rows of a matrix the same way.")
+    basis: str = option(
+        "free", HYPERNET,
+        "What the generated P and Q are made into before use: 'free' (used as generated; the orthogonal regulariser "
+        "keeps them near orthonormal, as in AdaLoRA), 'unit' (each column of P / row of Q scaled to norm 1) or "
+        "'orthonormal' (P's columns / Q's rows orthonormalised by a QR decomposition, signs kept): the singular values"
+        " are then exactly lambda.")
+    output_scale: float = option(1.0, HYPERNET, "Scale of the generated increment H(X) - X.")
+    momentum: float = option(
+        0.5, HYPERNET,
+        "Recurrent mode: how much of the hypernetworks' output increment carries over to the next step (1.0 = the "
+        "paper's X_{t+1} = H(X_t); < 1 damps the recurrence).")
+    hypernet_lr_ratio: float = option(
+        1.0, HYPERNET,
+        "Learning rate of the hypernetworks (bodies, module and rank embeddings) relative to the run's learning rate.")
+    feature_lr_ratio: Optional[float] = option(
+        30.0, HYPERNET,
+        "Learning rate of the row embeddings (context 'feature' / 'layer_feature') relative to the run's learning "
+        "rate: one code per row of a layer, they act like per-layer parameters and want a large step, the shared "
+        "bodies a small one. None: hypernet_lr_ratio.", nullable=True)
+    feature_lr_ratio_final: Optional[float] = option(
+        None, HYPERNET,
+        "The row embeddings' lr ratio at the end of the run: the ratio moves geometrically from feature_lr_ratio to "
+        "this over the run's optimizer steps (on top of the run's own lr schedule). None: constant.", nullable=True)
+    hypernet_warmup_steps: int = option(
+        0, HYPERNET,
+        "Optimizer steps over which the hypernetworks' learning rates (bodies and row embeddings) rise linearly to "
+        "their ratios (on top of the run's own lr schedule; the heads are not warmed up). 0: no warm-up.")
+    hypernet_checkpointing: bool = option(
+        True, HYPERNET,
+        "Recompute the hypernetworks' activations in backward instead of storing them.")
+    init: str = option(
+        "principal", HYPERNET,
+        "Seed state of P and Q: 'orthonormal' (random), 'principal' (top init_r singular vectors of the frozen weight)"
+        " or 'normal' (the paper's; lambda then also starts random).")
+    init_std: float = option(0.02, HYPERNET, "Std of the 'normal' initialisation.")
+    element_chunk: int = option(
+        1024, HYPERNET,
+        "tokens='element': attention runs within chunks of this many tokens of one matrix.")
+    max_element_tokens: int = option(
+        1 << 22, HYPERNET,
+        "tokens='element': refuse layers with more elements than this (per role).")
+    seed: int = option(0, ADAPTER, "Seed of the initial state and hypernetwork initialisation.")
 
     def __post_init__(self):
         for name in ("init_r", "target_r", "deltaT", "hypernet_dim", "hypernet_heads", "hypernet_ffn_mult",
@@ -323,3 +356,9 @@ class HyperAdaLoraConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON ({e}).") from e
         return cls.from_dict(data)
+
+
+# The groups of HyperAdaLoraConfig (one source: the fields' metadata).
+ADAPTER_FIELDS = fields_of(HyperAdaLoraConfig, ADAPTER)
+ADALORA_ONLY_FIELDS = fields_of(HyperAdaLoraConfig, ADALORA)
+HYPERNET_FIELDS = fields_of(HyperAdaLoraConfig, HYPERNET)  # every other method's generated tensors take these too

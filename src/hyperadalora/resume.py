@@ -1,6 +1,6 @@
 """Resuming a run: what a resumed run takes from its checkpoint's record, and what it may change.
 
-A checkpoint (`hyperadalora.checkpoint`) records the run's arguments (every `train.TrainArgs` field, in
+A checkpoint (`hyperadalora.checkpoint`) records the run's arguments (every `training.TrainArgs` field, in
 ``state.json["args"]``) and every hypernetwork option the run used, library defaults included
 (``state.json["hypernetwork_options"]``). ``resume`` continues *that* run:
 
@@ -49,6 +49,19 @@ PATH_ARGS = ("model", "data_dir", "data_path")
 # Options of this invocation, never taken from the record.
 INVOCATION_ARGS = ("resume", "output_dir", "overwrite")
 
+# Options under ``hyper`` added after runs began recording theirs (`training.hypernetwork_options`), with the value
+# that every run made before them used: a record without one of them is read as that value (a run is reusable, a
+# checkpoint resumable as before). init_std, max_element_tokens, beta1 and beta2 had no flag before: every run used
+# their default, which has not changed since.
+OPTIONS_ADDED_LATER = {"hypernet_warmup_steps": 0, "init_std": 0.02, "max_element_tokens": 1 << 22, "beta1": 0.85,
+                       "beta2": 0.85}
+
+
+def recorded_options(record: Optional[dict]) -> Optional[dict]:
+    """A run's or checkpoint's recorded hypernetwork options, completed with `OPTIONS_ADDED_LATER`; None or {}
+    (nothing recorded) as given."""
+    return {**OPTIONS_ADDED_LATER, **record} if record else record
+
 
 class ResumeConflict(CheckpointError):
     """An option given with ``resume`` that would make the resumed run another run."""
@@ -91,7 +104,7 @@ def _same_path(given, recorded) -> bool:
 
 
 def apply_record(args, explicit: Optional[set] = None, defaults: Optional[dict] = None) -> list[str]:
-    """Fill ``args`` (a `train.TrainArgs` before its derived fields are set, ``args.resume`` set) from the record of
+    """Fill ``args`` (a `training.TrainArgs` before its derived fields are set, ``args.resume`` set) from the record of
     the checkpoint it resumes. ``explicit``: the names of the options given (``hyper``: the hypernetwork options
     given in ``args.hyper``); None: the fields that differ from ``defaults`` (the dataclass defaults). Raises
     `ResumeConflict` for every given option that would change the run; returns the notes of the overrides (also
@@ -126,8 +139,6 @@ def apply_record(args, explicit: Optional[set] = None, defaults: Optional[dict] 
         else:
             conflicts.append(f"{name} (recorded {recorded!r}, given {given!r}: {_flag(name)})")
     # hypernetwork options: the record's resolved set (library defaults included), else the options the run gave
-    from .train import recorded_options
-
     raw = state.get("hypernetwork_options") or None
     options = recorded_options(raw)  # completed with the options added later (their value before: compared only)
     recorded_hyper = dict(options) if options else dict(record.get("hyper") or {})

@@ -273,7 +273,7 @@ def full_precision(device: torch.device):
 
 def world_size() -> int:
     """Processes of the default torch.distributed group (1 when not distributed)."""
-    return dist.getworld_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def phi_fingerprint(generators: nn.ModuleDict) -> torch.Tensor:

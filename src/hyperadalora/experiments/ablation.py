@@ -14,7 +14,7 @@ import os
 
 from ..methods import AdapterModel
 from ..base_models import load_model_and_tokenizer
-from ..train import build_adapter_model, task_type_of
+from ..training import build_adapter_model, task_type_of
 from .convergence import convergence, curves, primary_metric
 from .options import as_options
 from .plots import plot_loss_bands

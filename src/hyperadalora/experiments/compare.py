@@ -1,5 +1,5 @@
 """Side-by-side comparison of methods (`compare`, behind ``hyperadalora demo``): each method trains in turn with
-`train.train`, then ``report.md`` (a table), ``results.json`` (every number of the report) and ``loss_curves.png``
+`training.train`, then ``report.md`` (a table), ``results.json`` (every number of the report) and ``loss_curves.png``
 are written to the output directory.
 
 Steps-to-target: the first step at which a method's smoothed training (task) loss reaches the reference method's
@@ -15,7 +15,7 @@ import os
 from typing import Optional
 
 from ..plotting import plot_loss_curves
-from ..train import TrainArgs, read_metrics, train
+from ..training import TrainArgs, read_metrics, train
 from .convergence import SMOOTH_WINDOW, convergence
 from .report import fmt
 

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .. import train as train_lib
+from .. import training as train_lib
 from ..data import get_task
 from ..base_models import load_model_and_tokenizer
 from ..plotting import pyplot, save_figure

@@ -21,7 +21,7 @@ import re
 import typing
 
 from ..config import HyperAdaLoraConfig
-from ..train import HYPER_FIELDS
+from ..training import HYPER_FIELDS
 from .convergence import convergence, curves, loss_per_epoch, primary_metric
 from .goal import CLASSIFICATION_BOUND, goal_check, goal_section
 from .options import as_options

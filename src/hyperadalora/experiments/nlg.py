@@ -2,7 +2,7 @@
 
 For each instruction data file (the Alpaca demo set by default, plus every --data-path), both methods train
 with the same seeds, data order, hyperparameters and steps. Reported: BLEU-4 and ROUGE-1 of greedy generations
-on the held-out split (`train.train` generates for ``gen_eval_examples`` held-out prompts at the end), the dev
+on the held-out split (`training.train` generates for ``gen_eval_examples`` held-out prompts at the end), the dev
 loss, the total training time (steps only) and its ratio, and the steps / training time to the target loss
 (AdaLoRA's final smoothed training loss). The dev loss is also evaluated every tenth of the run: the steps and
 training time to AdaLoRA's final dev loss (`convergence.dev_speed`) measure speed where the training loss of a short

@@ -20,7 +20,7 @@ from .convergence import convergence, curves, primary_metric
 from .options import as_options
 from .plots import plot_loss_bands, save_line_plot
 from .report import convergence_table, markdown_table, report_header, settings_of, write_outputs
-from .runs import capture_adapter_models, run_variants
+from .runs import AdapterRecorder, run_variants
 from .task_setup import output_dir, single_task_setup
 
 NAME = "rank-allocation"
@@ -110,20 +110,21 @@ def run_rank_allocation(opts=None) -> dict:
                                                                                  method="adalora")
     records = {label: {} for label in METHODS}   # label -> seed -> [(step, {name: rank})]
 
-    with capture_adapter_models() as built:
-        def factory(label, seed):
-            rec = records[label].setdefault(seed, [])
-            first = {"done": False}
+    recorder = AdapterRecorder()  # every run's adapter model, the current one last
 
-            def on_step(step, row):
-                model = built[-1]
-                if not first["done"]:
-                    rec.append((0, {n: base.init_r for n in layer_ranks(model)}))
-                    first["done"] = True
-                rec.append((step, layer_ranks(model)))
-            return on_step
+    def factory(label, seed):
+        rec = records[label].setdefault(seed, [])
+        first = {"done": False}
 
-        runs = run_variants(base, METHODS, out, seeds, on_step_factory=factory)
+        def on_step(step, row):
+            model = recorder.built[-1]
+            if not first["done"]:
+                rec.append((0, {n: base.init_r for n in layer_ranks(model)}))
+                first["done"] = True
+            rec.append((step, layer_ranks(model)))
+        return on_step
+
+    runs = run_variants(base, METHODS, out, seeds, on_step_factory=factory, build_adapter=recorder)
 
     names = list(records["hyperadalora"][seeds[0]][0][1])
     other = [n for n in records["adalora"][seeds[0]][0][1] if n not in names]

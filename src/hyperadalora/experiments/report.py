@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from ..train import TrainArgs
+from ..training import TrainArgs
 from .stats import stats
 
 

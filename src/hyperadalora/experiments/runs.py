@@ -1,42 +1,34 @@
 """Training runs of the experiments: the base arguments from the options (`base_args`), one run (`train_run`), every
 variant for every seed (`run_variants`), reuse of finished runs (``--reuse``: `same_args`), where the runs are
-(`run_index`), and the wrapped models of the runs (`capture_adapter_models`).
+(`run_index`), and the wrapped models of the runs (`AdapterRecorder`).
 
 Each run writes a sub-directory of the experiment's output directory (``metrics.jsonl``, ``summary.json``, as written
-by `train.train`).
+by `training.train`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 from typing import Callable, Iterable, Optional
 
-from .. import train as train_lib
-from ..train import TrainArgs, read_metrics
+from .. import training as train_lib
+from ..training import TrainArgs, read_metrics
 from .options import ExperimentOptions
 
 
-@contextlib.contextmanager
-def capture_adapter_models():
-    """Collects the wrapped model of every `train.train` call inside the block (for per-step inspection
-    from an ``on_step`` callback): yields a list to which each run's wrapped model is appended when built."""
-    built = []
-    # TODO(issue 24): use the training entry point's build_adapter hook
-    original = train_lib.build_adapter_model
+class AdapterRecorder:
+    """An adapter builder for `training.train` (``build_adapter=``) that keeps every wrapped model it builds in
+    ``built``, in order: an ``on_step`` callback inspects the current run's model as ``built[-1]``."""
 
-    def wrapper(*args, **kwargs):
-        wrapped, allocate = original(*args, **kwargs)
-        built.append(wrapped)
+    def __init__(self):
+        self.built: list = []
+
+    def __call__(self, args: TrainArgs, model, task_type: str):
+        wrapped, allocate = train_lib.build_adapter_model(args, model, task_type)
+        self.built.append(wrapped)
         return wrapped, allocate
-
-    train_lib.build_adapter_model = wrapper
-    try:
-        yield built
-    finally:
-        train_lib.build_adapter_model = original
 
 
 def same_args(summary: dict, args: TrainArgs) -> bool:
@@ -105,13 +97,15 @@ def base_args(opts: ExperimentOptions, **defaults) -> TrainArgs:
 
 
 def run_variants(base: TrainArgs, variants: dict, out_dir: str, seeds: Iterable[int], *, reuse: bool = False,
-                 keep_model: bool = False, on_step_factory: Optional[Callable] = None) -> dict:
+                 keep_model: bool = False, on_step_factory: Optional[Callable] = None,
+                 build_adapter: Optional[Callable] = None) -> dict:
     """Train every variant ({label: TrainArgs overrides}) for every seed: {seed: {label: run}}.
 
     An override ``lr_scale`` sets the variant's learning rate to ``base.lr * lr_scale``.
 
     Runs go to ``out_dir/seed<k>/<label>``. Everything but the overrides and the seed is ``base``.
-    ``on_step_factory(label, seed)`` -> on_step callback, or None.
+    ``on_step_factory(label, seed)`` -> on_step callback, or None. ``build_adapter``: `training.train`'s adapter
+    builder (e.g. an `AdapterRecorder`).
     """
     results = {}
     for seed in seeds:
@@ -126,7 +120,8 @@ def run_variants(base: TrainArgs, variants: dict, out_dir: str, seeds: Iterable[
             print(f"[{label} seed={seed}] {args.method} on {args.task}: {args.max_steps} steps -> {args.output_dir}",
                   flush=True)
             cb = on_step_factory(label, seed) if on_step_factory is not None else None
-            run = train_run(args, reuse=reuse, on_step=cb, keep_model=keep_model)
+            extra = {"build_adapter": build_adapter} if build_adapter is not None else {}
+            run = train_run(args, reuse=reuse, on_step=cb, keep_model=keep_model, **extra)
             run["args"] = args
             results[seed][label] = run
     return results

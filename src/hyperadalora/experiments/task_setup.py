@@ -13,7 +13,7 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 
 from .. import data as data_lib
-from ..train import TrainArgs
+from ..training import TrainArgs
 from .options import ExperimentOptions, command_line, pick, seed_list
 from .runs import base_args
 

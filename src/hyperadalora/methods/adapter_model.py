@@ -204,6 +204,10 @@ class AdapterModel(BaseAdapterModel):
 
     penalty_weight: float = 0.0
 
+    def penalty_logs(self) -> dict:
+        """Numbers of the last training forward's regulariser for the training log (none by default)."""
+        return {}
+
     def _freeze_generated(self) -> None:
         """Turn the current generated tensors into fixed tensors of the layers (`drop_hypernetworks`)."""
         self._materialized()

@@ -32,7 +32,8 @@ from typing import ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from ..config import DEFAULT_MODULES_TO_SAVE, TASK_TYPES, HyperAdaLoraConfig
+from ..config import (ADALORA_ONLY_FIELDS, ADAPTER_FIELDS, DEFAULT_MODULES_TO_SAVE, HYPERNET_FIELDS,  # noqa: F401
+                      TASK_TYPES, HyperAdaLoraConfig)
 from ..quantization import dense_dtype, dequantized_weight, quantization_kind
 from ..tuner_utils import flat_base_forward
 from ..wrapper import BaseAdapterLayer
@@ -126,12 +127,8 @@ class MethodConfig:
 
 
 # HyperAdaLoRA's fields that belong to its adapter (AdaLoRA's rank allocation and SVD form, or the fields every
-# MethodConfig has); every other field of HyperAdaLoraConfig is a hypernetwork option, shared by all methods.
-ADALORA_ONLY_FIELDS = ("init_r", "target_r", "total_step", "tinit", "tfinal", "deltaT", "importance", "beta1",
-                       "beta2", "orth_reg_weight")
-ADAPTER_FIELDS = ("lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type", "seed")
-HYPERNET_FIELDS = tuple(f.name for f in dataclasses.fields(HyperAdaLoraConfig)
-                        if f.name not in ADALORA_ONLY_FIELDS + ADAPTER_FIELDS)
+# MethodConfig has); every other field of HyperAdaLoraConfig is a hypernetwork option, shared by all methods:
+# ADALORA_ONLY_FIELDS, ADAPTER_FIELDS, HYPERNET_FIELDS, from the config fields' metadata (config.fields_of).
 
 
 # Where the generated methods' defaults differ from HyperAdaLoRA's. init: HyperAdaLoRA seeds P and Q with W0's top

@@ -145,6 +145,20 @@ class HyperAdaLoraModel(AdapterModel):
     def penalty(self, outs: dict) -> Optional[torch.Tensor]:
         return self.orthogonal_penalty(outs) if self.peft_config.orth_reg_weight > 0 else None
 
+    def penalty_logs(self) -> dict:
+        """The last orthogonal penalty and the generated tensors' norm, for the training log."""
+        if self.last_penalty is None:
+            return {}
+        return {"orth_penalty": float(self.last_penalty), "gen_norm": self.generated_norm()}
+
+    def generated_norm(self) -> float:
+        """Mean Frobenius norm of the rows of the generated P and Q of the last training step (watch for recurrent
+        drift); NaN before the first."""
+        if not self._pending:
+            return float("nan")
+        norms = [t.detach().flatten(1).norm(dim=1) for role in ("P", "Q") for t in self._pending[role]]
+        return float(torch.cat(norms).mean())
+
     @staticmethod
     def _gram_penalty(groups: list[torch.Tensor]) -> torch.Tensor:
         """sum over layers of ||M^T M - I||_F^2 for token matrices M (n, L, r) (P, and Q^T)."""

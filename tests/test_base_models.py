@@ -5,7 +5,7 @@ import os
 import pytest
 import transformers
 
-from hyperadalora import models
+from hyperadalora import base_models as models
 
 
 class _Fake:
