@@ -16,6 +16,7 @@ the registry (`Method.generated`), never from the class of the model it builds. 
 import dataclasses
 import functools
 import inspect
+import os
 
 import pytest
 import torch
@@ -495,3 +496,22 @@ def test_load_onto_a_base_model_of_other_shapes_fails_clearly(tmp_path, batch, m
     assert all(type(m).__module__.startswith("transformers") or type(m).__module__.startswith("torch")
                for m in other.modules())  # left the base model it was
     assert all(p.requires_grad for p in other.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- old adapters
+OLD_ADAPTERS = os.path.join(os.path.dirname(__file__), "data", "old_adapters")
+
+
+@pytest.mark.parametrize("method", ["hyperadalora", "hyperlora", "hyperhydralora"])
+def test_an_adapter_saved_before_the_one_adapter_model_loads_with_its_outputs(method):
+    """Adapters written by the code of two model classes (358d364, `data/old_adapters/make_old_adapters.py`) load
+    with today's `load_adapter` and give the logits recorded when they were saved (bit-equal on that machine)."""
+    directory = os.path.join(OLD_ADAPTERS, method)
+    torch.manual_seed(0)
+    x = torch.randint(0, 100, (2, 7))
+    loaded = ha.load_adapter(make_bert(), directory)
+    assert not loaded.training and loaded.method_name == method
+    with torch.no_grad():
+        got = loaded(input_ids=x).logits
+    ref = torch.load(os.path.join(directory, "logits.pt"), weights_only=True)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), (got - ref).abs().max()
