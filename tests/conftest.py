@@ -88,3 +88,37 @@ def quantize_linears(model, bits=4, quant_type="nf4", skip=("classifier", "poole
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q.to(device))
     return model
+
+
+def train_steps(model, batch, steps, lr=1e-2, start=1, opt=None, loss="loss", eval_after=False):
+    """``steps`` optimizer steps of an adapter model of this package as the training loop takes them
+    (``update_and_allocate`` after each); returns each step's ``loss`` (with any regulariser) or ``task_loss``."""
+    opt = opt or torch.optim.AdamW(model.optimizer_param_groups(lr))
+    model.train()
+    losses = []
+    for step in range(start, start + steps):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+        losses.append((model.last_task_loss if loss == "task_loss" else out.loss).item())
+    if eval_after:
+        model.eval()
+    return losses
+
+
+WORDS_POS = ["good", "great", "fine", "happy", "nice"]
+WORDS_NEG = ["bad", "awful", "poor", "sad", "ugly"]
+
+
+def toy_examples(n, seed=0):
+    """``n`` tiny labelled sentences (positive / negative words, alternating labels) for training-loop tests."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        words = WORDS_POS if label else WORDS_NEG
+        picks = torch.randint(0, len(words), (4,), generator=g).tolist()
+        out.append({"text_a": " ".join(words[p] for p in picks) + " movie", "text_b": None, "label": label})
+    return out

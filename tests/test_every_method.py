@@ -23,6 +23,7 @@ import torch
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert, on
+from conftest import train_steps as shared_train_steps
 from hyperadalora import methods as M
 from hyperadalora.training import TrainArgs, TrainingInterrupted, read_metrics, train
 
@@ -55,6 +56,9 @@ def fields(method: str) -> set:
     return {f.name for f in dataclasses.fields(config_cls(method))}
 
 
+train_steps = functools.partial(shared_train_steps, eval_after=True)
+
+
 def config(method: str, **kw):
     """A small config of ``method`` for the tiny BERT: rank 3 (``init_r`` where the config has a rank budget, then
     with a short schedule), the six BERT projections, SEQ_CLS (the head trained in full)."""
@@ -83,22 +87,6 @@ def any_config(method: str, **kw):
 def single_head(method: str) -> dict:
     """Options that make ``method``'s update input-independent, so that it can merge (HydraLoRA: one head)."""
     return {"n_heads": 1} if "n_heads" in fields(method) else {}
-
-
-def train_steps(model, batch, steps, lr=1e-2, start=1, opt=None):
-    """``steps`` optimizer steps as the training loop takes them (``update_and_allocate`` after each); the losses."""
-    opt = opt or torch.optim.AdamW(model.optimizer_param_groups(lr))
-    model.train()
-    losses = []
-    for step in range(start, start + steps):
-        out = model(**batch)
-        out.loss.backward()
-        opt.step()
-        model.update_and_allocate(step)
-        opt.zero_grad()
-        losses.append(out.loss.item())
-    model.eval()
-    return losses
 
 
 def trained(method, batch, steps=4, device="cpu", base=None, **kw):

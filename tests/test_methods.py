@@ -2,6 +2,7 @@
 (identity at step 0, training, save/load, merge, checkpoints), plus what each method must get right."""
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert, make_llama, on
+from conftest import train_steps as shared_train_steps
 from hyperadalora import cli
 from hyperadalora import methods as M
 from hyperadalora.training import TrainArgs, TrainingInterrupted, args_from_dict, read_metrics
@@ -17,24 +19,11 @@ ALL = ["hyperlora", "hyperdora", "hydralora", "hyperhydralora"]
 GENERATED = ["hyperlora", "hyperdora", "hyperhydralora"]
 HYDRA = ["hydralora", "hyperhydralora"]
 
+train_steps = functools.partial(shared_train_steps, loss="task_loss", eval_after=True)
+
 
 def cfg(method, **kw):
     return M.get_method(method).config_cls(**{"target_modules": BERT_TARGETS, "task_type": "SEQ_CLS", **kw})
-
-
-def train_steps(model, batch, steps, lr=1e-2):
-    opt = torch.optim.AdamW(model.optimizer_param_groups(lr))
-    model.train()
-    losses = []
-    for step in range(1, steps + 1):
-        out = model(**batch)
-        out.loss.backward()
-        opt.step()
-        model.after_optimizer_step(step)
-        opt.zero_grad()
-        losses.append(model.last_task_loss.item())
-    model.eval()
-    return losses
 
 
 def trained(method, batch, steps=6, device="cpu", **kw):

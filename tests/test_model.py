@@ -1,6 +1,7 @@
 """The method's contract: identity at step 0, generation, sharing, allocation, penalty, save/load/export/merge."""
 
 import copy
+import functools
 import math
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 
 import hyperadalora as ha
 from conftest import BERT_TARGETS, make_bert, make_llama, on
+from conftest import train_steps as shared_train_steps
+
+train_steps = functools.partial(shared_train_steps, loss="task_loss")
 
 
 def cfg(**kw):
@@ -15,20 +19,6 @@ def cfg(**kw):
                 task_type="SEQ_CLS")
     base.update(kw)
     return ha.HyperAdaLoraConfig(**base)
-
-
-def train_steps(model, batch, steps, lr=1e-2, start=1):
-    opt = torch.optim.AdamW(model.optimizer_param_groups(lr))
-    model.train()
-    losses = []
-    for step in range(start, start + steps):
-        out = model(**batch)
-        out.loss.backward()
-        opt.step()
-        model.update_and_allocate(step)
-        opt.zero_grad()
-        losses.append(model.last_task_loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("options", [{}, {"hypernet": "mlp"}, {"hypernet": "cnn"}, {"attention": "full"},

@@ -6,25 +6,11 @@ import re
 import pytest
 import torch
 
+from conftest import WORDS_NEG, WORDS_POS, toy_examples  # noqa: F401 (other tests import them from here)
 from conftest import make_bert
 from hyperadalora import cli
 from hyperadalora.training import TrainArgs, read_metrics, train
 from test_every_method import EVERY
-
-WORDS_POS = ["good", "great", "fine", "happy", "nice"]
-WORDS_NEG = ["bad", "awful", "poor", "sad", "ugly"]
-
-
-def toy_examples(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        label = i % 2
-        words = WORDS_POS if label else WORDS_NEG
-        picks = torch.randint(0, len(words), (4,), generator=g).tolist()
-        out.append({"text_a": " ".join(words[p] for p in picks) + " movie", "text_b": None, "label": label})
-    return out
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

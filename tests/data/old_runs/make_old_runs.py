@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # tests/
 
 import torch  # noqa: E402
-from conftest import make_bert  # noqa: E402
+from conftest import make_bert, toy_examples  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from hyperadalora.models import minilm_path  # noqa: E402
@@ -19,21 +19,6 @@ try:
     from hyperadalora.train import TrainArgs, train
 except ImportError:  # written by the new package: the fixtures must come from the old loop
     raise SystemExit("run this with the code of commit 358d364 (hyperadalora.train) on PYTHONPATH")
-
-WORDS_POS = ["good", "great", "fine", "happy", "nice"]
-WORDS_NEG = ["bad", "awful", "poor", "sad", "ugly"]
-
-
-def toy_examples(n, seed=0):  # tests/test_train.py's (that module imports the new package)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        label = i % 2
-        words = WORDS_POS if label else WORDS_NEG
-        picks = torch.randint(0, len(words), (4,), generator=g).tolist()
-        out.append({"text_a": " ".join(words[p] for p in picks) + " movie", "text_b": None, "label": label})
-    return out
-
 
 METHODS = {"hyperadalora": {"tinit": 1, "tfinal": 1, "deltaT": 1}, "adalora": {"tinit": 1, "tfinal": 1, "deltaT": 1},
            "hyperlora": {}}
