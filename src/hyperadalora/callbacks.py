@@ -90,13 +90,6 @@ def _has_training_state(model) -> bool:
     return not (model.ALLOCATES_RANK and model.fixed)
 
 
-def _commit_pending(model) -> None:
-    """Commit the recurrent state of the last training generation once the hypernetworks were updated, as the next
-    training forward would (HyperAdaLoRA's `update_and_allocate` did it already under `RankAllocationCallback`;
-    a generated-adapter method commits lazily): the saved state is then the one the next step starts from."""
-    model.commit_state()
-
-
 # TrainingArguments that define the run: a resume with other values would be another run (refused); max_steps,
 # num_train_epochs, saving, logging and evaluation may change (Trainer's own resume reads them from the arguments).
 RUN_TRAINING_ARGS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
@@ -298,7 +291,8 @@ class HyperAdaLoraTrainer(Trainer):
             return None
         os.makedirs(output_dir, exist_ok=True)
         if _has_training_state(target):
-            _commit_pending(target)  # before save_pretrained: it generates from the committed state
+            # the state the next step starts from (as the next forward would commit it), before save_pretrained
+            target.commit_state()
         target.save_pretrained(output_dir)
         if _has_training_state(target):
             save_training_state(target, output_dir, self.args)

@@ -41,7 +41,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from .base_models import resolve_model_path
+from .base_models import resolve_model_path, smollm2_gguf_path
 from .config import CONFIG_NAME, HyperAdaLoraConfig
 from .tuner_utils import ADAPTER_WEIGHTS_NAME, save_safetensors
 
@@ -288,8 +288,6 @@ class GgufBase:
     def load(cls, base: str) -> "GgufBase":
         """From a ``.gguf`` file, the alias ``smollm2`` (its GGUF file) or a transformers model directory."""
         if base == "smollm2":
-            from .base_models import smollm2_gguf_path
-
             base = smollm2_gguf_path()
         if base.endswith(".gguf"):
             if not os.path.isfile(base):
