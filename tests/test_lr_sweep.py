@@ -1,6 +1,7 @@
 """The lr-sweep experiment (issue 23): its statistics on synthetic cells, and tiny end-to-end runs."""
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -230,3 +231,30 @@ def test_the_committed_lr_sweep_report_is_rebuilt_from_its_cells(tmp_path, monke
                 if not line.startswith(("- machine: ", "This report was written in "))]
 
     assert stable(open(result["report"]).read()) == stable(committed)
+
+
+def test_a_run_recorded_from_a_checkout_elsewhere_is_reused_for_the_same_shared_data(monkeypatch, tmp_path):
+    """Runs record absolute data paths; a run made with ``../shared/data/...`` of a checkout at /work is the same
+    run for a clone at /check/work (CI) reading its own ``../shared/data/...``; any other path is not."""
+    from hyperadalora.experiments import runs
+
+    shared = tmp_path / "check" / "work" / "shared"
+    (shared / "data" / "glue").mkdir(parents=True)
+    monkeypatch.setattr(runs, "SHARED_ROOT", shared.resolve())
+    here = str(shared / "data" / "glue")
+    assert runs.same_data_location("/work/shared/data/glue", here)
+    assert runs.same_data_location(here, here) and runs.same_data_location(None, None)
+    assert not runs.same_data_location("/work/shared/data/other", here)
+    assert not runs.same_data_location("/work/elsewhere/data/glue", here)
+    assert not runs.same_data_location(None, here) and not runs.same_data_location(here, None)
+    elsewhere = tmp_path / "mine" / "glue"
+    elsewhere.mkdir(parents=True)
+    assert not runs.same_data_location("/work/mine/glue", str(elsewhere))  # outside the shared folder: equal only
+
+    args = runs.TrainArgs(method="lora", task="sst2", data_dir=here, output_dir=str(tmp_path / "run"))
+    record = {"args": json.loads(json.dumps(dataclasses.asdict(args), default=str)), "hypernetwork_options": {}}
+    assert runs.same_args(record, args)
+    record["args"]["data_dir"] = "/work/shared/data/glue"
+    assert runs.same_args(record, args)
+    record["args"]["data_dir"] = "/work/shared/data/glue2"
+    assert not runs.same_args(record, args)

@@ -11,11 +11,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .. import training as train_lib
 from ..training import TrainArgs, read_metrics
 from .options import ExperimentOptions
+
+
+# the data folder beside the checkout (``../shared``): where the experiments' default data lives
+SHARED_ROOT = Path(__file__).resolve().parents[3].parent / "shared"
+DATA_LOCATION_ARGS = ("data_dir", "data_path")
+
+
+def same_data_location(saved: Optional[str], current: Optional[str]) -> bool:
+    """Whether a run's recorded data path names the current one: the same path, or the same place in the shared
+    folder beside the checkout (``../shared/...``) recorded from a checkout that sat elsewhere (a CI clone, another
+    machine). Any other path must be equal."""
+    if saved == current:
+        return True
+    if saved is None or current is None:
+        return False
+    try:
+        rel = Path(current).resolve().relative_to(SHARED_ROOT)
+    except ValueError:
+        return False
+    tail = (SHARED_ROOT.name,) + rel.parts
+    return Path(saved).parts[-len(tail):] == tail
 
 
 class AdapterRecorder:
@@ -52,7 +74,10 @@ def same_args(summary: dict, args: TrainArgs) -> bool:
     # earlier run had in effect (e.g. load_in_4bit, report_to)
     defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainArgs)
                                       if f.default is not dataclasses.MISSING}, default=str))
-    return all(saved.get(k, defaults.get(k)) == v for k, v in current.items() if k not in free and k != "hyper")
+    if not all(same_data_location(saved.get(k, defaults.get(k)), current[k]) for k in DATA_LOCATION_ARGS):
+        return False
+    return all(saved.get(k, defaults.get(k)) == v for k, v in current.items()
+               if k not in free and k != "hyper" and k not in DATA_LOCATION_ARGS)
 
 
 def train_run(args: TrainArgs, *, reuse: bool = False, on_step: Optional[Callable] = None,
