@@ -15,8 +15,8 @@ from conftest import make_bert
 from hyperadalora import checkpoint as ckpt_lib
 from hyperadalora import cli
 from hyperadalora import training as train_mod
-from hyperadalora.resume import ResumeConflict, ResumeNote
-from hyperadalora.training import NonFiniteLossError, TrainArgs, TrainingInterrupted, read_metrics, train
+from hyperadalora.resume import ResumeConflict
+from hyperadalora.training import NonFiniteLossError, TrainArgs, read_metrics, train
 from test_train import toy_examples, write_sst2, write_tiny_model
 
 STEPS = 12

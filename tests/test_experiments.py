@@ -28,7 +28,6 @@ from hyperadalora.experiments.rank_allocation import layer_ranks, split_name
 from hyperadalora.experiments.report import convergence_table, epoch_section, fmt_stat
 from hyperadalora.experiments.stats import stats
 from hyperadalora.experiments.task_setup import glue_task_available, window_for
-from hyperadalora.experiments.formulation import VARIANTS
 from hyperadalora.training import HYPER_FIELDS, read_metrics
 
 POS = ["good", "great", "fine", "happy", "nice"]

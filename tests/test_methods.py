@@ -13,7 +13,7 @@ from conftest import BERT_TARGETS, make_bert, make_llama, on
 from conftest import train_steps as shared_train_steps
 from hyperadalora import cli
 from hyperadalora import methods as M
-from hyperadalora.training import TrainArgs, TrainingInterrupted, args_from_dict, read_metrics
+from hyperadalora.training import TrainArgs, args_from_dict
 
 ALL = ["hyperlora", "hyperdora", "hydralora", "hyperhydralora"]
 GENERATED = ["hyperlora", "hyperdora", "hyperhydralora"]

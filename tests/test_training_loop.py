@@ -9,7 +9,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import make_bert
-from hyperadalora import training
 from hyperadalora.base_models import minilm_path
 from hyperadalora.training import LoopState, TrainArgs, build_adapter_model, read_metrics, train
 from test_train import toy_examples

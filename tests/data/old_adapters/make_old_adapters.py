@@ -5,7 +5,6 @@ that old adapters still load (bit-equal outputs on the machine that wrote them).
     PYTHONPATH=/tmp/old/src python tests/data/old_adapters/make_old_adapters.py save tests/data/old_adapters
     python tests/data/old_adapters/make_old_adapters.py load tests/data/old_adapters   # with today's code
 """
-import json
 import os
 import sys
 

@@ -9,7 +9,6 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # tests/
 
-import torch  # noqa: E402
 from conftest import make_bert, toy_examples  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
