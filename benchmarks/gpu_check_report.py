@@ -118,7 +118,9 @@ def train_rows(directory: str) -> list:
                 settings.setdefault(setting, {})[method] = json.load(f)
     rows = []
     for setting, by_method in settings.items():
-        rows.append(["train (minilm, sentiment)", "minilm", setting,
+        argv = next(iter(by_method.values())).get("argv", [])
+        task = argv[argv.index("--task") + 1] if "--task" in argv[:-1] else "sentiment"
+        rows.append([f"train ({task})", "minilm", setting,
                      *(train_cell(by_method[m]) if m in by_method else "" for m in METHODS), ""])
     return rows
 
