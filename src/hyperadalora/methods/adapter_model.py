@@ -4,8 +4,8 @@ A transformers model with the adapters of a `Method`, some of whose tensors may 
 It does, once for every method: injection (with undo when anything fails), the trained heads (``modules_to_save``),
 one `generator.RoleGenerator` per generated role shared by all layers, **one generation cache** (generation with a
 graph at every training forward, once and cached in evaluation, the recurrent commit after each optimizer step),
-optimizer parameter groups, the trainable state for checkpoints, save / load (safetensors with digests + JSON) and
-merging.
+optimizer parameter groups, the trainable state for checkpoints; save / load (safetensors with digests + JSON) and
+merging come from `adapter_files.AdapterFiles`.
 
 A method changes what differs through a few hooks, as peft's ``AdaLoraModel`` builds on ``LoraModel``:
 HyperAdaLoRA (`methods.hyperadalora.model.HyperAdaLoraModel`) installs the rank mask with the tensors, adds the
@@ -36,11 +36,12 @@ import torch
 from torch import nn
 
 from ..generator import RoleGenerator, hypernetwork_param_groups
-from ..quantization import dense_linear, keep_trainable_layout, quantization_kind, refuse_quantized_merge
+from ..quantization import keep_trainable_layout
 from ..tuner_utils import (ADAPTER_WEIGHTS_NAME, Injection, check_rank_fits,
                            find_target_modules, full_precision, load_onto, load_safetensors_checked, phi_changed,
-                           phi_fingerprint, principal_subspaces, refuse_adapted_model, replace_module, save_safetensors)
+                           phi_fingerprint, principal_subspaces, refuse_adapted_model)
 from ..wrapper import BaseAdapterLayer, BaseAdapterModel, with_signature_of
+from .adapter_files import AdapterFiles, refuse_misfit
 from .base import METHOD_CONFIG_NAME, METHODS, Method, MethodConfig, get_method
 
 
@@ -57,7 +58,7 @@ class _Buffers(nn.Module):
         return [getattr(self, f"t{i}") for i in range(self.n)]
 
 
-class AdapterModel(BaseAdapterModel):
+class AdapterModel(AdapterFiles, BaseAdapterModel):
     """A transformers model with the adapters of a `Method`.
 
     Attributes:
@@ -429,40 +430,6 @@ class AdapterModel(BaseAdapterModel):
         """What `save_pretrained` records in the config file besides the config."""
         return {"target_names": self.target_names}
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``adapter_model.safetensors`` (every layer's adapter, generated tensors as they are now, and the
-        trained heads) and the config (`CONFIG_NAME`). `load_adapter` reads them back."""
-        os.makedirs(directory, exist_ok=True)
-        tensors = self._adapter_tensors()
-        tensors.update(self._modules_to_save_state())
-        # the config first: the tensors' file records its digest (load_adapter refuses an altered one)
-        self.peft_config.save_pretrained(directory, **self._config_extra())
-        save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS_NAME), {"format": "pt"},
-                         config_path=os.path.join(directory, self.CONFIG_NAME))
-
-    def _merged_weights(self) -> list[torch.Tensor]:
-        """Per layer, the weight that gives the same outputs without the adapter (dequantized for a quantized base)."""
-        self._materialized()
-        return [layer.merged_weight() for layer in self.adapters]
-
-    @torch.no_grad()
-    def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
-        """Fold the adapters into the base weights and return the plain transformers model. Raises ValueError
-        (leaving the model unchanged) for a method whose update depends on the input (HydraLoRA with a router), and
-        for a quantized (bitsandbytes 4-bit / 8-bit) base unless ``dequantize=True``: then each adapted quantized
-        layer becomes a dense ``nn.Linear`` holding the dequantized weight plus the update."""
-        if not dequantize:
-            refuse_quantized_merge(self.adapters, self.target_names)
-        merged = self._merged_weights()  # all first: fail before changing anything
-        for name, layer, weight in zip(self.target_names, self.adapters, merged):
-            base = layer.base_layer
-            if quantization_kind(base) is not None:
-                replace_module(self.base_model, name, dense_linear(base, weight))
-                continue
-            base.weight.data.copy_(weight.to(base.weight.dtype))
-            replace_module(self.base_model, name, base)
-        return self.base_model
-
     # ------------------------------------------------------------------ loading
     @classmethod
     def read_config(cls, directory: str):
@@ -497,53 +464,3 @@ class AdapterModel(BaseAdapterModel):
                             build=lambda: model_cls(model, config, trained_only=True),
                             load=lambda w: w._load_saved_tensors(tensors, path))
         return wrapped.eval()  # for inference, as peft's from_pretrained: adapter dropout off
-
-    def _load_saved_tensors(self, tensors: dict, path: str) -> None:
-        """Check every saved tensor against the model first, then load them (a misfit changes nothing)."""
-        layers = []
-        for name, layer in zip(self.target_names, self.adapters):
-            state = {}
-            for key, ref in layer.adapter_state().items():
-                full = f"{name}.{key}"
-                if full not in tensors:
-                    raise ValueError(f"{path} has no tensor {full!r}: the adapter was saved for another model.")
-                if tensors[full].shape != ref.shape:
-                    raise ValueError(f"Adapter tensor {full!r} has shape {tuple(tensors[full].shape)} but the "
-                                     f"model's layer needs {tuple(ref.shape)}: this adapter was trained on another "
-                                     f"base model.")
-                state[key] = tensors[full]
-            layers.append((layer, state))
-        heads = self._saved_head_states(tensors)
-        for layer, state in layers:
-            layer.load_state_dict(state, strict=False)  # every key was checked above; the base layer is not in it
-        for module, state in heads:
-            module.load_state_dict(state)
-
-    def _saved_head_states(self, tensors: dict) -> list:
-        """[(module, state)] of the saved ``modules_to_save.*`` weights of the modules to save, each checked against
-        the module (keys and shapes) before anything is loaded."""
-        heads = []
-        for name in self.saved_module_names:
-            module = self.base_model.get_submodule(name)
-            prefix = f"modules_to_save.{name}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if state:
-                own = module.state_dict()
-                misfit = sorted(set(own) ^ set(state)) + [k for k in state if k in own and own[k].shape != state[k].shape]
-                if misfit:
-                    raise ValueError(f"Saved weights of {name!r} do not fit the model (keys missing, unexpected or "
-                                     f"of another shape: {misfit[:5]}): this adapter was trained on another base "
-                                     f"model.")
-                heads.append((module, state))
-        return heads
-
-
-def refuse_misfit(expected: dict, tensors: dict) -> None:
-    """ValueError unless ``tensors`` has exactly the keys of ``expected`` with the same shapes (checked before anything
-    is loaded: a state of another model changes nothing)."""
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    shapes = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(expected.keys() & tensors.keys()) if tuple(tensors[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"The state does not fit this model (another base model or adapter configuration?): missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}, other shapes {shapes[:5]}.")

@@ -34,7 +34,8 @@ from ...generator import RoleGenerator
 from ...quantization import dequantized_weight, quantization_kind
 from ...tuner_utils import (HYPERNET_WEIGHTS_NAME, check_rank_fits, full_precision,
                             principal_subspaces, save_safetensors, world_size)
-from ..adapter_model import AdapterModel, refuse_misfit
+from ..adapter_files import refuse_misfit
+from ..adapter_model import AdapterModel
 from .allocation import RankAllocator
 from .layer import SVDLinear
 
