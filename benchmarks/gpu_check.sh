@@ -7,7 +7,7 @@
 # 2. bf16 step time and peak memory of hyperadalora vs peft's adalora and lora at batch 1..64
 #    (benchmarks/step_time.py --device cuda --dtype bfloat16; MiniLM seq 128, SmolLM2 seq 256);
 # 3. training runs on MiniLM (embedded sentiment task): hyperadalora and adalora on a 4-bit (nf4) base
-#    (`hyperadalora train ... --load-in-4bit`), and hyperadalora on the bf16 base for comparison;
+#    (`hyperadalora train ... --load-in-4bit`), and hyperadalora, adalora and lora on the bf16 base for comparison;
 # then prints one table (also written to OUT/table.md). A failed step is reported in the table; the others still run.
 # Settings (environment): PY (.venv/bin/python, else python3), OUT (runs/gpu_check), BATCHES (1,2,4,8,16,32,64),
 # STEPS (20), MODELS ("minilm smollm2"), TRAIN_STEPS (60); for a machine without the model packages:

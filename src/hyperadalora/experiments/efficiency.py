@@ -20,7 +20,8 @@ from ..plotting import pyplot
 from .options import as_options, command_line, pick
 from .plots import save_line_plot
 from .report import fmt, markdown_table, report_header, write_outputs
-from .task_setup import REPO_ROOT, environment, output_dir
+from .runs import REPO_ROOT
+from .task_setup import environment, output_dir
 
 NAME = "efficiency"
 METHODS = ("hyperadalora", "adalora", "lora")

@@ -19,8 +19,9 @@ from ..training import TrainArgs, read_metrics
 from .options import ExperimentOptions
 
 
+REPO_ROOT = Path(__file__).resolve().parents[3]
 # the data folder beside the checkout (``../shared``): where the experiments' default data lives
-SHARED_ROOT = Path(__file__).resolve().parents[3].parent / "shared"
+SHARED_ROOT = REPO_ROOT.parent / "shared"
 DATA_LOCATION_ARGS = ("data_dir", "data_path")
 
 

@@ -15,9 +15,8 @@ import torch
 from .. import data as data_lib
 from ..training import TrainArgs
 from .options import ExperimentOptions, command_line, pick, seed_list
-from .runs import base_args
+from .runs import REPO_ROOT, base_args
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_GLUE_DIR = "../shared/data/glue"                                       # relative to the repository root
 DEFAULT_ALPACA_FILE = "../shared/data/instruct/alpaca/alpaca_en_demo.json"     # relative to the repository root
 
