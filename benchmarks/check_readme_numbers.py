@@ -272,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--strict", action="store_true", help="fail on curve-only and report.md-only numbers too")
     args = parser.parse_args(argv)
-    rows = check(args.readme or args.root / "README.md", args.root)
+    readme = args.readme or args.root / "README.md"
+    if not readme.is_file():
+        parser.error(f"no README at {readme} (give --readme FILE, or --root the repository)")
+    rows = check(readme, args.root)
     for row in rows:
         reports = ", ".join(r.removeprefix("docs/results/") for r in row["reports"]) or "-"
         print(f"{row['claim'][:60]:<60} | {row['number']:>8} | {row['status']:<20} | {reports}")

@@ -209,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = args.root / "docs" / "results"
     for report in args.report or REPORTS:
-        doc = derive(report, results)
+        try:
+            doc = derive(report, results)
+        except FileNotFoundError as e:
+            parser.error(f"{report}: {e.filename} does not exist (--root must be the repository, with its "
+                         f"committed docs/results/)")
         out = (args.out_root or results) / report / "derived"
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -133,3 +133,18 @@ def test_derived_stats_rebuild_the_committed_derived_results(tmp_path):
     assert (tmp_path / "lambda-codes-rte/derived/report.md").read_text() == (committed / "report.md").read_text()
     assert (committed / "report.md").read_text().startswith(
         f"# Derived statistics: lambda-codes-rte\n\nProduced by:\n\n```\n{derived_stats.COMMAND}\n```\n")
+
+
+def test_missing_inputs_are_refused_with_a_message(tmp_path, capsys):
+    import derived_stats
+
+    for run in (lambda: crn.main(["--readme", str(tmp_path / "nope.md")]),
+                lambda: derived_stats.main(["--root", str(tmp_path), "--report", "sst2-12seeds"])):
+        try:
+            run()
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError("a missing input was not refused")
+    err = capsys.readouterr().err
+    assert "no README at" in err and "sst2-12seeds/results.json does not exist" in err
