@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import TRAINING_ARGS_NAME, is_sagemaker_mp_enabled
 
 from .checkpoint import CheckpointError, load_model_state, model_state
@@ -229,6 +230,25 @@ class RankAllocationCallback(HypernetworkLrCallback):
             self.calls += 1
 
 
+def _scalars(logs):
+    """The logs without the per-layer ranks (``rank/<layer>``): what the console shows."""
+    return None if logs is None else {k: v for k, v in logs.items() if not k.startswith("rank/")}
+
+
+class ScalarProgressCallback(ProgressCallback):
+    """transformers' progress bar, printing the logs without the per-layer ranks (hundreds of them)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=_scalars(logs), **kwargs)
+
+
+class ScalarPrinterCallback(PrinterCallback):
+    """transformers' log printer (``disable_tqdm``), printing the logs without the per-layer ranks."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=_scalars(logs), **kwargs)
+
+
 class HyperAdaLoraTrainer(Trainer):
     """A `transformers.Trainer` for this package's models (HyperAdaLoRA, the generated-adapter methods) and peft's
     AdaLoRA: the optimizer is built from ``model.optimizer_param_groups(learning_rate, weight_decay)`` (the
@@ -241,6 +261,12 @@ class HyperAdaLoraTrainer(Trainer):
 
     def __init__(self, *args, callbacks=None, **kwargs):
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        for cb in list(self.callback_handler.callbacks):  # the console: scalars only (the ranks go to report_to)
+            for printer, scalars_only in ((ProgressCallback, ScalarProgressCallback),
+                                          (PrinterCallback, ScalarPrinterCallback)):
+                if type(cb) is printer:
+                    self.callback_handler.remove_callback(cb)
+                    self.callback_handler.add_callback(scalars_only())
         have = [type(cb) for cb in self.callback_handler.callbacks]
         if _allocating_model(self.model) is not None:
             if not any(issubclass(t, RankAllocationCallback) for t in have):
@@ -270,7 +296,7 @@ class HyperAdaLoraTrainer(Trainer):
         if "loss" in logs and (_adapter_model(self.model) is not None or _allocating_model(self.model) is not None):
             ranks = rank_logs(self.model)
             reporting = [r for r in (self.args.report_to or []) if r != "none"]
-            # the rank per layer only for a tracker (printed, hundreds of entries would drown the console's logs)
+            # the rank per layer only for a tracker; the console's callbacks print the scalars only (_scalars)
             logs.update(ranks if reporting else {"total_rank": ranks["total_rank"]})
         super().log(logs, *args, **kwargs)
 

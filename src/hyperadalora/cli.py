@@ -10,18 +10,21 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
+import time
 import warnings
 
-from . import __version__, training
-from .config import ADALORA, ADALORA_ONLY_FIELDS, HYPERNET_FIELDS, HyperAdaLoraConfig
-from .resume import ResumeNote
+from . import __version__, cli_spec, experiment_args
 
+# Nothing above imports torch or transformers: every argument error is reported before they load (seconds). The
+# options' metadata comes from `cli_spec` (a snapshot of `training.TrainArgs` and the methods' configs).
+SPEC = cli_spec.load()
 NONE = "none"  # a command-line value that stands for None (see collect_options)
+FIELDS = {f["name"]: f for f in SPEC["fields"]}
+HYPER_FIELDS = tuple(SPEC["hyper_fields"])
+TRAIN_ARG_FIELDS = tuple(SPEC["train_defaults"])
 
 
 def _optional(value: str, kind, name: str):
@@ -49,75 +52,124 @@ def _flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(annotation):
-    """int for Optional[int]; list for a list or a union holding one (target_modules)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Union:
-        return list if any(typing.get_origin(a) is list or a is list for a in args) else _base_type(args[0])
-    return typing.get_origin(annotation) or annotation
+def flag_of(name: str) -> str:
+    """The command-line flag of an option (its TrainingArguments-style name where it has one)."""
+    if name in ("dtype", "precision"):
+        return "--bf16"
+    return cli_spec.FLAG_NAMES.get(name, (_flag_name(name),))[0]
 
 
-def _parser(name: str, annotation, nullable: bool):
+def _parser(entry: dict):
     """How a flag's value is read: by the field's type (true / false for a bool; ``none`` for a nullable field)."""
-    kind, flag = _base_type(annotation), _flag_name(name)
-    if kind is bool:
+    kind, flag = entry["kind"], _flag_name(entry["name"])
+    if kind == "bool":
         return lambda v: _flag(v, flag)
-    kind = kind if kind in (int, float) else str  # str: also a list (comma-separated, split in collect_options)
-    return (lambda v: _optional(v, kind, flag)) if nullable else kind
-
-
-def _show(value) -> str:
-    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
-
-
-def _default_text(name: str) -> str:
-    """A hyper option's default, per method where the methods' configs differ (e.g. init)."""
-    by_value: dict = {}
-    for method in training.METHODS:
-        cls = training.config_class(method)
-        found = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
-        if name in found and found[name].default is not dataclasses.MISSING:
-            by_value.setdefault(_show(found[name].default), []).append(method)
-    if len(by_value) == 1:
-        return f" (default: {next(iter(by_value))})"
-    return " (default: " + "; ".join(f"{v} for {', '.join(ms)}" for v, ms in by_value.items()) + ")"
+    kind = {"int": int, "float": float}.get(kind, str)  # str: also a list (comma-separated, split in collect_options)
+    return (lambda v: _optional(v, kind, flag)) if entry["nullable"] else kind
 
 
 def _train_flags() -> tuple[dict, dict, dict]:
     """The train flags, generated from the fields' metadata (one source: `training.TrainArgs` and the methods'
-    configs): ({name: (parse, help)} of the flags that take a value, {name: help} of the switches (on when given),
-    {name: (flag, help)} of the flags that turn an option off)."""
+    configs, read through `cli_spec`): ({name: (parse, help)} of the flags that take a value, {name: help} of the
+    switches (on when given), {name: (flag, help)} of the flags that turn an option off)."""
     flags, switches, negated = {}, {}, {}
-    hints = typing.get_type_hints(training.TrainArgs)
-    for f in dataclasses.fields(training.TrainArgs):
-        help_ = f.metadata["help"]
-        if f.metadata.get("cli") is False:
-            continue
-        if f.metadata.get("switch"):
-            switches[f.name] = help_
-        elif f.metadata.get("negate"):
-            negated[f.name] = (f.metadata["negate"], help_)
+    for entry in SPEC["fields"]:
+        if entry["action"] == "switch":
+            switches[entry["name"]] = entry["help"]
+        elif entry["action"] == "negate":
+            negated[entry["name"]] = (entry["negate"], entry["help"])
         else:
-            if f.default not in (None, dataclasses.MISSING) and "default" not in help_:
-                help_ += f" (default: {_show(f.default)})"
-            flags[f.name] = (_parser(f.name, hints[f.name], False), help_)
-    hints = typing.get_type_hints(HyperAdaLoraConfig)
-    fields = {f.name: f for f in dataclasses.fields(HyperAdaLoraConfig)}
-    for name in training.HYPER_FIELDS:
-        f = fields[name]
-        help_ = f.metadata["help"]
-        if f.metadata["group"] == ADALORA:
-            help_ = "hyperadalora: " + help_
-        flags[name] = (_parser(name, hints[name], name in training.NULLABLE_HYPER_FIELDS),
-                       help_ + ("" if "default" in help_.lower() else _default_text(name)))
+            flags[entry["name"]] = (_parser(entry), entry["help"])
     return flags, switches, negated
 
 
 # flag -> (type, help), switch -> help, negated option -> (flag, help); every flag is also a YAML key of --config
 TRAIN_FLAGS, SWITCHES, NEGATED = _train_flags()
 
+# Options that only some methods use: given for another method, they are an error, not silently ignored. The rank
+# budget schedule: AdaLoRA's fields that a TrainArgs field sets, but init_r (the other methods' rank r).
+SCHEDULE_OPTIONS = tuple(SPEC["schedule_options"])
+
+
+def _concept(dest: str) -> str:
+    return "precision" if dest in cli_spec.PRECISION_ALIASES else dest
+
+
+class _Given(argparse.Action):
+    """Stores a flag's value and refuses two spellings of one option (``--lr 1e-3 --learning-rate 2e-3``): one flag
+    per concept, whichever name is used."""
+
+    def __init__(self, option_strings, dest, const=None, nargs=None, **kwargs):
+        self.fixed = const
+        super().__init__(option_strings, dest, nargs=nargs, const=const, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        spellings = namespace.__dict__.setdefault("_spellings", {})
+        concept = _concept(self.dest)
+        earlier = spellings.get(concept)
+        if earlier is not None and earlier != option_string:
+            parser.error(f"{earlier} and {option_string} set the same option: give one of them.")
+        spellings[concept] = option_string
+        if self.dest == "bf16":  # --bf16 [true|false]: the precision
+            setattr(namespace, "precision", "bf16" if values in (None, True) else "fp32")
+            return
+        setattr(namespace, self.dest, self.fixed if self.nargs == 0 else values)
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """The train / demo flags, in the groups of `cli_spec.GROUPS` (as transformers groups TrainingArguments)."""
+    groups = {key: parser.add_argument_group(title) for key, title in cli_spec.GROUP_TITLES.items()}
+    groups["logging"].add_argument("--config", metavar="RUN.YAML",
+                                   help="YAML file of option: value, with the names of these flags (e.g. "
+                                        "learning_rate: 3e-3; the earlier names too); flags win")
+    for entry in SPEC["fields"]:
+        name = entry["name"]
+        group = groups["hypernet" if entry["hyper"] and name not in cli_spec.GROUPS
+                       else cli_spec.GROUPS.get(name, "training")]
+        if name in cli_spec.PRECISION_ALIASES:  # earlier spellings of --bf16 (one flag per concept)
+            group.add_argument(_flag_name(name), dest=name, action=_Given, type=TRAIN_FLAGS[name][0], default=None,
+                               help=argparse.SUPPRESS)
+            continue
+        primary, aliases = cli_spec.FLAG_NAMES.get(name, (_flag_name(name), ()))
+        if entry["action"] == "switch":
+            group.add_argument(primary, *aliases, dest=name, action=_Given, nargs=0, const=True, default=None,
+                               help=_help(entry["help"]))
+        elif entry["action"] == "negate":
+            strings = (primary, *aliases) if name in cli_spec.FLAG_NAMES else (entry["negate"],)
+            group.add_argument(*strings, dest=name, action=_Given, nargs=0, const=False, default=None,
+                               help=_help(f"do not {entry['help']}"))
+        else:
+            group.add_argument(primary, *aliases, dest=name, action=_Given, type=TRAIN_FLAGS[name][0], default=None,
+                               metavar=primary[2:].upper().replace("-", "_"), help=_help(entry["help"]))
+        if name == "seed":
+            groups["training"].add_argument(
+                "--bf16", dest="bf16", action=_Given, nargs="?", const=True, default=None,
+                type=lambda v: _flag(v, "--bf16"), metavar="true|false",
+                help="bf16 autocast of the model (the hypernetworks and their state stay fp32); default fp32. "
+                     "Earlier spellings: --dtype bfloat16, --precision bf16")
+
+
+def yaml_keys() -> dict:
+    """{YAML key: option} of --config: the flags' names (with _ or -), the earlier names and the field names."""
+    keys = {}
+    for entry in SPEC["fields"]:
+        name = entry["name"]
+        keys[name] = name
+        primary, aliases = cli_spec.FLAG_NAMES.get(name, (_flag_name(name), ()))
+        for flag in (primary, *aliases):
+            keys[flag[2:].replace("-", "_")] = name
+        if entry["action"] == "negate" and name not in cli_spec.FLAG_NAMES:
+            keys[entry["negate"][2:].replace("-", "_")] = name
+    keys["bf16"] = "precision"
+    return keys
+
 
 def load_yaml(path: str) -> dict:
+    """The options of a --config file, under their option (field) names; unknown or repeated keys are an error."""
     import yaml
 
     if not os.path.isfile(path):
@@ -129,24 +181,25 @@ def load_yaml(path: str) -> dict:
             raise ValueError(f"{path}: not valid YAML ({e}).") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}.")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-# Options that only some methods use: given for another method, they are an error, not silently ignored. The rank
-# budget schedule: AdaLoRA's fields that a TrainArgs field sets, but init_r (the other methods' rank r).
-SCHEDULE_OPTIONS = tuple(name for name in ADALORA_ONLY_FIELDS if name in training.TRAIN_ARG_FIELDS and name != "init_r")
-
-
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
-    for name, (typ, help_) in TRAIN_FLAGS.items():
-        parser.add_argument(_flag_name(name), dest=name, type=typ, default=None, help=help_.replace("%", "%%"))
-    for name, help_ in SWITCHES.items():
-        parser.add_argument(_flag_name(name), dest=name, action="store_true", default=None,
-                            help=help_.replace("%", "%%"))
-    for name, (flag, help_) in NEGATED.items():
-        parser.add_argument(flag, dest=name, action="store_false", default=None,
-                            help=f"do not {help_}".replace("%", "%%"))
+    keys, options, spelled = yaml_keys(), {}, {}
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        if norm == "hyper" and isinstance(value, dict):  # the options under hyper, as a mapping
+            options["hyper"] = value
+            continue
+        if norm not in keys:
+            raise ValueError(f"{path}: unknown option {key!r}. Valid keys: the names of `hyperadalora train --help`'s "
+                             f"flags, e.g. learning_rate, per_device_train_batch_size, max_steps.")
+        name = keys[norm]
+        if _concept(name) in spelled:
+            raise ValueError(f"{path}: {spelled[_concept(name)]!r} and {key!r} set the same option: give one of them.")
+        spelled[_concept(name)] = key
+        if norm == "bf16":
+            value = "bf16" if value is True else "fp32" if value is False else value
+        elif norm in ("disable_tqdm", "no_progress", "no_save_adapter") and isinstance(value, bool):
+            value = not value  # the flag turns the option off
+        options[name] = value
+    return options
 
 
 def check_options_apply(options: dict) -> None:
@@ -159,35 +212,111 @@ def check_options_apply(options: dict) -> None:
         return f"leave {one} out, or choose a method that uses {one}"
 
     given = [k for k in SCHEDULE_OPTIONS if options.get(k) is not None]
-    if given and method not in training.SCHEDULED_METHODS:
-        raise ValueError(f"{', '.join(_flag_name(k) for k in given)}: the rank budget schedule applies "
+    if given and method not in SPEC["scheduled_methods"]:
+        raise ValueError(f"{', '.join(flag_of(k) for k in given)}: the rank budget schedule applies "
                          f"to hyperadalora and adalora only, not to --method {method} ({hint(given)}).")
-    if method not in training.METHODS:
-        return  # TrainArgs names the valid methods
-    with_heads = [m for m in training.METHODS if training.config_class(m) is not None
-                  and "n_heads" in {f.name for f in dataclasses.fields(training.config_class(m))}]
+    if method not in SPEC["methods"]:
+        return  # check_values names the valid methods
+    fields = SPEC["method_fields"]
+    with_heads = [m for m in SPEC["methods"] if fields[m] is not None and "n_heads" in fields[m]]
     if options.get("n_heads") is not None and method not in with_heads:
         raise ValueError(f"--n-heads applies to {' and '.join(with_heads)} only, not to --method {method} "
                          f"({hint(['n_heads'])}).")
-    hyper = [k for k in training.HYPER_FIELDS if k in options or k in (options.get("hyper") or {})]
-    nets = [k for k in hyper if k in HYPERNET_FIELDS]
-    if nets and not training.has_hypernetworks(method):
+    hyper = [k for k in HYPER_FIELDS if k in options or k in (options.get("hyper") or {})]
+    nets = [k for k in hyper if k in SPEC["hypernet_fields"]]
+    if nets and method not in SPEC["hypernet_methods"]:
         raise ValueError(f"{', '.join(_flag_name(k) for k in nets)}: hypernetwork options; "
                          f"--method {method} has no hypernetworks ({hint(nets)}).")
-    cls = training.config_class(method)
-    foreign = [k for k in hyper if cls is None or k not in {f.name for f in dataclasses.fields(cls)}]
+    foreign = [k for k in hyper if fields[method] is None or k not in fields[method]]
     if foreign:  # HyperAdaLoRA's rank allocation (importance, beta1, beta2)
         raise ValueError(f"{', '.join(_flag_name(k) for k in foreign)}: options of HyperAdaLoRA's rank allocation "
                          f"(--method hyperadalora only), not of --method {method} ({hint(foreign)}).")
     dtype, precision = options.get("dtype"), options.get("precision")
     if dtype is not None and precision is not None:
-        if training.DTYPES.get(precision, precision) != dtype:
+        if SPEC["dtypes"].get(precision, precision) != dtype:
             raise ValueError(f"--dtype {dtype} and --precision {precision} disagree (they name the same setting): "
-                             f"give one of them.")
+                             f"give one of them (--bf16).")
+
+
+def _int(options: dict, name: str, low: int) -> None:
+    v = options.get(name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+        raise ValueError(f"{flag_of(name)} {v!r}: must be {'a positive integer' if low == 1 else f'an integer >= {low}'}.")
+
+
+def _choice(options: dict, name: str, valid) -> None:
+    v = options.get(name)
+    if v is not None and v not in valid:
+        raise ValueError(f"{flag_of(name) if name not in ('dtype', 'precision') else '--' + name} {v!r}: choose one "
+                         f"of {', '.join(map(str, valid))}.")
+
+
+def _missing(path, what: str, flag: str, want_dir: bool = False) -> None:
+    if path is None:
+        return
+    ok = os.path.isdir(path) if want_dir else os.path.exists(path)
+    if not ok:
+        raise FileNotFoundError(f"{flag} {path!r}: no such {'directory' if want_dir else 'file or directory'} "
+                                f"({what}).")
+
+
+def check_values(options: dict) -> None:
+    """The checks of `training.TrainArgs` that need no model, data or torch, run on the options given before
+    anything heavy is imported (TrainArgs checks them again, and the rest): unknown names, bad values, conflicting
+    flags, missing files. Raises ValueError / FileNotFoundError / FileExistsError."""
+    resume = options.get("resume")
+    _missing(resume, "a checkpoint, or the output directory of a run", flag_of("resume"))
+    _missing(options.get("data_path"), "an Alpaca-style JSON / JSONL file", "--data-path")
+    _missing(options.get("data_dir"), "the GLUE TSV root", "--data-dir", want_dir=True)
+    model = options.get("model")
+    if isinstance(model, str) and (model.startswith((".", "/", "~")) or model.endswith(".gguf")):
+        _missing(os.path.expanduser(model), "a model directory or .gguf file", flag_of("model"))
+    _choice(options, "method", SPEC["methods"])
+    task = options.get("task")
+    if task is not None and str(task).strip().lower().replace("-", "") not in SPEC["tasks"]:
+        raise ValueError(f"--task {task!r}: unknown task; valid tasks: {', '.join(SPEC['tasks'])}.")
+    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "init_r"):
+        _int(options, name, 1)
+    for name, low in (("save_every", 0), ("keep_checkpoints", 0), ("max_nonfinite", 1), ("logging_steps", 0),
+                      ("eval_every", 0), ("warmup_steps", 0)):
+        if name in FIELDS:
+            _int(options, name, low)
+    lr = options.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
+        raise ValueError(f"--learning-rate {lr!r}: must be a positive number.")
+    _choice(options, "report_to", SPEC["report_to"])
+    _choice(options, "scheduler", ("linear", "constant"))
+    _choice(options, "dtype", list(SPEC["dtypes"].values()))
+    _choice(options, "precision", list(SPEC["dtypes"]))
+    if options.get("load_in_4bit") and options.get("load_in_8bit"):
+        raise ValueError("--load-in-4bit and --load-in-8bit are both set: choose one.")
+    if options.get("quant_type") is not None and not options.get("load_in_4bit") and not resume:
+        raise ValueError(f"{flag_of('quant_type')} {options['quant_type']!r} applies to a 4-bit base only: add "
+                         f"--load-in-4bit, or leave it out.")
+    _choice(options, "quant_type", SPEC["quant_types"])
+    if resume:
+        return  # the rest come from the checkpoint's record
+    check_options_apply(options)
+    defaults = SPEC["train_defaults"]
+    method = options.get("method", defaults["method"])
+    steps = options.get("max_steps", defaults["max_steps"])
+    tinit, tfinal = options.get("tinit"), options.get("tfinal")
+    tinit = max(0, min(steps // 10, steps - 1)) if tinit is None else tinit
+    tfinal = max(0, min(max(1, steps // 5), steps - 2 - tinit)) if tfinal is None else tfinal
+    if method in SPEC["scheduled_methods"] and tinit + tfinal >= steps:
+        raise ValueError(f"tinit + tfinal = {tinit} + {tfinal} >= max_steps = {steps}: lower them or raise "
+                         f"--max-steps.")
+    if method == "adalora" and steps - tfinal < 2:
+        raise ValueError(f"max_steps - tfinal = {steps} - {tfinal} < 2: peft's AdaLoRA needs at least one step "
+                         f"before the final budget: raise --max-steps to {tfinal + 2} or lower --tfinal.")
 
 
 def collect_options(ns: argparse.Namespace) -> dict:
+    """The options of a train / demo command: the --config file's, then the flags' (flags win)."""
     options = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    if any(getattr(ns, k, None) is not None for k in cli_spec.PRECISION_ALIASES):
+        for k in cli_spec.PRECISION_ALIASES:  # a precision flag replaces the file's, whichever spelling
+            options.pop(k, None)
     for name in list(TRAIN_FLAGS) + list(SWITCHES) + list(NEGATED):
         value = getattr(ns, name, None)
         if value is not None:
@@ -197,10 +326,31 @@ def collect_options(ns: argparse.Namespace) -> dict:
     return options
 
 
+def _heavy_imports():
+    """torch, transformers, peft and the training code: the first stage of a run (seconds to a minute)."""
+    from . import progress
+
+    with progress.stage("import", "importing torch, transformers and peft", quiet_below=2.0):
+        from . import training
+    return training
+
+
 def cmd_train(ns) -> int:
+    from . import progress
+
     options = collect_options(ns)
-    if not options.get("resume"):  # resuming: the record's method applies; anything that would change it is refused
-        check_options_apply(options)
+    check_values(options)
+    if not options.get("resume"):
+        out = options.get("output_dir") or SPEC["default_output_dir"]
+        present = [n for n in SPEC["run_files"] if os.path.exists(os.path.join(out, n))]
+        if present and not options.get("overwrite"):
+            raise FileExistsError(f"{out!r} already holds a run ({', '.join(present)}). Continue it with "
+                                  f"--resume-from-checkpoint {out}, replace it with --overwrite-output-dir, or "
+                                  f"choose another --output-dir.")
+    progress.STAGES.enabled = options.get("progress", True) and os.environ.get("RANK", "0") == "0"
+    training = _heavy_imports()
+    from .resume import ResumeNote
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResumeNote)
         args = training.args_from_dict(options)
@@ -217,28 +367,28 @@ def cmd_train(ns) -> int:
     summary.pop("model", None)
     if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: process 0 reports
         return 0
-    print(json.dumps({k: summary[k] for k in ("method", "task", "steps", "final_eval", "final_loss", "train_time_s",
-                                              "median_step_s", "total_rank", "metrics", "adapter")}, indent=2))
+    print(json.dumps({k: summary.get(k) for k in ("method", "task", "steps", "final_eval", "final_loss",
+                                                   "train_time_s", "median_step_s", "total_rank", "process_time_s",
+                                                   "metrics", "adapter")}, indent=2))
     return 0
 
 
 def cmd_demo(ns) -> int:
-    from .experiments import compare
-
     given = collect_options(ns)
     if "method" in given:
         raise ValueError(f"demo always compares adalora with hyperadalora (method={given['method']!r} given): drop "
                          f"--method, or train one method with `hyperadalora train --method {given['method']}`.")
-    check_options_apply(given)
+    check_values({"max_steps": 200, **given, "output_dir": "", "method": "hyperadalora"})
     options = {"task": "sentiment", "max_steps": 200, "batch_size": 16, "max_length": 64, "lr": 1e-3,
                "max_eval_examples": 500, "output_dir": ns.output_dir, **given}
+    training = _heavy_imports()
+    from .experiments import compare, format_table
+
     base = training.args_from_dict(options)
     command = "hyperadalora demo " + " ".join(sys.argv[2:])
     result = compare(base, {"adalora": {"method": "adalora"}, "hyperadalora": {"method": "hyperadalora"}},
                      base.output_dir, reference="adalora", command=command.strip(),
                      title=f"adalora vs hyperadalora on {base.task} ({base.max_steps} steps)")
-    from .experiments import format_table
-
     print("\n" + format_table(result) + "\n")
     print(f"Report:      {os.path.join(base.output_dir, 'report.md')}")
     print(f"Loss curves: {os.path.join(base.output_dir, result['plot'])}")
@@ -273,21 +423,28 @@ def cmd_export(ns) -> int:
     return 0
 
 
+def cmd_experiment(ns) -> int:
+    _heavy_imports()
+    from .experiments import cmd_experiment as run
+
+    return run(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperadalora", description=__doc__.replace("``", "'"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hyperadalora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune one model with one method (--method: hyperadalora, adalora, lora, "
-                                     "dora, hyperlora, hyperdora, hydralora, hyperhydralora)")
+                                     "dora, hyperlora, hyperdora, hydralora, hyperhydralora)",
+                       usage="hyperadalora train [--config RUN.YAML] [options]  (--help: the options, by group)")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("demo", help="a short real comparison of adalora and hyperadalora (offline)")
+    p = sub.add_parser("demo", help="a short real comparison of adalora and hyperadalora (offline)",
+                       usage="hyperadalora demo [options]  (--help: the options, by group)")
     add_train_flags(p)
     p.set_defaults(func=cmd_demo, output_dir="runs/demo")
-    from .experiments import add_experiment_parser
-
-    add_experiment_parser(sub)
+    experiment_args.add_parser(sub, SPEC["experiments"], SPEC["formulation_variants"], cmd_experiment)
     p = sub.add_parser("export", help="write a saved adapter in a serving engine's form: peft (per-layer ranks), "
                                       "peft-uniform (one rank, for vLLM / LoRAX) or gguf (llama.cpp)")
     p.add_argument("adapter_dir", help="a saved HyperAdaLoRA adapter (a run's adapter/) or a peft LoRA adapter")

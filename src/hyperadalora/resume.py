@@ -42,6 +42,7 @@ OVERRIDABLE = {
     "eval_every": "evaluation only", "max_eval_examples": "evaluation only (the dev subset)",
     "gen_eval_examples": "evaluation only", "max_new_tokens": "evaluation only",
     "report_to": "experiment tracking only",
+    "logging_steps": "console logging only",
     "gradient_checkpointing": "activations recomputed in backward; the losses are the same bit for bit",
 }
 # Paths that may point elsewhere only when the recorded one is gone (the files moved); they must hold the same files.

@@ -2,7 +2,7 @@
 
 ``hyperadalora train --report-to tensorboard|wandb|mlflow`` (``TrainArgs.report_to``) logs, at every optimizer step,
 what ``metrics.jsonl`` records (``train/loss``, ``train/task_loss``, ``train/lr``, ``train/total_rank``, and the other
-numbers of the row), the rank of every adapted layer (``rank/<layer name>``), the evaluation metrics
+numbers of the row), the rank of every adapted layer (``train/rank/<layer name>``, `RANK_TAG`), the evaluation metrics
 (``eval/<name>``) and, when the run ends (or stops), a heatmap of the ranks (layers x steps) as an image
 (``rank/heatmap``). Where the logs go:
 
@@ -27,6 +27,9 @@ from .methods import AdapterModel
 from .tuner_utils import unwrap_model
 
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
+# The tag of a layer's rank, on every path: the CLI's trackers write ``train/rank/<layer>``, as transformers'
+# TensorBoard and W&B integrations write the Trainer path's ``rank/<layer>`` logs (they prefix ``train/``).
+RANK_TAG = "train/rank/"
 PIP_NAME = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
@@ -81,7 +84,7 @@ class Tracker:
     def log_step(self, step: int, row: dict, ranks: dict) -> None:
         scalars = {f"train/{k}": float(v) for k, v in row.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        scalars.update({f"rank/{name}": float(r) for name, r in ranks.items()})
+        scalars.update({f"{RANK_TAG}{name}": float(r) for name, r in ranks.items()})
         self.scalars(step, scalars)
         self.steps.append(step)
         self.history.append(dict(ranks))

@@ -14,6 +14,7 @@ from .gamma import run_gamma
 from .lr_sweep import run_lr_sweep
 from .nlg import run_nlg
 from .nlu import run_nlu_convergence
+from .. import experiment_args
 from .options import ExperimentOptions, as_options
 from .rank_allocation import run_rank_allocation
 
@@ -87,62 +88,9 @@ def _remove_empty_dirs(root: str) -> None:
             os.rmdir(path)
 
 
-def _csv(text: str) -> list:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _int_csv(text: str) -> list:
-    try:
-        return [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``experiment NAME [options]`` to ``subparsers`` (of the ``hyperadalora`` parser); returns the parser."""
-    epilog = "experiments:\n" + "\n".join(f"  {k:18s} {v}" for k, v in DESCRIPTIONS.items()) + (
-        "\n\nEach writes report.md (the command at the top, how to run the full-size version at the bottom), "
-        "results.json and PNG plots to --output-dir (default runs/experiments/NAME). Options left out take the "
-        "experiment's default (sized to finish in under 30 minutes on 2 CPU cores).")
-    p = subparsers.add_parser("experiment", help="run one experiment of the paper (report.md, results.json, plots)",
-                              description="Run one experiment of the paper's evaluation.", epilog=epilog,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=list(EXPERIMENTS), metavar="NAME", help=" | ".join(EXPERIMENTS))
-    p.add_argument("--data-dir", dest="data_dir", help="GLUE TSV root (default: ../shared/data/glue of the repository)")
-    p.add_argument("--model", help="model directory, .gguf file, hub name, or minilm / smollm2")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (efficiency: measured steps per method)")
-    p.add_argument("--seeds", help="K: seeds 0..K-1 (default 1); or a comma-separated list of seeds, e.g. 2,3 to add "
-                                   "two seeds to an earlier --seeds 2 run (with --reuse, the report covers every "
-                                   "finished seed of the list)")
-    p.add_argument("--output-dir", dest="output_dir", help="default runs/experiments/NAME")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--max-length", dest="max_length", type=int, help="tokens per example (efficiency: sequence length)")
-    p.add_argument("--data-path", dest="data_path", nargs="+", action="extend", metavar="FILE",
-                   help="nlg: extra instruction data files (Alpaca-style JSON / JSONL), besides the Alpaca demo set")
-    p.add_argument("--tasks", type=_csv, help="comma-separated GLUE tasks (nlu-convergence, extension: all of them; "
-                                              "ablation-hypernet, gamma, rank-allocation: the first)")
-    p.add_argument("--variants", type=_csv, help="formulation: comma-separated variant labels ("
-                                                 + ", ".join(FORMULATION_VARIANTS) + ")")
-    p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE,...",
-                   help="formulation: a variant of your own, repeatable: the library default with these HyperAdaLoRA "
-                        "options (and lr_scale), e.g. rows10:feature_lr_ratio=10,hypernet=mlp; without --variants "
-                        "it runs beside adalora and default")
-    p.add_argument("--batch-sizes", dest="batch_sizes", type=_int_csv, help="efficiency: e.g. 1,2,4,8,16,32")
-    p.add_argument("--lrs", help="lr-sweep: the learning-rate grid, comma-separated (default 1e-4,3e-4,1e-3,3e-3,"
-                                 "1e-2,3e-2)")
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="nlu-convergence: dev evaluation interval")
-    p.add_argument("--max-train-examples", dest="max_train_examples", type=int)
-    p.add_argument("--max-eval-examples", dest="max_eval_examples", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster when other jobs share the CPU)")
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs in the output dir (same arguments)")
-    p.add_argument("--report-only", dest="report_only", action="store_true",
-                   help="lr-sweep: write the report from the cells finished so far (e.g. while the sweep runs in other "
-                        "processes); train nothing")
-    p.add_argument("--progress", action="store_true", help="progress bars of the training runs")
-    p.set_defaults(func=cmd_experiment)
-    return p
+    return experiment_args.add_parser(subparsers, DESCRIPTIONS, list(FORMULATION_VARIANTS), cmd_experiment)
 
 
 def cmd_experiment(ns) -> int:

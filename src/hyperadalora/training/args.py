@@ -122,6 +122,9 @@ class TrainArgs:
     max_nonfinite: int = arg(5, "stop after this many consecutive NaN/Inf steps (they are skipped)")
     report_to: str = arg("none", "none | tensorboard (OUTPUT_DIR/tensorboard) | wandb (offline) | mlflow "
                                  "(file://OUTPUT_DIR/mlruns): loss, lr, total rank, rank per layer and a rank heatmap")
+    logging_steps: int = arg(0, "print the step's scalars (loss, lr, total rank) every N optimizer steps, as Trainer "
+                                "does (0: none; the progress bar shows them); metrics.jsonl and --report-to get "
+                                "every step")
     # the methods' own options (`HYPER_FIELDS`; defaults: their config's), each a flag / YAML key of its own
     hyper: dict = arg(default_factory=dict, help="options of the method's config (HYPER_FIELDS)", cli=False)
     n_heads: int = arg(3, "hydralora / hyperhydralora: B heads per layer")
@@ -156,7 +159,7 @@ class TrainArgs:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer.")
-        for name, low in (("save_every", 0), ("keep_checkpoints", 0), ("max_nonfinite", 1)):
+        for name, low in (("save_every", 0), ("keep_checkpoints", 0), ("max_nonfinite", 1), ("logging_steps", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name}={v!r} must be an integer >= {low}.")
@@ -228,7 +231,7 @@ NULLABLE_HYPER_FIELDS = tuple(name for name in nullable_fields(HyperAdaLoraConfi
 # resumed run may change: resume.OVERRIDABLE).
 RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
                     "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
-                    "data_dir", "data_path", "model", "gradient_checkpointing", "report_to")
+                    "data_dir", "data_path", "model", "gradient_checkpointing", "report_to", "logging_steps")
 
 
 def hypernetwork_options(args: TrainArgs) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from .. import checkpoint as ckpt_lib
 from .. import data as data_lib
+from .. import progress
 from .. import tracking
 from .adapters import adapter_config, build_adapter_model, task_type_of
 from .args import TrainArgs
@@ -46,6 +47,7 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     between the processes. The logged losses are the means over processes; only process 0 writes metrics,
     checkpoints, the summary and the adapter, and evaluates.
     """
+    progress.STAGES.reset(enabled=args.progress and os.environ.get("RANK", "0") == "0")
     spec = data_lib.get_task(args.task)
     # the adapter's options are checked before the model and data load (minutes for a large model); the target
     # modules, which need the model, are checked when the adapter is built

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt_lib
 from .. import data as data_lib
+from .. import progress
 from .. import quantization as quant_lib
 from .. import tracking
 from ..generator import FEATURE_GROUP, group_lr_factor
@@ -74,24 +76,30 @@ class TrainingLoop:
                  on_step: Optional[Callable[[int, dict], None]] = None, eval_details: bool = False):
         self.args, self.spec, self.dist, self.device, self.ckpt = args, spec, dist, device, ckpt
         self.on_step, self.eval_details = on_step, eval_details
-        if train_examples is None:
-            train_examples = data_lib.load_examples(args.task, "train", args.data_dir, path=args.data_path,
-                                                    max_examples=args.max_train_examples, seed=args.seed)
-        if eval_examples is None:
-            eval_examples = data_lib.load_examples(args.task, "dev", args.data_dir, path=args.data_path,
-                                                   max_examples=args.max_eval_examples, seed=args.seed)
-        model, tokenizer = self._base_model(model, tokenizer)
+        if train_examples is None or eval_examples is None:
+            with progress.stage("load_data", f"loading the {args.task} data", quiet_below=1.0):
+                if train_examples is None:
+                    train_examples = data_lib.load_examples(args.task, "train", args.data_dir, path=args.data_path,
+                                                            max_examples=args.max_train_examples, seed=args.seed)
+                if eval_examples is None:
+                    eval_examples = data_lib.load_examples(args.task, "dev", args.data_dir, path=args.data_path,
+                                                           max_examples=args.max_eval_examples, seed=args.seed)
+        with progress.stage("load_model", f"loading the model ({args.model or 'the default for ' + args.task})"):
+            model, tokenizer = self._base_model(model, tokenizer)
         self.tokenizer = tokenizer
-        self.model, self.allocate = build_adapter(args, model, task_type_of(spec.kind))  # the adapter model
-        if args.gradient_checkpointing:
-            quant_lib.enable_gradient_checkpointing(self.model)
-        self.model.to(device)
-        if spec.kind == "classification":
-            self.train_ds = data_lib.build_classification_dataset(train_examples, tokenizer, args.max_length)
-            eval_ds = data_lib.build_classification_dataset(eval_examples, tokenizer, args.max_length)
-        else:
-            self.train_ds = data_lib.build_instruction_dataset(train_examples, tokenizer, args.max_length)
-            eval_ds = data_lib.build_instruction_dataset(eval_examples, tokenizer, args.max_length)
+        with progress.stage("adapter", f"adding the {args.method} adapters"):
+            self.model, self.allocate = build_adapter(args, model, task_type_of(spec.kind))  # the adapter model
+            if args.gradient_checkpointing:
+                quant_lib.enable_gradient_checkpointing(self.model)
+            self.model.to(device)
+        with progress.stage("tokenize", f"tokenizing {len(train_examples)} + {len(eval_examples)} examples",
+                            quiet_below=1.0):
+            if spec.kind == "classification":
+                self.train_ds = data_lib.build_classification_dataset(train_examples, tokenizer, args.max_length)
+                eval_ds = data_lib.build_classification_dataset(eval_examples, tokenizer, args.max_length)
+            else:
+                self.train_ds = data_lib.build_instruction_dataset(train_examples, tokenizer, args.max_length)
+                eval_ds = data_lib.build_instruction_dataset(eval_examples, tokenizer, args.max_length)
         self.collate = data_lib.make_collator(tokenizer)
         self.eval_loader = data_lib.make_dataloader(eval_ds, args.batch_size, shuffle=False, seed=args.seed,
                                                     collate_fn=self.collate)
@@ -117,6 +125,7 @@ class TrainingLoop:
             ckpt_lib.restore_rng(ckpt["rng"])
         self.probe = None if args.method == "hyperadalora" else TaskLossProbe(self.model)
         self.log = self.tracker = self.bar = None
+        self.last_ranks = None
         self.stop = StopRequest()
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -131,6 +140,9 @@ class TrainingLoop:
             raise ValueError("load_in_4bit / load_in_8bit quantize the base model when train() loads it; the model "
                              "passed in has no bitsandbytes layer: pass a quantized model, or leave the flags out.")
         if quant_lib.is_quantized(model):
+            note = progress.quantized_base_note()
+            if note and self.dist.main:
+                print(f"hyperadalora: {note}", file=sys.stderr)
             model = quant_lib.prepare_quantized_base(model)
         return model, tokenizer
 
@@ -234,12 +246,25 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------------------------------ logging
     def log_step(self, step: int, row: dict) -> None:
-        self.log.write(json.dumps(row) + "\n")
+        """metrics.jsonl and the trackers get every step (the per-layer ranks too: metrics.jsonl's ``ranks``, on the
+        first row and wherever they changed); the console only scalars, as Trainer prints them: the progress bar's
+        loss, lr and total rank, and a line every ``logging_steps`` steps."""
+        ranks = tracking.rank_per_layer(self.model) if (self.tracker is not None or self.dist.main) else {}
+        logged = dict(row)
+        if ranks and ranks != self.last_ranks:
+            logged["ranks"] = ranks
+            self.last_ranks = ranks
+        self.log.write(json.dumps(logged) + "\n")
         self.log.flush()
         if self.tracker is not None:
-            self.tracker.log_step(step, row, tracking.rank_per_layer(self.model))
+            self.tracker.log_step(step, row, ranks)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", rank=row["total_rank"])
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", rank=row["total_rank"])
+        every = self.args.logging_steps
+        if every and (step % every == 0 or step == self.args.max_steps) and self.dist.main:
+            line = json.dumps({"step": step, "loss": round(row["loss"], 4), "learning_rate": row["lr"],
+                               "total_rank": row["total_rank"], "epoch": row["epoch"]})
+            (self.bar.write if not self.bar.disable else print)(line)
 
     def log_eval(self, step: int, result: dict, **extra) -> None:
         if self.dist.main:
@@ -254,9 +279,12 @@ class TrainingLoop:
         """Dev metrics (`evaluation.evaluate`): process 0 only, on the model without DDP (no collectives)."""
         result = None
         if self.dist.main:
-            result = evaluation.evaluate(self.model, self.spec, self.eval_loader, self.device, self.tokenizer,
-                                         gen_examples, self.args.max_new_tokens, self.autocast, self.task_loss,
-                                         details=self.eval_details)
+            with progress.stage("eval", f"evaluating on {len(self.eval_loader.dataset)} dev examples"
+                                + (f" and generating {len(gen_examples)} answers" if gen_examples else ""),
+                                quiet_below=1.0):
+                result = evaluation.evaluate(self.model, self.spec, self.eval_loader, self.device, self.tokenizer,
+                                             gen_examples, self.args.max_new_tokens, self.autocast, self.task_loss,
+                                             details=self.eval_details, progress=progress.enabled())
         self.dist.barrier()
         return result
 
@@ -315,6 +343,8 @@ class TrainingLoop:
         saved_at = self.ckpt["step"] if self.ckpt is not None else None
         self.bar = tqdm(total=args.max_steps, initial=state.step, desc=f"{args.method}",
                         disable=not (args.progress and main), leave=False)
+        train_stage = progress.stage("train", f"training {args.method} for {args.max_steps - state.step} steps")
+        train_stage.__enter__()
         try:
             self.wrapped.train()
             with self.stop:
@@ -336,9 +366,13 @@ class TrainingLoop:
             if saved_at != args.max_steps:
                 self.checkpoint(self.snapshot())
             self.bar.close()
+            train_stage.__exit__(None, None, None)
+            train_stage = None
             final = self.evaluate(self.gen_examples)
             self.log_eval(args.max_steps, final, final=True)
         finally:
+            if train_stage is not None:
+                train_stage.__exit__(None, None, None)
             self.bar.close()
             self.log.close()
             if self.tracker is not None:
@@ -352,7 +386,8 @@ class TrainingLoop:
         args, state, main = self.args, self.state, self.dist.main
         adapter_dir = os.path.join(args.output_dir, "adapter")
         if args.save_adapter and main:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), progress.stage("save", f"saving the adapter to {adapter_dir}",
+                                                           quiet_below=1.0):
                 # peft reads a layer that AdaLoRA pruned to rank 0 (lora_A of shape (0, in)) as an unsharded
                 # DeepSpeed/FSDP tensor and warns so; such a layer is legitimate (adapter_config.json: rank_pattern)
                 warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*")
@@ -369,7 +404,9 @@ class TrainingLoop:
                    "checkpoint": latest_checkpoint(args.output_dir),
                    "resumed_from": self.ckpt["path"] if self.ckpt else None,
                    "args": asdict(args), "hypernetwork_options": hypernetwork_options(args),
-                   "processes": self.dist.world}
+                   "processes": self.dist.world,
+                   # seconds: since the process started (set-up included), and in each stage (`progress`)
+                   **progress.STAGES.summary()}
         if main:
             write_summary(os.path.join(args.output_dir, "summary.json"), summary)
         summary["model"] = self.model
