@@ -92,7 +92,7 @@ SCHEDULE_OPTIONS = tuple(SPEC["schedule_options"])
 
 
 def _concept(dest: str) -> str:
-    return "precision" if dest in cli_spec.PRECISION_ALIASES else dest
+    return "precision" if dest in cli_spec.PRECISION_ALIASES or dest == "bf16" else dest
 
 
 class _Given(argparse.Action):
@@ -198,6 +198,15 @@ def load_yaml(path: str) -> dict:
             value = "bf16" if value is True else "fp32" if value is False else value
         elif norm in ("disable_tqdm", "no_progress", "no_save_adapter") and isinstance(value, bool):
             value = not value  # the flag turns the option off
+        if isinstance(value, str) and name in TRAIN_FLAGS and FIELDS[name]["kind"] in ("int", "float", "bool"):
+            try:  # a string where a number is meant (YAML reads 3e-3 as a string): read as the flag reads it
+                value = TRAIN_FLAGS[name][0](value)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{path}: {key}: {e}") from None
+            except ValueError:
+                raise ValueError(f"{path}: {key}: expected a{'n integer' if FIELDS[name]['kind'] == 'int' else ' number'}"
+                                 f", got {value!r}.") from None
+            value = None if value is NONE else value
         options[name] = value
     return options
 
