@@ -171,8 +171,8 @@ def test_cli_train_with_yaml_config(tmp_path, tokenizer, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--task", "rte", "--data-dir", "/nonexistent/glue"], "nonexistent"),
     (["train", "--task", "nope"], "unknown task"),
-    (["train", "--method", "qlora"], "method="),
-    (["train", "--max-steps", "0"], "max_steps"),
+    (["train", "--method", "qlora"], "--method 'qlora'"),
+    (["train", "--max-steps", "0"], "--max-steps 0"),
     (["train", "--momentum", "2"], "momentum"),
     (["train", "--hypernet", "rnn", "--max-steps", "10"], "hypernet"),
     (["train", "--config", "/nonexistent.yaml"], "nonexistent.yaml"),
@@ -190,7 +190,7 @@ def test_cli_bad_input_gives_a_clear_message(argv, message, capsys, tmp_path):
     (["--method", "lora", "--target-r", "1", "--tinit", "2"], "--target-r, --tinit: the rank budget schedule"),
     (["--method", "hyperlora", "--deltaT", "5"], "not to --method hyperlora"),
     (["--n-heads", "4"], "--n-heads applies to hydralora and hyperhydralora only"),
-    (["--dtype", "bfloat16", "--precision", "fp32"], "disagree"),
+    (["--dtype", "bfloat16", "--precision", "fp32"], "--dtype and --precision set the same option"),
     (["--device", "gpu"], "not a device name"),
 ])
 def test_cli_refuses_options_the_method_does_not_use(argv, message, capsys, tmp_path):

@@ -107,8 +107,9 @@ class _Given(argparse.Action):
         spellings = namespace.__dict__.setdefault("_spellings", {})
         concept = _concept(self.dest)
         earlier = spellings.get(concept)
-        if earlier is not None and earlier != option_string:
-            parser.error(f"{earlier} and {option_string} set the same option: give one of them.")
+        if earlier is not None and earlier != option_string:  # refused by collect_options (exit status 2)
+            namespace.__dict__.setdefault("_conflicts", []).append(
+                f"{earlier} and {option_string} set the same option: give one of them.")
         spellings[concept] = option_string
         if self.dest == "bf16":  # --bf16 [true|false]: the precision
             setattr(namespace, "precision", "bf16" if values in (None, True) else "fp32")
@@ -322,6 +323,9 @@ def check_values(options: dict) -> None:
 
 def collect_options(ns: argparse.Namespace) -> dict:
     """The options of a train / demo command: the --config file's, then the flags' (flags win)."""
+    conflicts = getattr(ns, "_conflicts", None)
+    if conflicts:
+        raise ValueError(conflicts[0])
     options = load_yaml(ns.config) if getattr(ns, "config", None) else {}
     if any(getattr(ns, k, None) is not None for k in cli_spec.PRECISION_ALIASES):
         for k in cli_spec.PRECISION_ALIASES:  # a precision flag replaces the file's, whichever spelling
