@@ -52,10 +52,10 @@ def test_cli_report_to_tensorboard_writes_the_scalars_and_the_heatmap(tmp_path, 
         assert [e.step for e in events] == list(range(1, 11))
         assert [e.value for e in events] == pytest.approx([r[name] for r in rows], rel=1e-6)
     layers = summary["rank_pattern"]
-    assert len(layers) == 12 and {f"rank/{name}" for name in layers} <= tags
+    assert len(layers) == 12 and {f"train/rank/{name}" for name in layers} <= tags  # the Trainer path's tag too
     for name, final in layers.items():  # the per-layer curves end at the final rank pattern and sum to total_rank
-        assert acc.Scalars(f"rank/{name}")[-1].value == final
-    totals = [sum(acc.Scalars(f"rank/{n}")[i].value for n in layers) for i in range(10)]
+        assert acc.Scalars(f"train/rank/{name}")[-1].value == final
+    totals = [sum(acc.Scalars(f"train/rank/{n}")[i].value for n in layers) for i in range(10)]
     assert totals == [e.value for e in acc.Scalars("train/total_rank")]
     assert totals[0] == 3 * 12 and totals[-1] == 1 * 12  # from init_r to the budget
     assert [e.step for e in acc.Scalars("eval/eval_loss")] == [5, 10]
@@ -118,7 +118,7 @@ def test_wandb_logs_offline_with_the_ranks_and_the_heatmap(tmp_path, tokenizer, 
     assert [c[1] for c in steps] == list(range(1, 7))
     last = steps[-1][2]
     assert last["train/total_rank"] == summary["total_rank"] == 12
-    assert {k[len("rank/"):]: v for k, v in last.items() if k.startswith("rank/")} == summary["rank_pattern"]
+    assert {k[len("train/rank/"):]: v for k, v in last.items() if k.startswith("train/rank/")} == summary["rank_pattern"]
     assert any("rank/heatmap" in c[2] and c[2]["rank/heatmap"][0] == "image" for c in logs)
     assert fake.calls[-1] == ("finish",)
 

@@ -266,8 +266,8 @@ def _missing(path, what: str, flag: str, want_dir: bool = False) -> None:
         return
     ok = os.path.isdir(path) if want_dir else os.path.exists(path)
     if not ok:
-        raise FileNotFoundError(f"{flag} {path!r}: no such {'directory' if want_dir else 'file or directory'} "
-                                f"({what}).")
+        raise FileNotFoundError(f"{flag} {path!r} does not exist{' (or is not a directory)' if want_dir else ''}: "
+                                f"{what} was expected.")
 
 
 def check_values(options: dict) -> None:
