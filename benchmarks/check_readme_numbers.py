@@ -1,9 +1,12 @@
-"""Check that every number the README states as a result appears in a results.json.
+"""Check that every number the README and the results page state as a result appears in a results.json.
 
-The project's rule: every number in the README appears in a committed results.json. This script reads the
-README's top paragraph ``**Where the central claim stands.**`` and its section ``## Results: what we measured
-(honestly)``, splits them into claims (one per table row, bullet or paragraph), extracts the numbers of each
-claim, and looks each one up in the results.json of the reports the claim names.
+The project's rule: every number in the README and the docs' results appears in a committed results.json. This
+script reads, in each page of `PAGES` (the README and docs/results-summary.md, where the long results section
+lives), the top paragraph (``**Verdict.**`` or ``**Where the central claim stands.**``) and the section ``## Results:
+what we measured (honestly)``, where the page has them (one of the pages must have the section), splits them into
+claims (one per table row, bullet or paragraph), extracts the numbers of each claim, and looks each one up in the
+results.json of the reports the claim names. A page's links are read relative to its own folder
+(``results/x/report.md`` in docs/results-summary.md is ``docs/results/x``).
 
 Which reports a claim is checked against:
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +45,9 @@ from decimal import Decimal
 from pathlib import Path
 
 SECTION = "## Results: what we measured (honestly)"
-TOP = "**Where the central claim stands.**"
+TOPS = ("**Verdict.**", "**Where the central claim stands.**")
+TOP = TOPS[1]
+PAGES = ("README.md", "docs/results-summary.md")
 CENTRAL = ("docs/results/lr-sweep",)
 LONG_ARRAY = 20  # a numeric array longer than this is a curve: a match there is reported as weaker
 
@@ -80,8 +86,9 @@ class Claim:
     reports: list[str] = field(default_factory=list)
 
 
-def section_claims(readme: str) -> list[Claim]:
-    """Split the top paragraph and the results section into claims (reports not resolved yet)."""
+def section_claims(readme: str, require_section: bool = True) -> list[Claim]:
+    """Split the top paragraph and the results section into claims (reports not resolved yet); a page without the
+    section is refused unless ``require_section`` is False (then only its top paragraph, if any, is read)."""
     lines = readme.splitlines()
     claims, buf, sub, in_table, skip_cols = [], [], "central claim (top)", False, set()
 
@@ -91,13 +98,15 @@ def section_claims(readme: str) -> list[Claim]:
             claims.append(Claim(sub, text, text))
             buf.clear()
 
-    top = [i for i, s in enumerate(lines) if s.startswith(TOP)]
+    top = [i for i, s in enumerate(lines) if s.startswith(TOPS)]
     for line in lines[top[0]:] if top else []:
         if not line.strip() or line.startswith("## "):
             break
         buf.append(line)
     flush()
     if SECTION not in lines:
+        if not require_section:
+            return claims
         raise ValueError(f"no line {SECTION!r} in the README")
     sub = "(section intro)"
     for line in lines[lines.index(SECTION) + 1 :]:
@@ -124,12 +133,15 @@ def section_claims(readme: str) -> list[Claim]:
     return claims
 
 
-def report_path(name: str, root: Path) -> str | None:
-    """Map a link target or backticked name to a report (folder or single-file stem), or None."""
+def report_path(name: str, root: Path, base: str = "") -> str | None:
+    """Map a link target or backticked name to a report (folder or single-file stem), or None. ``base``: the folder
+    of the page the name is in, relative to the root (a relative link is read from there)."""
     name = name.strip().split("#")[0].rstrip("/")
     if name.startswith("archive/"):
         name = "docs/results/" + name
     candidates = [name] if "/" in name else [f"docs/results/{name}", f"docs/results/archive/{name}"]
+    if base and "/" in name and not name.startswith("docs/"):
+        candidates.insert(0, os.path.normpath(os.path.join(base, name)))
     for cand in candidates:
         if not cand.startswith("docs/results/") or cand.endswith("README.md"):
             continue
@@ -145,19 +157,19 @@ def report_path(name: str, root: Path) -> str | None:
     return None
 
 
-def named_reports(text: str, root: Path) -> list[str]:
+def named_reports(text: str, root: Path, base: str = "") -> list[str]:
     """The reports a claim names, in order, without repeats."""
     names = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"`([^`\s]+)`", text)
-    found = [report_path(n, root) for n in names]
+    found = [report_path(n, root, base) for n in names]
     return list(dict.fromkeys(r for r in found if r))
 
 
-def assign_reports(claims: list[Claim], root: Path) -> None:
+def assign_reports(claims: list[Claim], root: Path, base: str = "") -> None:
     """Give each claim its reports: the ones it names, else its subsection's default, else the previous claim's."""
     defaults: dict[str, list[str]] = {}
     previous: dict[str, list[str]] = {}
     for claim in claims:
-        own = named_reports(claim.label, root)
+        own = named_reports(claim.label, root, base)
         if claim.subsection not in defaults:
             central = "central claim" in claim.subsection.lower()
             defaults[claim.subsection] = list(CENTRAL) if central else own
@@ -250,32 +262,45 @@ def check_number(written: tuple[str, ...], percent: bool, reports: list[str], ro
     return ("report.md only", md) if md else ("NOT FOUND", "")
 
 
-def check(readme: Path, root: Path) -> list[dict]:
-    """Check every number of the README's results; one row per number."""
-    claims = section_claims(readme.read_text())
-    assign_reports(claims, root)
+def check(readme: Path, root: Path, require_section: bool = True) -> list[dict]:
+    """Check every number of a page's results (the README, or another page); one row per number."""
+    try:
+        base = str(readme.resolve().parent.relative_to(root.resolve()))
+    except ValueError:
+        base = ""
+    claims = section_claims(readme.read_text(), require_section)
+    assign_reports(claims, root, "" if base == "." else base)
     rows, cache = [], {}
     for claim in claims:
         for written, percent in extract_numbers(claim.text):
             status, where = check_number(written, percent, claim.reports, root, cache)
             number = written[0] if len(written) == 1 else f"[{', '.join(written)}]"
             rows.append({"subsection": claim.subsection, "claim": claim.label, "number": number,
-                         "status": status, "where": where, "reports": claim.reports})
+                         "status": status, "where": where, "reports": claim.reports, "page": readme.name})
     return rows
+
+
+def check_pages(root: Path, pages=PAGES) -> list[dict]:
+    """Check every page of ``pages`` that exists (one of them must hold the results section)."""
+    found = [root / p for p in pages if (root / p).is_file()]
+    if not any(SECTION in p.read_text().splitlines() for p in found):
+        raise ValueError(f"no page of {list(pages)} has a line {SECTION!r}")
+    return [row for page in found for row in check(page, root, require_section=False)]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the table; exit 1 if any number is NOT FOUND."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
-    parser.add_argument("--readme", type=Path, help="default: ROOT/README.md")
+    parser.add_argument("--readme", type=Path, help="check this page only (default: ROOT's README.md and "
+                                                    "docs/results-summary.md)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--strict", action="store_true", help="fail on curve-only and report.md-only numbers too")
     args = parser.parse_args(argv)
     readme = args.readme or args.root / "README.md"
     if not readme.is_file():
         parser.error(f"no README at {readme} (give --readme FILE, or --root the repository)")
-    rows = check(readme, args.root)
+    rows = check(readme, args.root) if args.readme else check_pages(args.root)
     for row in rows:
         reports = ", ".join(r.removeprefix("docs/results/") for r in row["reports"]) or "-"
         print(f"{row['claim'][:60]:<60} | {row['number']:>8} | {row['status']:<20} | {reports}")

@@ -111,13 +111,31 @@ def test_claims_without_a_report_take_the_subsection_default_or_the_previous_cla
 
 
 def test_every_number_in_the_real_readme_is_in_a_results_json():
-    """The project's rule: every number the README states as a result is in a committed results.json (derived
-    statistics in docs/results/<report>/derived/, made by benchmarks/derived_stats.py)."""
+    """The project's rule: every number the README and the docs' results page state as a result is in a committed
+    results.json (derived statistics in docs/results/<report>/derived/, made by benchmarks/derived_stats.py)."""
     root = Path(__file__).resolve().parents[1]
-    rows = crn.check(root / "README.md", root)
+    rows = crn.check_pages(root)
     assert rows, "no numbers found: the results section was not read"
-    missing = [(r["claim"][:60], r["number"]) for r in rows if r["status"] == "NOT FOUND"]
+    pages = {r["page"] for r in rows}
+    assert pages == {"README.md", "results-summary.md"}, pages  # the README's verdict and the moved section
+    assert len([r for r in rows if r["page"] == "results-summary.md"]) > 200
+    missing = [(r["page"], r["claim"][:60], r["number"]) for r in rows if r["status"] == "NOT FOUND"]
     assert missing == []
+
+
+def test_a_page_in_docs_reads_its_links_from_its_own_folder(tmp_path):
+    (tmp_path / "README.md").write_text("# x\n\n**Verdict.** Level; at lr 3e-2 it scores 0.83 ([r](docs/results/foo/report.md)).\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results-summary.md").write_text(
+        f"# R\n\n{SECTION}\n\n- dev accuracy 0.835 ([`foo`](results/foo/report.md))\n")
+    folder = tmp_path / "docs" / "results" / "foo"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"acc": 0.8347, "seed": [0.8312, 0.5]}))
+    (folder / "report.md").write_text("")
+    rows = crn.check_pages(tmp_path)
+    assert [(r["page"], r["number"], r["status"]) for r in rows] == [
+        ("README.md", "0.83", "results.json"), ("results-summary.md", "0.835", "results.json")]
+    assert crn.main(["--root", str(tmp_path)]) == 0
 
 
 def test_derived_stats_rebuild_the_committed_derived_results(tmp_path):
