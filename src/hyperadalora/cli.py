@@ -430,9 +430,13 @@ def cmd_export(ns) -> int:
     weights = read_adapter(ns.adapter_dir)
     path = export(weights, ns.output, ns.format, rank=rank, allowed_ranks=allowed, base=ns.base, dtype=ns.dtype)
     ranks = [r for r in weights.ranks.values()]
-    print(json.dumps({"format": ns.format, "output": path, "layers": len(ranks),
-                      "layers_at_rank_0": sum(r == 0 for r in ranks), "max_rank": max(ranks),
-                      "total_rank": sum(ranks)}, indent=2))
+    report = {"format": ns.format, "output": path, "layers": len(ranks),
+              "layers_at_rank_0": sum(r == 0 for r in ranks), "max_rank": max(ranks), "total_rank": sum(ranks)}
+    if ns.format == "peft-uniform":  # the rank it wrote (its config's r): the trained ranks padded to one
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            report = {**report, "r": json.load(f)["r"], "trained_max_rank": report.pop("max_rank"),
+                      "trained_total_rank": report.pop("total_rank")}
+    print(json.dumps(report, indent=2))
     return 0
 
 
