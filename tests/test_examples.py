@@ -50,6 +50,11 @@ def test_every_python_block_is_an_example():
                 assert body in bodies, f"{page.relative_to(ROOT)}: a python block that is no example's section:\n{body}"
 
 
+def test_the_readme_is_a_two_minute_read():
+    words = len((ROOT / "README.md").read_text().split())
+    assert words <= 2000, f"README.md has {words} words: move the detail to docs/"
+
+
 def shell_commands(body: str):
     """The command lines of a shell block (continuations joined, comments dropped)."""
     body = re.sub(r"\\\n\s*", " ", body)
@@ -77,6 +82,8 @@ def test_every_shell_block_is_a_command_that_exists():
                 continue
             for line in shell_commands(body):
                 words = shlex.split(line.replace("$", "X"))
+                if words[0] == "torchrun" and "-m" in words:  # torchrun ... -m hyperadalora ARGS
+                    words = words[words.index("-m") + 1:]
                 if words[0] == "hyperadalora":
                     ns = parser.parse_args(words[1:])  # SystemExit on an unknown flag
                     if hasattr(ns, "_conflicts"):
@@ -140,3 +147,18 @@ def test_the_cli_example_runs_at_a_tiny_size(tiny, tmp_path):
     assert {"load_model", "adapter", "train", "eval"} <= set(summary["stages_s"])
     config = json.loads((tmp_path / "run" / "lora-uniform" / "adapter_config.json").read_text())
     assert config["r"] in (1, 8, 16)
+
+
+@pytest.mark.slow
+def test_the_gguf_check_runs_on_smollm2(tmp_path):
+    """examples/gguf_check.py on a fixed random adapter of SmolLM2 (as tests/test_export_llamacpp.py builds it)."""
+    pytest.importorskip("llama_cpp")
+    from test_export_llamacpp import _known_adapter
+
+    from hyperadalora.base_models import load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer("smollm2", "instruction")
+    wrapped, _ = _known_adapter(model)
+    wrapped.save_pretrained(str(tmp_path / "adapter"))
+    out = run([sys.executable, str(EXAMPLES / "gguf_check.py"), "--adapter", str(tmp_path / "adapter")], cwd=tmp_path)
+    assert "correlation 0.99" in out.stdout
