@@ -341,10 +341,10 @@ class TrainingLoop:
         self.start = time.perf_counter() - state.elapsed
         self.good = self.snapshot() if self.ckpt is not None else None  # after the last good step
         saved_at = self.ckpt["step"] if self.ckpt is not None else None
-        self.bar = tqdm(total=args.max_steps, initial=state.step, desc=f"{args.method}",
-                        disable=not (args.progress and main), leave=False)
         train_stage = progress.stage("train", f"training {args.method} for {args.max_steps - state.step} steps")
         train_stage.__enter__()
+        self.bar = tqdm(total=args.max_steps, initial=state.step, desc="training",
+                        disable=not (args.progress and main), leave=False)
         try:
             self.wrapped.train()
             with self.stop:
