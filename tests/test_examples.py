@@ -162,3 +162,14 @@ def test_the_gguf_check_runs_on_smollm2(tmp_path):
     wrapped.save_pretrained(str(tmp_path / "adapter"))
     out = run([sys.executable, str(EXAMPLES / "gguf_check.py"), "--adapter", str(tmp_path / "adapter")], cwd=tmp_path)
     assert "correlation 0.99" in out.stdout
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    """mkdocs build --strict: every nav page exists, every link resolves, every snippet is an example's section,
+    the API reference's objects import (make test runs it too, as make docs)."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    out = run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")], cwd=ROOT,
+              NO_MKDOCS_2_WARNING="1")
+    page = (tmp_path / "site" / "cli-reference" / "index.html").read_text()
+    assert "--per-device-train-batch-size" in page and "--logging-steps" in page, out.stderr
