@@ -373,7 +373,7 @@ def test_why_tiny_end_to_end_reuses_sweep_cells(tmp_path, tiny_bert_dir, glue_di
     printed = capsys.readouterr().out
     assert printed.count("steps ->") == 3 * 3  # the three variants at three lrs; the sweep's 9 cells reused
     data = json.load(open(res["results_json"]))
-    assert len(data["runs"]) == 6 * 3 and not data["analysis"]["missing"]
+    assert len(data["runs"]) == 3 * 3 and data["reused_sweep_cells"] == 9 and not data["analysis"]["missing"]
     new = [r for r in data["runs"] if r["variant"] in why.VARIANTS]
     assert {r["method"] for r in new} == {"hyperadalora", "adalora"} and all(r["library_version"] for r in new)
     assert "Rule (fixed before the runs, issue 32)" in open(res["report"]).read()

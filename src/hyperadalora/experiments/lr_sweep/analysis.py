@@ -159,10 +159,14 @@ def analyse(spec: SweepTask, cells: list, lrs: list, seeds: list) -> dict:
         chosen = {m: choose_lr(spec, grid, m, step, choose_key) for m in METHODS}
         per_method = {m: [score_at(grid[m][chosen[m]].get(s, {"evals": []}), step, score_key) if chosen[m] else None
                           for s in seeds] for m in METHODS}
-        diffs = [None if h is None or a is None else spec.utility(h) - spec.utility(a)
-                 for h, a in zip(per_method["hyperadalora"], per_method["adalora"])]
+        def diff(m1: str, m2: str) -> dict:  # paired by seed, positive = m1 better
+            return interval_of([None if x is None or y is None else spec.utility(x) - spec.utility(y)
+                                for x, y in zip(per_method[m1], per_method[m2])])
+
         return {"chosen_lr": chosen, "scores": {m: stats(v) for m, v in per_method.items()},
-                "diff_hyper_minus_ada": interval_of(diffs), "seeds": seeds}
+                "diff_hyper_minus_ada": diff("hyperadalora", "adalora"), "seeds": seeds,
+                # LoRA, the anchor (reported, not part of the rule)
+                "diff_lora_minus_ada": diff("lora", "adalora"), "diff_lora_minus_hyper": diff("lora", "hyperadalora")}
 
     out["best_vs_best"] = {str(step): best_vs_best("score_a", "score_b", step) for step in steps}
     out["best_vs_best_reverse"] = {str(step): best_vs_best("score_b", "score_a", step) for step in steps}

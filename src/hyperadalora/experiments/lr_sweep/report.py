@@ -115,6 +115,11 @@ def task_section(spec: SweepTask, a: dict, lrs: list, seeds: list, plots: list) 
                      fmt_interval(scaled(r["diff_hyper_minus_ada"], scale), df)])
     lines += [markdown_table(["step", "chosen lr (AdaLoRA / HyperAdaLoRA / LoRA)", "AdaLoRA on B", "HyperAdaLoRA on B",
                               "LoRA on B", "difference (a)", "reverse split (chosen on B, scored on A)"], rows), ""]
+    last = a["best_vs_best"][final]
+    if last.get("diff_lora_minus_ada"):
+        lines += [f"LoRA, the anchor, at its own chosen lr (step {spec.steps}, half B, paired by seed, positive = LoRA "
+                  f"better): LoRA - AdaLoRA {fmt_interval(scaled(last['diff_lora_minus_ada'], scale), df)}, LoRA - "
+                  f"HyperAdaLoRA {fmt_interval(scaled(last['diff_lora_minus_hyper'], scale), df)} ({unit}).", ""]
     lines += [f"### 3. The good-lr window (decades of lr within {spec.tolerance:g} of the method's own best, "
               f"whole dev set, step {spec.steps})", "",
               markdown_table(["method", "decades", "from", "to"],

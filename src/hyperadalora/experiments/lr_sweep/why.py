@@ -24,7 +24,9 @@ import os
 import time
 from typing import Optional
 
+from ...plotting import pyplot
 from ..options import as_options, command_line, seed_list
+from ..plots import save_line_plot
 from ..report import fmt, fmt_ci, fmt_interval, markdown_table, report_header, write_outputs
 from ..runs import REPO_ROOT, same_args
 from ..stats import interval_of, stats
@@ -90,7 +92,7 @@ def finished_cell(spec, opts, name: str, lr: float, seed: int, out: str) -> Opti
     for place in places:
         cell = read_cell(cell_path(spec, name, lr, seed, place))
         if cell is not None and same_args(cell, cell_args(spec, opts, name, lr, seed, place, VARIANTS.get(name))):
-            return cell
+            return {**cell, "from_sweep": place == SWEEP_CELLS}
     return None
 
 
@@ -243,6 +245,26 @@ def why_section(spec, a: dict, lrs) -> list:
     return lines
 
 
+def plot_why(spec, a: dict, path: str) -> Optional[str]:
+    """Dev accuracy vs lr of every variant (mean over seeds, min-max band), the sweep's methods solid."""
+    if "variants" not in a:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    for i, n in enumerate(ALL):
+        per = a["score_vs_lr"][n]
+        lrs = sorted((lr for lr in per if per[lr]["mean"] is not None), key=float)
+        if not lrs:
+            continue
+        x = [float(v) for v in lrs]
+        ax.plot(x, [per[v]["mean"] for v in lrs], marker="o", color=f"C{i}", label=WHY_LABELS[n],
+                linestyle="-" if n in METHODS else "--")
+        ax.fill_between(x, [per[v]["min"] for v in lrs], [per[v]["max"] for v in lrs], color=f"C{i}", alpha=0.1)
+    ax.set_xscale("log")
+    return save_line_plot(fig, ax, path, "learning rate", "dev accuracy",
+                          f"{spec.name}: dev accuracy after {spec.steps} steps (mean, min-max over seeds)")
+
+
 def run_lr_sweep_why(opts=None) -> dict:
     """Run (or reuse) every cell of the "why" grid on SST-2, analyse them and write report.md and results.json."""
     opts = as_options(opts)
@@ -264,6 +286,8 @@ def run_lr_sweep_why(opts=None) -> dict:
                            "reused": f"the lr sweep's committed cells ({os.path.relpath(SWEEP_CELLS, REPO_ROOT)})"},
                           WHY_RULE)
     lines += why_section(spec, analysis, lrs)
+    plot = plot_why(spec, analysis, os.path.join(out, "score_vs_lr_why.png"))
+    lines += [f"![score_vs_lr_why.png]({os.path.basename(plot)})", ""] if plot else []
     cpu_s = sum(c.get("wall_time_s") or 0.0 for c in cells)
     lines += [f"Compute: {len(cells)} cells, {cpu_s / 3600:.2f} h of run time in all (the sweep's reused cells "
               f"included; two processes side by side, {env['torch_threads']} thread(s) each). This report was written "
@@ -271,5 +295,8 @@ def run_lr_sweep_why(opts=None) -> dict:
     results = {"experiment": NAME, "command": command, "env": env, "rule": WHY_RULE, "lrs": lrs, "seeds": seeds,
                "variants": {n: {"method": v.method, "args": v.args, "what": v.what} for n, v in VARIANTS.items()},
                "analysis": analysis,
-               "runs": [{k: v for k, v in c.items() if k not in ("args", "hypernetwork_options")} for c in cells]}
+               # this experiment's own cells (the sweep's reused ones are in its results.json)
+               "runs": [{k: v for k, v in c.items() if k not in ("args", "hypernetwork_options", "from_sweep")}
+                        for c in cells if not c.get("from_sweep")],
+               "reused_sweep_cells": sum(bool(c.get("from_sweep")) for c in cells)}
     return write_outputs(out, results, lines)
