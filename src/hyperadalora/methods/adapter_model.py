@@ -428,7 +428,11 @@ class AdapterModel(AdapterFiles, BaseAdapterModel):
 
     def _config_extra(self) -> dict:
         """What `save_pretrained` records in the config file besides the config."""
-        return {"target_names": self.target_names}
+        return {"target_names": self.target_names, **self._layout_extra()}
+
+    def _layout_extra(self) -> dict:
+        """``{"fan_in_fan_out": True}`` when the adapted layers are transformers Conv1D (GPT-2), else nothing."""
+        return {"fan_in_fan_out": True} if any(getattr(a, "fan_in_fan_out", False) for a in self.adapters) else {}
 
     # ------------------------------------------------------------------ loading
     @classmethod

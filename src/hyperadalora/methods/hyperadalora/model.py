@@ -338,7 +338,7 @@ class HyperAdaLoraModel(AdapterModel):
         return tensors
 
     def _config_extra(self) -> dict:
-        return {"rank_pattern": self.rank_pattern, "target_names": self.target_names}
+        return {"rank_pattern": self.rank_pattern, "target_names": self.target_names, **self._layout_extra()}
 
     def save_pretrained(self, directory: str, save_hypernetworks: bool = False) -> None:
         """Write ``adapter_model.safetensors`` (P, lambda, Q per layer sliced to its rank, and the trained heads)
@@ -367,7 +367,8 @@ class HyperAdaLoraModel(AdapterModel):
         weights = []
         for layer, (P, lam, Q) in zip(self.adapters, self.final_tensors()):
             base = layer.base_layer
-            weight = dequantized_weight(base) if quantization_kind(base) is not None else base.weight.detach().clone()
+            weight = (dequantized_weight(base) if quantization_kind(base) is not None
+                      else dequantized_weight(base, base.weight.dtype).clone())  # (out, in), also for a Conv1D
             if lam.numel():
                 weight += ((P * (lam * layer.scaling)) @ Q).to(weight.dtype)
             weights.append(weight)
