@@ -118,15 +118,16 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
     """Names of the linear layers (nn.Linear or Conv1D, `is_adaptable`) to adapt, as peft matches them: suffix for a
     list, full regex for a str, `default_targets` for None; ``"all-linear"``: every linear layer but the output layer,
     the task heads and the mixture-of-experts routers (as peft defines it). A layer inside a module to save
-    (``modules_to_save``) is never adapted: the module is trained, saved and merged whole. ``config`` has
+    (``modules_to_save``: RoBERTa's ``classifier.dense``) is never adapted: the module is trained, saved and merged
+    whole. ``config`` has
     ``target_modules`` and ``modules_to_save``."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     saved = modules_to_save_names(model, config.modules_to_save)
     linear = [(n, m) for n, m in model.named_modules() if is_adaptable(m)]
     output = _output_layer(model)
 
-    def in_saved(name):
-        return any(name == s or name.startswith(s + ".") for s in saved)
+    def in_saved(name):  # a layer that *is* a module to save and is targeted gets the adapter (as before)
+        return any(name.startswith(s + ".") for s in saved)
 
     if targets == "all-linear":
         names = [n for n, _ in linear if not (any(p in OUTPUT_LAYER_NAMES for p in n.split(".")) or n == output
@@ -266,7 +267,7 @@ def refuse_missing_modules(model: nn.Module, directory, target_names: list[str],
     parts = []
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
-        parts.append(f"{len(missing)} of its {len(target_names)} adapted layers have no matching linear layer in the "
+        parts.append(f"{len(missing)} of its {len(target_names)} adapted layers have no matching {ADAPTABLE} in the "
                      f"model: {shown}")
     if heads:
         shown = ", ".join(heads[:8]) + (f", ... ({len(heads) - 8} more)" if len(heads) > 8 else "")
