@@ -131,7 +131,7 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
 
     if targets == "all-linear":
         names = [n for n, _ in linear if not (any(p in OUTPUT_LAYER_NAMES for p in n.split(".")) or n == output
-                                              or _moe_router(model, n))]
+                                              or n in saved or _moe_router(model, n))]
     elif isinstance(targets, str):
         names = [n for n, _ in linear if re.fullmatch(targets, n)]
     else:
