@@ -10,8 +10,8 @@ built here (no download), with the task type a practitioner would use it for and
 - ``save/load``: ``save_pretrained`` then ``load_adapter`` onto a fresh base gives the same outputs;
 - ``merge``: ``merge_and_unload`` of the loaded adapter gives the same outputs (n/a: HydraLoRA's router, which makes
   the update depend on the input, when it has more than one head);
-- ``peft export``: ``export_lora`` loads in peft (``PeftModel.from_pretrained``) with the same outputs (n/a: the
-  methods without a LoRA export).
+- ``peft export``: ``export_lora`` loads in peft (``PeftModel.from_pretrained``) with the same outputs (n/a: DoRA,
+  whose magnitude rescales the update, and HydraLoRA with more than one head).
 
 ``tests/test_support_matrix.py`` runs every case; ``python benchmarks/support_matrix.py`` runs them too and writes the
 table ``docs/support-matrix.md`` (``--families`` / ``--methods`` run a part of it and print the table instead).
@@ -232,7 +232,7 @@ MODULES_TO_SAVE = {"vit": ["classifier"]}
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def method_config(method: str, family: Family):
+def method_config(method: str, family: Family, **options):
     import hyperadalora as ha
     from hyperadalora import methods as M
 
@@ -240,10 +240,11 @@ def method_config(method: str, family: Family):
     if family.name in MODULES_TO_SAVE:
         common["modules_to_save"] = MODULES_TO_SAVE[family.name]
     if method == "hyperadalora":
-        return ha.HyperAdaLoraConfig(init_r=2, target_r=1, total_step=6, tinit=1, tfinal=1, deltaT=1, **common)
+        return ha.HyperAdaLoraConfig(init_r=2, target_r=1, total_step=6, tinit=1, tfinal=1, deltaT=1,
+                                     **{**common, **options})
     extra = {"n_heads": 2} if "n_heads" in {f.name for f in dataclasses.fields(M.get_method(method).config_cls)} \
         else {}
-    return M.get_method(method).config_cls(r=2, **common, **extra)
+    return M.get_method(method).config_cls(r=2, **{**common, **extra, **options})
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -286,9 +287,9 @@ def _close(a, b, atol=1e-5) -> tuple[bool, str]:
     return diff <= atol * max(1.0, b.abs().max().item()), f"max |diff| {diff:.2e}"
 
 
-def run_case(family: Family, method: str, steps: int = 4, lr: float = 1e-2) -> list[Result]:
+def run_case(family: Family, method: str, steps: int = 4, lr: float = 1e-2, **options) -> list[Result]:
     """The checks of one (family, method) case (`CHECKS`), in order; a check after a failed one that it needs is
-    reported as failed too."""
+    reported as failed too. ``options``: config fields other than the matrix's (e.g. ``n_heads=1``)."""
     import hyperadalora as ha
 
     results: dict[str, Result] = {}
@@ -301,7 +302,7 @@ def run_case(family: Family, method: str, steps: int = 4, lr: float = 1e-2) -> l
             torch.randn(reference.shape, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
             base_loss = float(loss_of(base, batch, target))
-        model = ha.get_peft_model(base, method_config(method, family))
+        model = ha.get_peft_model(base, method_config(method, family, **options))
         model.eval()
         ok, detail = _close(outputs(model, batch), reference)
         results["identity"] = Result("identity", "pass" if ok else "fail", detail)
@@ -348,7 +349,7 @@ def run_case(family: Family, method: str, steps: int = 4, lr: float = 1e-2) -> l
             ok, detail = _close(outputs(merged, batch), trained, atol=1e-4)
             results["merge"] = Result("merge", "pass" if ok else "fail", detail)
 
-        if hasattr(model, "export_lora"):
+        if model.exports_lora:
             from peft import PeftModel
 
             model.export_lora(os.path.join(workdir, "lora"))
@@ -358,7 +359,7 @@ def run_case(family: Family, method: str, steps: int = 4, lr: float = 1e-2) -> l
             ok, detail = _close(outputs(peft_model, batch), trained, atol=1e-4)
             results["peft export"] = Result("peft export", "pass" if ok else "fail", detail)
         else:
-            results["peft export"] = Result("peft export", "n/a", "no LoRA export for this method")
+            results["peft export"] = Result("peft export", "n/a", "not a plain B @ A update (DoRA, a router)")
     except Exception as e:  # noqa: BLE001 - every failure is a cell of the table
         failed = next((c for c in CHECKS if c not in results), CHECKS[-1])
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
@@ -418,8 +419,9 @@ random-weight model (hidden size 16, one layer, vocabulary 100; built from a tra
 - **save/load**: `save_pretrained`, then `load_adapter` onto a freshly built base: the same outputs;
 - **merge**: `merge_and_unload()` of the loaded adapter: the same outputs (– for HydraLoRA with 2 heads: its router
   weighs the heads per token, so no single weight reproduces the update; `n_heads=1` merges);
-- **peft export**: `export_lora` (HyperAdaLoRA), then `peft.PeftModel.from_pretrained` on a fresh base: the same
-  outputs (– for the methods without a LoRA export).
+- **peft export**: `export_lora`, then `peft.PeftModel.from_pretrained` on a fresh base: the same outputs (– for
+  DoRA, whose trained magnitude rescales each output feature, and HydraLoRA with 2 heads: neither is a plain
+  `B @ A` update).
 
 A 4-bit (bitsandbytes nf4) base, the GGUF export of GPT-2 and Llama, the refusal of fused mixture-of-experts
 parameters and unsupported combinations are tested in `tests/test_support_matrix.py` beside the matrix.

@@ -268,3 +268,38 @@ def test_a_cached_gguf_conversion_loads_in_4bit(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(str(out), quantization_config=quant, device_map={"": "cpu"})
         kinds = {quantization_kind(m) for m in model.modules()} - {None}
         assert kinds == {f"{bits}bit"}
+
+
+# ---------------------------------------------------------------------------------------------- peft LoRA export
+@pytest.mark.parametrize("method", ["hydralora", "hyperhydralora"])
+def test_one_head_hydralora_merges_and_exports_on_conv1d(method):
+    results = S.run_case(S.FAMILY["gpt2"], method, n_heads=1)
+    assert [r.status for r in results] == ["pass"] * len(S.CHECKS), results
+
+
+def test_a_saved_hyperlora_adapter_exports_from_its_directory(tmp_path):
+    from peft import PeftModel
+
+    from hyperadalora.cli import main
+
+    roberta = S.FAMILY["roberta"]
+    model = ha.get_peft_model(roberta.build(), ha.HyperLoraConfig(r=2, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        model.base_model.classifier.dense.weight.add_(0.5)  # the head with sub-layers travels whole
+    model.save_pretrained(str(tmp_path / "a"))
+    assert main(["export", str(tmp_path / "a"), "--format", "peft", "--output", str(tmp_path / "lora")]) == 0
+    batch = roberta.batch()
+    peft_model = PeftModel.from_pretrained(roberta.build(), str(tmp_path / "lora")).eval()
+    torch.testing.assert_close(S.outputs(peft_model, batch), S.outputs(model.eval(), batch))
+
+
+def test_dora_and_a_multi_head_hydralora_refuse_the_lora_export(tmp_path):
+    for method, options in (("hyperdora", {}), ("hydralora", {"n_heads": 2})):
+        model = ha.get_peft_model(S.FAMILY["llama"].build(),
+                                  S.method_config(method, S.FAMILY["llama"], **options))
+        assert not model.exports_lora
+        with pytest.raises(ValueError, match="plain LoRA update"):
+            model.export_lora(str(tmp_path / method))
+        model.save_pretrained(str(tmp_path / f"{method}-saved"))
+        with pytest.raises(ValueError, match="not a plain LoRA"):
+            ha.export.read_adapter(str(tmp_path / f"{method}-saved"))

@@ -82,28 +82,32 @@ class LoraWeights:
 # ---------------------------------------------------------------------------------------------- reading
 @torch.no_grad()
 def lora_weights(model) -> LoraWeights:
-    """The adapter of a `HyperAdaLoraModel` (its kept ranks) as `LoraWeights`."""
-    if getattr(model, "method_name", None) != "hyperadalora":
-        raise TypeError(f"lora_weights takes a HyperAdaLoraModel, got {type(model).__name__}: a peft model exports "
-                        f"with its own save_pretrained; a saved adapter directory with read_adapter.")
-    scaling = model.peft_config.lora_alpha / model.peft_config.init_r
-    layers = {name: (Q.detach().clone(), P * (lam * scaling))
-              for name, (P, lam, Q) in zip(model.target_names, model.final_tensors())}
+    """The adapter of a `HyperAdaLoraModel` (its kept ranks), or of another adapter model of this package whose
+    update is ``B @ A`` (hyperlora, HydraLoRA with one head: its ``lora_factors``), as `LoraWeights`."""
+    if getattr(model, "method_name", None) == "hyperadalora":
+        scaling = model.peft_config.lora_alpha / model.peft_config.init_r
+        layers = {name: (Q.detach().clone(), P * (lam * scaling))
+                  for name, (P, lam, Q) in zip(model.target_names, model.final_tensors())}
+    elif hasattr(model, "lora_factors") and hasattr(model, "method_name"):
+        layers = model.lora_factors()  # ValueError for DoRA, a multi-head HydraLoRA
+    else:
+        raise TypeError(f"lora_weights takes an adapter model of this package, got {type(model).__name__}: a peft "
+                        f"model exports with its own save_pretrained; a saved adapter directory with read_adapter.")
     heads = {k[len("modules_to_save."):]: v.detach().clone() for k, v in model._modules_to_save_state().items()}
     return LoraWeights(layers, heads, list(model.saved_module_names), model.peft_config.task_type,
                        any(getattr(a, "fan_in_fan_out", False) for a in model.adapters))
 
 
 def read_adapter(directory: str) -> LoraWeights:
-    """`LoraWeights` of a saved adapter: HyperAdaLoRA's ``save_pretrained`` (``hyperadalora_config.json``) or a peft
+    """`LoraWeights` of a saved adapter: HyperAdaLoRA's ``save_pretrained`` (``hyperadalora_config.json``), another
+    method's whose update is ``B @ A`` (``method_config.json`` of hyperlora, or of HydraLoRA with one head) or a peft
     LoRA adapter (``adapter_config.json``, e.g. written by ``export_lora`` or ``hyperadalora train --method lora``)."""
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return _read_hyperadalora(directory)
     if os.path.isfile(os.path.join(directory, "adapter_config.json")):
         return _read_peft_lora(directory)
     if os.path.isfile(os.path.join(directory, "method_config.json")):
-        raise ValueError(f"{directory!r} holds a generated-adapter method (method_config.json); only HyperAdaLoRA "
-                         f"adapters and peft LoRA adapters export to serving formats.")
+        return _read_method(directory)
     raise FileNotFoundError(f"{directory!r} is not an adapter directory: expected {CONFIG_NAME} (HyperAdaLoRA's "
                             f"save_pretrained, e.g. a run's adapter/) or adapter_config.json (a peft LoRA adapter).")
 
@@ -148,6 +152,32 @@ def _read_hyperadalora(directory: str) -> LoraWeights:
         layers[name] = (Q, P * (lam * scaling))
     heads = {k[len("modules_to_save."):]: v for k, v in tensors.items() if k.startswith("modules_to_save.")}
     return LoraWeights(layers, heads, _head_modules(heads, config.modules_to_save), config.task_type, bool(saved.get("fan_in_fan_out", False)))
+
+
+def _read_method(directory: str) -> LoraWeights:
+    """`LoraWeights` of a saved adapter of another method of this package whose update is ``B @ A`` (hyperlora;
+    hydralora / hyperhydralora with one head); ValueError for the others (DoRA, several heads)."""
+    with open(os.path.join(directory, "method_config.json")) as f:
+        saved = json.load(f)
+    method, heads_n = saved.get("method"), saved.get("n_heads", 1)
+    if method not in ("hyperlora", "hydralora", "hyperhydralora") or heads_n != 1:
+        raise ValueError(f"{directory!r} holds a {method} adapter"
+                         + (f" with n_heads={heads_n}" if heads_n != 1 else "")
+                         + ", whose update is not a plain LoRA B @ A: it does not export to serving formats (hyperlora,"
+                           " HydraLoRA with one head, HyperAdaLoRA and peft LoRA adapters do).")
+    tensors = _load_tensors(directory)
+    scaling = float(saved["lora_alpha"]) / int(saved["r"])
+    names = saved.get("target_names") or sorted({k.split(".lora_", 1)[0] for k in tensors
+                                                 if ".lora_" in k and not k.startswith("modules_to_save.")})
+    layers = {}
+    for name in names:
+        try:
+            layers[name] = (tensors[f"{name}.lora_A.0"], tensors[f"{name}.lora_B.0"] * scaling)
+        except KeyError as e:
+            raise ValueError(f"{directory!r} has no tensor {e.args[0]!r}: the adapter file is incomplete.") from None
+    heads = {k[len("modules_to_save."):]: v for k, v in tensors.items() if k.startswith("modules_to_save.")}
+    return LoraWeights(layers, heads, _head_modules(heads, saved.get("modules_to_save")), saved.get("task_type"),
+                       bool(saved.get("fan_in_fan_out", False)))
 
 
 def _read_peft_lora(directory: str) -> LoraWeights:

@@ -282,6 +282,15 @@ class AdapterLayer(BaseAdapterLayer):
         """The weight that gives the same outputs without the adapter (``ValueError`` where there is none)."""
         raise ValueError(f"{type(self).__name__} cannot be merged into the base weight.")
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (r, in), B (out, r))`` with ``B @ A`` the update, the scale folded into B: the layer as a plain LoRA
+        layer (the peft LoRA export). ``ValueError`` for a method whose update is not ``B @ A`` (`has_lora_form`)."""
+        raise ValueError(f"{type(self).__name__} is not a plain LoRA update B @ A: it does not export as peft LoRA.")
+
+    def has_lora_form(self) -> bool:
+        """Whether `lora_factors` gives this layer's update."""
+        return False
+
     def init_trained(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
         """Initialisation of a trained role's tensor: zeros for ``zero_start`` roles, else nn.Linear's (Kaiming
         uniform, as peft's LoRA initialises A)."""

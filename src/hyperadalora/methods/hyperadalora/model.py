@@ -350,6 +350,10 @@ class HyperAdaLoraModel(AdapterModel):
             state["allocator.mask"] = self.allocator.mask.to(torch.uint8)
             save_safetensors(state, os.path.join(directory, HYPERNET_WEIGHTS_NAME), {"format": "pt"})
 
+    @property
+    def exports_lora(self) -> bool:
+        return True
+
     def export_lora(self, directory: str, rank=None, allowed_ranks=None) -> None:
         """Write a vanilla peft LoRA adapter: ``B = (alpha / r) P diag(lambda)``, ``A = Q``, LoRA scaling 1.
         ``rank=None``: per-layer ranks in ``rank_pattern`` and ``alpha_pattern`` equal to the rank; layers pruned to
