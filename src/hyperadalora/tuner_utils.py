@@ -1,8 +1,9 @@
 """Tuner utilities every adapter method shares (the lowest layer of the package: it imports only `quantization` and
 `wrapper`).
 
-- targets: which ``nn.Linear`` of a transformers model to adapt (`find_target_modules`), whether a layer is wide
-  enough for a rank (`check_rank_fits`), refusing a model that carries adapters already (`refuse_adapted_model`);
+- targets: which linear layers (``nn.Linear``, transformers' ``Conv1D``) of a transformers model to adapt
+  (`find_target_modules`, `default_targets`), whether a layer is wide enough for a rank (`check_rank_fits`), refusing
+  a model that carries adapters already (`refuse_adapted_model`);
 - injection with undo (`Injection`, `replace_module`) and the common part of every loader (`load_onto`);
 - adapter files: safetensors written atomically with the digests of the tensors and of the config beside them
   (`save_safetensors`, `load_safetensors_checked`, `tensors_digest`);
@@ -62,9 +63,6 @@ def default_targets(model: nn.Module) -> list[str]:
     raise ValueError(f"No default target_modules for model_type={model_type!r} (peft's AdaLoRA and LoRA mappings do "
                      f"not name it): set target_modules to some of the model's layer names (suffix match), e.g. "
                      f"{candidate_names(model)}, to a regex (full match), or to 'all-linear'.")
-
-
-_default_targets = default_targets  # its former name
 
 
 def candidate_names(model: nn.Module, limit: int = 12) -> list[str]:
