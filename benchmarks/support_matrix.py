@@ -426,6 +426,36 @@ random-weight model (hidden size 16, one layer, vocabulary 100; built from a tra
 A 4-bit (bitsandbytes nf4) base, the GGUF export of GPT-2 and Llama, the refusal of fused mixture-of-experts
 parameters and unsupported combinations are tested in `tests/test_support_matrix.py` beside the matrix.
 
+## What a model brings, and what happens to it
+
+- **Which layers are adapted.** `target_modules=None` takes peft's defaults for the model type: its AdaLoRA mapping,
+  then its LoRA mapping (and `q_proj` / `v_proj` for the mixture-of-experts types neither names: qwen2_moe,
+  qwen3_moe, olmoe, granitemoe). A model type without defaults (distilbert, phi3, vit, whisper, clip, ...) is refused
+  at `get_peft_model` with the layer names it could target. A list matches name suffixes, a string is a full-match
+  regex, and `"all-linear"` is peft's: every `nn.Linear` and `Conv1D` but the output layer
+  (`get_output_embeddings`), the task heads and the mixture-of-experts routers.
+- **`Conv1D`** (GPT-2 and the families built on it; weight stored `(in, out)`) is adapted by every method as peft's
+  `fan_in_fan_out`: merging writes the transposed update back into the `Conv1D`, the peft LoRA export sets
+  `fan_in_fan_out=True`, the GGUF export (architecture `gpt2`) writes llama.cpp's layout.
+- **Modules to save** are matched as peft matches them (a module whose name ends with an entry: for SEQ_CLS
+  `classifier` also takes DistilBERT's `pre_classifier`) and trained, saved, loaded, merged and exported *whole*: a
+  head with sub-layers (RoBERTa's `classifier.dense` / `classifier.out_proj`), an embedding (`embed_tokens`). A target
+  layer inside a module to save is left to that module (trained in full, not adapted). As with peft's
+  `ModulesToSaveWrapper`, the saved weights are the trained module's and `load_adapter` puts them back; the module is
+  trained in place (this package has no `disable_adapter` that would need the original).
+- **Mixture of experts** (transformers 5: Mixtral, Qwen2-MoE, Qwen3-MoE fuse each layer's experts into 3-D
+  parameters): the attention projections are adapted by default; naming the experts (`experts`, `gate_up_proj`) is
+  refused at `get_peft_model`, naming what can be targeted (peft's LoRA reaches fused experts with
+  `target_parameters`; this package's methods do not); the router is never adapted by default.
+- **Not supported**, refused at `get_peft_model` (the model left unchanged): a target that is not a linear layer
+  (an embedding, a norm, fused expert parameters). Refused where the operation itself is undefined, with the
+  reason: merging or LoRA-exporting a HydraLoRA with more than one head (its router makes the update depend on the
+  input), LoRA-exporting DoRA (its magnitude rescales the update), a GGUF export of an architecture llama.cpp's LoRA
+  loader is not mapped for here (llama, mistral, qwen2, qwen3, gpt2).
+- **Quantized bases**: bitsandbytes 4-bit / 8-bit layers are adapted as any `nn.Linear`; the SmolLM2 alias and any
+  `.gguf` model are converted once to a plain fp32 checkpoint (without GGUF's `quantization_config`), which then
+  loads in 4-bit or 8-bit.
+
 ## Families
 
 | family | kind | task type | target_modules | note |

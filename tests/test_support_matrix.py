@@ -223,7 +223,11 @@ def test_a_4bit_base_trains_saves_and_loads(tmp_path, family, method):
     def base():
         return quantize_linears(fam.build(), bits=4, skip=("classifier", "pooler", "lm_head", "score"))
 
-    model = ha.get_peft_model(base(), S.method_config(method, fam))
+    quantized = base()
+    reference = S.outputs(quantized, batch)
+    model = ha.get_peft_model(quantized, S.method_config(method, fam))
+    assert ha.quantization.is_quantized(model)
+    torch.testing.assert_close(S.outputs(model.eval(), batch), reference)  # identity at step 0
     opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
     losses = []
     for step in range(1, 4):
@@ -237,6 +241,7 @@ def test_a_4bit_base_trains_saves_and_loads(tmp_path, family, method):
     assert all(torch.isfinite(torch.tensor(losses)))
     model.eval()
     trained = S.outputs(model, batch)
+    assert not torch.equal(trained, reference)
     model.save_pretrained(str(tmp_path / "a"))
     loaded = ha.load_adapter(base(), str(tmp_path / "a"))
     torch.testing.assert_close(S.outputs(loaded, batch), trained)
