@@ -308,3 +308,13 @@ def test_dora_and_a_multi_head_hydralora_refuse_the_lora_export(tmp_path):
         model.save_pretrained(str(tmp_path / f"{method}-saved"))
         with pytest.raises(ValueError, match="not a plain LoRA"):
             ha.export.read_adapter(str(tmp_path / f"{method}-saved"))
+
+
+def test_a_quantized_module_to_save_is_refused_at_get_peft_model():
+    pytest.importorskip("bitsandbytes")
+    # DistilBERT's pre_classifier is a module to save of SEQ_CLS (peft's rule); quantized, it could not train
+    base = quantize_linears(S.FAMILY["distilbert"].build(), bits=4, skip=("classifier",))
+    assert ha.quantization.quantization_kind(base.pre_classifier) == "4bit"
+    with pytest.raises(ValueError, match=r"'pre_classifier' holds a 4bit quantized layer.*llm_int8_skip_modules"):
+        ha.get_peft_model(base, ha.HyperLoraConfig(r=2, task_type="SEQ_CLS", target_modules=["q_lin", "v_lin"]))
+    assert not any(isinstance(m, ha.wrapper.BaseAdapterLayer) for m in base.modules())

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from .quantization import enable_gradient_checkpointing
+from .quantization import enable_gradient_checkpointing, quantization_kind
 
 
 class BaseAdapterLayer(nn.Module):
@@ -52,6 +52,16 @@ class BaseAdapterModel(nn.Module):
         every parameter of the module, sub-layers included (RoBERTa's ``classifier.dense`` / ``out_proj``); returns
         their names."""
         names = modules_to_save_names(self.base_model, self.peft_config.modules_to_save)
+        for name in names:  # all checked first: a refused model stays as it was
+            module = self.base_model.get_submodule(name)
+            packed = next((n for n, m in module.named_modules() if quantization_kind(m) is not None), None)
+            if packed is not None:
+                where = f"{name}.{packed}" if packed else name
+                raise ValueError(
+                    f"The module to save {name!r} holds a {quantization_kind(module.get_submodule(packed))} quantized "
+                    f"layer ({where!r}): a module to save is trained in full, and packed 4-bit / 8-bit weights take no "
+                    f"gradient. Load the base with that module left unquantized (BitsAndBytesConfig("
+                    f"llm_int8_skip_modules=[{name.rsplit('.', 1)[-1]!r}, ...])), or leave it out of modules_to_save.")
         for name in names:
             self.base_model.get_submodule(name).requires_grad_(True)
         return names
