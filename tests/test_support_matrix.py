@@ -318,3 +318,33 @@ def test_a_quantized_module_to_save_is_refused_at_get_peft_model():
     with pytest.raises(ValueError, match=r"'pre_classifier' holds a 4bit quantized layer.*llm_int8_skip_modules"):
         ha.get_peft_model(base, ha.HyperLoraConfig(r=2, task_type="SEQ_CLS", target_modules=["q_lin", "v_lin"]))
     assert not any(isinstance(m, ha.wrapper.BaseAdapterLayer) for m in base.modules())
+
+
+def test_gpt2_loaded_in_4bit_by_transformers_trains_and_merges(tmp_path):
+    """transformers' bitsandbytes loading turns GPT-2's Conv1D into Linear4bit layers (weights transposed to
+    (out, in)): adapted as any quantized linear layer."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from hyperadalora.quantization import bnb_config, quantization_kind
+
+    gpt2().save_pretrained(str(tmp_path / "gpt2"))
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gpt2"), device_map={"": "cpu"},
+                                                quantization_config=bnb_config(load_in_4bit=True,
+                                                                               skip_modules=["lm_head"]))
+    assert quantization_kind(base.transformer.h[0].attn.c_attn) == "4bit"
+    batch = S.lm_batch()
+    reference = S.outputs(base, batch)
+    model = ha.get_peft_model(base, ha.HyperLoraConfig(r=2, task_type="CAUSAL_LM"))
+    torch.testing.assert_close(S.outputs(model.eval(), batch), reference)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(1e-2))
+    for step in (1, 2):
+        model.train()
+        model(**batch).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+    trained = S.outputs(model.eval(), batch)
+    assert not torch.equal(trained, reference)
+    torch.testing.assert_close(S.outputs(model.merge_and_unload(dequantize=True), batch), trained,
+                               atol=1e-5, rtol=1e-5)
