@@ -117,8 +117,7 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
     list, full regex for a str, `default_targets` for None; ``"all-linear"``: every linear layer but the output layer,
     the task heads and the mixture-of-experts routers (as peft defines it). A layer inside a module to save
     (``modules_to_save``: RoBERTa's ``classifier.dense``) is never adapted: the module is trained, saved and merged
-    whole. ``config`` has
-    ``target_modules`` and ``modules_to_save``."""
+    whole. ``config`` has ``target_modules`` and ``modules_to_save``."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     saved = modules_to_save_names(model, config.modules_to_save)
     linear = [(n, m) for n, m in model.named_modules() if is_adaptable(m)]
