@@ -59,7 +59,8 @@ def test_gpt2_defaults_to_its_conv1d_attention_and_exports_with_fan_in_fan_out(t
 
     model = ha.get_peft_model(gpt2(), ha.HyperAdaLoraConfig(init_r=2, target_r=1, total_step=4, task_type="CAUSAL_LM"))
     assert model.target_names == ["transformer.h.0.attn.c_attn"]  # peft's mapping for gpt2
-    assert model.adapters[0].fan_in_fan_out and (model.adapters[0].in_features, model.adapters[0].out_features) == (16, 48)
+    layer = model.adapters[0]
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (16, 48)
     batch = S.lm_batch()
     model.export_lora(str(tmp_path / "lora"))
     with open(tmp_path / "lora" / "adapter_config.json") as f:

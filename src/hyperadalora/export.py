@@ -151,7 +151,8 @@ def _read_hyperadalora(directory: str) -> LoraWeights:
             raise ValueError(f"{directory!r} has no tensor {e.args[0]!r}: the adapter file is incomplete.") from None
         layers[name] = (Q, P * (lam * scaling))
     heads = {k[len("modules_to_save."):]: v for k, v in tensors.items() if k.startswith("modules_to_save.")}
-    return LoraWeights(layers, heads, _head_modules(heads, config.modules_to_save), config.task_type, bool(saved.get("fan_in_fan_out", False)))
+    return LoraWeights(layers, heads, _head_modules(heads, config.modules_to_save), config.task_type,
+                       bool(saved.get("fan_in_fan_out", False)))
 
 
 def _read_method(directory: str) -> LoraWeights:

@@ -36,9 +36,9 @@ def quantization_kind(layer: nn.Module) -> Optional[str]:
 
 
 def is_conv1d(layer: nn.Module) -> bool:
-    """Whether ``layer`` is transformers' ``Conv1D`` (GPT-2 and the families built on it): a linear layer whose weight is
-    stored ``(in_features, out_features)``, transposed (peft's ``fan_in_fan_out``). A model that holds one has imported
-    transformers, so this never imports it."""
+    """Whether ``layer`` is transformers' ``Conv1D`` (GPT-2 and the families built on it): a linear layer whose weight
+    is stored ``(in_features, out_features)``, transposed (peft's ``fan_in_fan_out``). A model that holds one has
+    imported transformers, so this never imports it."""
     utils = sys.modules.get("transformers.pytorch_utils")
     return utils is not None and isinstance(layer, utils.Conv1D)
 
