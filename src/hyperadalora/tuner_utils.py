@@ -145,11 +145,11 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
                 hint = f" ({others[0]} is a {type(model.get_submodule(others[0])).__name__}, not {ADAPTABLE})"
             else:
                 hint = ""
-            raise ValueError(f"target_modules {unmatched} match no {ADAPTABLE} layer of the model{hint}. The layers "
-                             f"that can be targeted are named like: {candidate_names(model)}.")
+            raise ValueError(f"target_modules {unmatched} match no nn.Linear module (nor Conv1D) of the model{hint}. "
+                             f"The layers that can be targeted are named like: {candidate_names(model)}.")
     names = [n for n in names if not in_saved(n)]  # trained whole with their module to save
     if not names:
-        raise ValueError(f"target_modules={targets!r} matches no {ADAPTABLE} layer of the model"
+        raise ValueError(f"target_modules={targets!r} matches no nn.Linear module (nor Conv1D) of the model"
                          + (f" outside the modules to save {saved}" if saved else "")
                          + f". The layers that can be targeted are named like: {candidate_names(model)}.")
     return names
