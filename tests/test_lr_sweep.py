@@ -258,3 +258,125 @@ def test_a_run_recorded_from_a_checkout_elsewhere_is_reused_for_the_same_shared_
     assert runs.same_args(record, args)
     record["args"]["data_dir"] = "/work/shared/data/glue2"
     assert not runs.same_args(record, args)
+
+
+# ---------------------------------------------------------------- issue 32: robustness of rule (b), the "why" runs
+
+def test_robustness_scans_tolerance_seeds_budgets_and_sides():
+    """A HyperAdaLoRA curve wider than AdaLoRA's only on the large-lr side: the ratio falls with a tighter
+    tolerance, every seed subset sees it, and the widening is reported on the large-lr end."""
+    cells = []
+    for s in (0, 1, 2):
+        for lr in LRS:
+            x = math.log10(lr)
+            ada = 0.9 - 0.1 * (x + 2.5) ** 2                    # peak at 10**-2.5, symmetric
+            hyp = 0.9 - 0.1 * (x + 2.5) ** 2 if x < -2.5 else 0.9 - 0.02 * (x + 2.5) ** 2   # flat on the right
+            cells += [cell("adalora", lr, s, ada), cell("hyperadalora", lr, s, hyp), cell("lora", lr, s, ada)]
+    a = analysis.analyse(SPEC, cells, LRS, [0, 1, 2])
+    rb = a["robustness"]
+    assert [r["tolerance"] for r in rb["by_tolerance"]] == pytest.approx([0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02])
+    pre = [r for r in rb["by_tolerance"] if r["tolerance"] == pytest.approx(0.01)][0]
+    assert pre["ratio"] == pytest.approx(a["window_ratio"]) and pre["holds"] == a["rule"]["b"]
+    assert rb["holds_for_tolerance"] and all(lo <= hi for lo, hi in rb["holds_for_tolerance"])
+    assert set(rb["leave_one_seed_out"]) == {"0", "1", "2"} and set(rb["single_seed"]) == {"0", "1", "2"}
+    assert set(rb["by_budget"]) == {"25", "50", "75", "100"}
+    assert rb["sides"]["high_end_decades"] > 0.3 and rb["sides"]["low_end_decades"] == pytest.approx(0, abs=1e-6)
+    report = "\n".join(__import__("hyperadalora.experiments.lr_sweep.report", fromlist=["x"]).task_section(
+        SPEC, a, LRS, [0, 1, 2], []))
+    assert "How firmly rule (b) holds" in report and "without seed 1" in report and "large-lr end" in report
+
+
+def test_pq_lr_ratio_puts_adalora_p_and_q_in_a_group_of_their_own(tiny_bert_dir):  # noqa: F811
+    from transformers import AutoModelForSequenceClassification
+
+    from hyperadalora.training import TrainArgs, adapter_config, param_groups
+    from peft import get_peft_model
+
+    with pytest.raises(ValueError, match="applies to method 'adalora'"):
+        TrainArgs(method="hyperadalora", pq_lr_ratio=30.0)
+    with pytest.raises(ValueError, match="positive number"):
+        TrainArgs(method="adalora", pq_lr_ratio=0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    args = TrainArgs(method="adalora", lr=1e-3, pq_lr_ratio=30.0, max_steps=20)
+    wrapped = get_peft_model(model, adapter_config(args, ["query", "value"], "SEQ_CLS"))
+    groups = param_groups(wrapped, args)
+    names = {id(p): n for n, p in wrapped.named_parameters()}
+    pq, rest = groups
+    assert pq["lr"] == pytest.approx(3e-2) and rest["lr"] == pytest.approx(1e-3)
+    assert pq["params"] and all(".lora_A." in names[id(p)] or ".lora_B." in names[id(p)] for p in pq["params"])
+    assert any(".lora_E." in names[id(p)] for p in rest["params"]) and any("classifier" in names[id(p)]
+                                                                            for p in rest["params"])
+    one = param_groups(wrapped, dataclasses.replace(args, pq_lr_ratio=1.0))
+    assert len(one) == 1 and one[0]["lr"] == 1e-3  # the default: one group, as every recorded run had
+
+
+def test_a_cell_records_the_code_that_ran_it():
+    version = lr_cells.code_version()
+    assert version["library_version"] and (version["git_commit"] is None
+                                           or len(version["git_commit"].split("+")[0]) == 40)
+
+
+def why_grid(widths):
+    """Synthetic cells of the "why" grid: each name's accuracy a plateau of ``widths[name]`` decades around 1e-3."""
+    from hyperadalora.experiments.lr_sweep import why
+
+    out = []
+    for name in why.ALL:
+        for lr in why.WHY_LRS:
+            for s in (0, 1, 2):
+                x = abs(math.log10(lr) + 3)
+                half = widths.get(name, 1.0) / 2
+                drop = 0.001 * min(x, half) ** 2 + 0.1 * max(0.0, x - half)  # a peak at 1e-3, flat to +-half
+                out.append({**cell(name, lr, s, 0.9 - drop + 0.001 * s),
+                            "variant": name})
+    return out
+
+
+@pytest.mark.parametrize("flr1,pq30,verdict", [(2.0, 1.0, "the hypernetworks"), (1.0, 2.0, "the lr mixture"),
+                                               (2.0, 2.0, "either suffices"), (1.0, 1.0, "the combination")])
+def test_why_rule_attributes_the_widening(flr1, pq30, verdict):
+    from hyperadalora.experiments.lr_sweep import why
+
+    cells = why_grid({"hyperadalora": 2.0, "hyperadalora-flr1": flr1, "adalora-pq30": pq30,
+                      "hyperadalora-norows": 1.0})
+    a = why.analyse_why(SPEC, cells, list(why.WHY_LRS), [0, 1, 2])
+    assert a["verdict"] == verdict, a["why"]
+    assert "row codes are needed" in a["why"]
+    v = a["variants"]["hyperadalora"]
+    assert v["ratio"] >= 1.5 and v["seed_ratios"]["n"] == 3 and v["peak_diff_vs_adalora"]["mean"] == pytest.approx(0)
+    assert set(v["too_large"]) == {"0.03", "0.1"}
+    text = "\n".join(why.why_section(SPEC, a, list(why.WHY_LRS)))
+    assert "Windows, peaks and shifts" in text and "too-large" in text
+
+
+def test_why_rule_nothing_to_explain_and_not_decided():
+    from hyperadalora.experiments.lr_sweep import why
+
+    cells = why_grid({})
+    a = why.analyse_why(SPEC, cells, list(why.WHY_LRS), [0, 1, 2])
+    assert a["verdict"] == "nothing to explain"
+    a = why.analyse_why(SPEC, cells[1:], list(why.WHY_LRS), [0, 1, 2])
+    assert a["verdict"] == "not decided" and "1 cell(s) still to run" in a["why"]
+
+
+def test_why_tiny_end_to_end_reuses_sweep_cells(tmp_path, tiny_bert_dir, glue_dir, monkeypatch, capsys):  # noqa: F811
+    """The "why" experiment runs its variants and reads the sweep's methods from the sweep's cells: a sweep run
+    first, its cells are reused (no training for them), and each new cell records its variant and the code."""
+    from hyperadalora.experiments.lr_sweep import why
+
+    common = dict(model=tiny_bert_dir, data_dir=glue_dir, steps=4, batch_size=8, max_length=16, seeds=[0],
+                  lrs=[1e-3, 1e-2, 1e-1], reuse=True, threads=1)
+    run_experiment("lr-sweep", ExperimentOptions(tasks=["sst2"], output_dir=str(tmp_path / "sweep"), **common))
+    monkeypatch.setattr(why, "SWEEP_CELLS", str(tmp_path / "sweep"))
+    capsys.readouterr()
+    res = run_experiment("lr-sweep-why", ExperimentOptions(output_dir=str(tmp_path / "why"), **common))
+    printed = capsys.readouterr().out
+    assert printed.count("steps ->") == 3 * 3  # the three variants at three lrs; the sweep's 9 cells reused
+    data = json.load(open(res["results_json"]))
+    assert len(data["runs"]) == 3 * 3 and data["reused_sweep_cells"] == 9 and not data["analysis"]["missing"]
+    new = [r for r in data["runs"] if r["variant"] in why.VARIANTS]
+    assert {r["method"] for r in new} == {"hyperadalora", "adalora"} and all(r["library_version"] for r in new)
+    assert "Rule (fixed before the runs, issue 32)" in open(res["report"]).read()
+    capsys.readouterr()
+    run_experiment("lr-sweep-why", ExperimentOptions(output_dir=str(tmp_path / "why"), report_only=True, **common))
+    assert "steps ->" not in capsys.readouterr().out

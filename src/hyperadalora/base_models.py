@@ -52,6 +52,7 @@ def convert_gguf(gguf_file: str, out_dir: Optional[str] = None) -> str:
     name = os.path.splitext(os.path.basename(gguf_file))[0]
     out_dir = out_dir or os.path.join(cache_dir(), f"{name}-fp32")
     if _complete(out_dir):
+        strip_gguf_quantization(out_dir)  # a conversion cached by an earlier version kept it
         return out_dir
     folder, fname = os.path.split(os.path.abspath(gguf_file))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -59,6 +60,8 @@ def convert_gguf(gguf_file: str, out_dir: Optional[str] = None) -> str:
     # a GGUF-loaded model refuses save_pretrained ("quantized with gguf"): copy it into a plain model first
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
+    if hasattr(model.config, "quantization_config"):  # the weights are plain fp32 now, no longer GGUF-quantized
+        del model.config.quantization_config
     # written to a folder of this process's own, then moved into place: processes converting at the same time (two
     # experiments started together) neither write into one folder nor see a half-written checkpoint
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -80,6 +83,27 @@ def convert_gguf(gguf_file: str, out_dir: Optional[str] = None) -> str:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def strip_gguf_quantization(folder: str) -> bool:
+    """Remove ``quantization_config: {quant_method: gguf}`` from the ``config.json`` of a converted checkpoint (its
+    weights are plain fp32): with it transformers refuses a BitsAndBytesConfig ("The model is quantized with
+    GgufConfig"), so ``--load-in-4bit`` / ``--load-in-8bit`` could not load the conversion. Rewritten atomically;
+    returns whether it was there."""
+    import json
+
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict) or str(quant.get("quant_method", "")).lower() != "gguf":
+        return False
+    del config["quantization_config"]
+    fd, tmp = tempfile.mkstemp(prefix="config.", suffix=".json.tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return True
 
 
 def _complete(folder: str) -> bool:

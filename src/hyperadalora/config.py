@@ -334,7 +334,8 @@ class HyperAdaLoraConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "HyperAdaLoraConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names - {"peft_type", "rank_pattern", "target_names", "method", "hyperadalora_version"})
+        saved_extra = {"peft_type", "rank_pattern", "target_names", "method", "hyperadalora_version", "fan_in_fan_out"}
+        unknown = sorted(set(data) - names - saved_extra)
         if unknown:
             raise ValueError(f"Unknown HyperAdaLoraConfig field(s) {unknown}; valid fields: {sorted(names)}.")
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -58,6 +58,7 @@ class LoraWeights:
     heads: dict = field(default_factory=dict)  # trained heads (modules_to_save): "module.param" -> tensor
     head_modules: list = field(default_factory=list)  # their module names
     task_type: Optional[str] = None
+    fan_in_fan_out: bool = False  # the adapted layers are transformers Conv1D (GPT-2): peft's fan_in_fan_out
 
     @property
     def ranks(self) -> dict:
@@ -75,33 +76,38 @@ class LoraWeights:
             pad = rank - A.shape[0]
             layers[name] = (torch.cat([A, A.new_zeros(pad, A.shape[1])], 0),
                             torch.cat([B, B.new_zeros(B.shape[0], pad)], 1))
-        return LoraWeights(layers, dict(self.heads), list(self.head_modules), self.task_type)
+        return LoraWeights(layers, dict(self.heads), list(self.head_modules), self.task_type, self.fan_in_fan_out)
 
 
 # ---------------------------------------------------------------------------------------------- reading
 @torch.no_grad()
 def lora_weights(model) -> LoraWeights:
-    """The adapter of a `HyperAdaLoraModel` (its kept ranks) as `LoraWeights`."""
-    if getattr(model, "method_name", None) != "hyperadalora":
-        raise TypeError(f"lora_weights takes a HyperAdaLoraModel, got {type(model).__name__}: a peft model exports "
-                        f"with its own save_pretrained; a saved adapter directory with read_adapter.")
-    scaling = model.peft_config.lora_alpha / model.peft_config.init_r
-    layers = {name: (Q.detach().clone(), P * (lam * scaling))
-              for name, (P, lam, Q) in zip(model.target_names, model.final_tensors())}
+    """The adapter of a `HyperAdaLoraModel` (its kept ranks), or of another adapter model of this package whose
+    update is ``B @ A`` (hyperlora, HydraLoRA with one head: its ``lora_factors``), as `LoraWeights`."""
+    if getattr(model, "method_name", None) == "hyperadalora":
+        scaling = model.peft_config.lora_alpha / model.peft_config.init_r
+        layers = {name: (Q.detach().clone(), P * (lam * scaling))
+                  for name, (P, lam, Q) in zip(model.target_names, model.final_tensors())}
+    elif hasattr(model, "lora_factors") and hasattr(model, "method_name"):
+        layers = model.lora_factors()  # ValueError for DoRA, a multi-head HydraLoRA
+    else:
+        raise TypeError(f"lora_weights takes an adapter model of this package, got {type(model).__name__}: a peft "
+                        f"model exports with its own save_pretrained; a saved adapter directory with read_adapter.")
     heads = {k[len("modules_to_save."):]: v.detach().clone() for k, v in model._modules_to_save_state().items()}
-    return LoraWeights(layers, heads, list(model.saved_module_names), model.peft_config.task_type)
+    return LoraWeights(layers, heads, list(model.saved_module_names), model.peft_config.task_type,
+                       any(getattr(a, "fan_in_fan_out", False) for a in model.adapters))
 
 
 def read_adapter(directory: str) -> LoraWeights:
-    """`LoraWeights` of a saved adapter: HyperAdaLoRA's ``save_pretrained`` (``hyperadalora_config.json``) or a peft
+    """`LoraWeights` of a saved adapter: HyperAdaLoRA's ``save_pretrained`` (``hyperadalora_config.json``), another
+    method's whose update is ``B @ A`` (``method_config.json`` of hyperlora, or of HydraLoRA with one head) or a peft
     LoRA adapter (``adapter_config.json``, e.g. written by ``export_lora`` or ``hyperadalora train --method lora``)."""
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return _read_hyperadalora(directory)
     if os.path.isfile(os.path.join(directory, "adapter_config.json")):
         return _read_peft_lora(directory)
     if os.path.isfile(os.path.join(directory, "method_config.json")):
-        raise ValueError(f"{directory!r} holds a generated-adapter method (method_config.json); only HyperAdaLoRA "
-                         f"adapters and peft LoRA adapters export to serving formats.")
+        return _read_method(directory)
     raise FileNotFoundError(f"{directory!r} is not an adapter directory: expected {CONFIG_NAME} (HyperAdaLoRA's "
                             f"save_pretrained, e.g. a run's adapter/) or adapter_config.json (a peft LoRA adapter).")
 
@@ -117,13 +123,13 @@ def _load_tensors(directory: str) -> dict:
 
 
 def _head_modules(keys, spec) -> list:
-    """Module names of saved head tensors ("module.param"): the shortest prefix that peft's suffix rule matches to
-    an entry of ``spec`` (modules_to_save), else the key without its last part."""
+    """Module names of saved head tensors ("module.param"): the shortest prefix that peft's rule (the name ends with
+    an entry) matches to an entry of ``spec`` (modules_to_save), else the key without its last part."""
     names = []
     for key in keys:
         parts = key.split(".")
         found = next((".".join(parts[:i]) for i in range(1, len(parts))
-                      if any(".".join(parts[:i]) == t or ".".join(parts[:i]).endswith("." + t) for t in spec or ())),
+                      if any(".".join(parts[:i]).endswith(t) for t in spec or ())),
                      key.rsplit(".", 1)[0])
         if found not in names:
             names.append(found)
@@ -145,7 +151,34 @@ def _read_hyperadalora(directory: str) -> LoraWeights:
             raise ValueError(f"{directory!r} has no tensor {e.args[0]!r}: the adapter file is incomplete.") from None
         layers[name] = (Q, P * (lam * scaling))
     heads = {k[len("modules_to_save."):]: v for k, v in tensors.items() if k.startswith("modules_to_save.")}
-    return LoraWeights(layers, heads, _head_modules(heads, config.modules_to_save), config.task_type)
+    return LoraWeights(layers, heads, _head_modules(heads, config.modules_to_save), config.task_type,
+                       bool(saved.get("fan_in_fan_out", False)))
+
+
+def _read_method(directory: str) -> LoraWeights:
+    """`LoraWeights` of a saved adapter of another method of this package whose update is ``B @ A`` (hyperlora;
+    hydralora / hyperhydralora with one head); ValueError for the others (DoRA, several heads)."""
+    with open(os.path.join(directory, "method_config.json")) as f:
+        saved = json.load(f)
+    method, heads_n = saved.get("method"), saved.get("n_heads", 1)
+    if method not in ("hyperlora", "hydralora", "hyperhydralora") or heads_n != 1:
+        raise ValueError(f"{directory!r} holds a {method} adapter"
+                         + (f" with n_heads={heads_n}" if heads_n != 1 else "")
+                         + ", whose update is not a plain LoRA B @ A: it does not export to serving formats (hyperlora,"
+                           " HydraLoRA with one head, HyperAdaLoRA and peft LoRA adapters do).")
+    tensors = _load_tensors(directory)
+    scaling = float(saved["lora_alpha"]) / int(saved["r"])
+    names = saved.get("target_names") or sorted({k.split(".lora_", 1)[0] for k in tensors
+                                                 if ".lora_" in k and not k.startswith("modules_to_save.")})
+    layers = {}
+    for name in names:
+        try:
+            layers[name] = (tensors[f"{name}.lora_A.0"], tensors[f"{name}.lora_B.0"] * scaling)
+        except KeyError as e:
+            raise ValueError(f"{directory!r} has no tensor {e.args[0]!r}: the adapter file is incomplete.") from None
+    heads = {k[len("modules_to_save."):]: v for k, v in tensors.items() if k.startswith("modules_to_save.")}
+    return LoraWeights(layers, heads, _head_modules(heads, saved.get("modules_to_save")), saved.get("task_type"),
+                       bool(saved.get("fan_in_fan_out", False)))
 
 
 def _read_peft_lora(directory: str) -> LoraWeights:
@@ -154,10 +187,9 @@ def _read_peft_lora(directory: str) -> LoraWeights:
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{directory!r} holds a peft {cfg.get('peft_type')} adapter; only LORA (or a HyperAdaLoRA "
                          f"adapter) exports to serving formats.")
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out") if cfg.get(k)]
-    if unsupported:
-        raise ValueError(f"{directory!r}: a LoRA adapter with {', '.join(unsupported)} is not a plain B @ A update; "
-                         f"it does not export.")
+    if cfg.get("use_dora"):  # fan_in_fan_out (Conv1D layers) keeps A (r, in) and B (out, r): a plain B @ A
+        raise ValueError(f"{directory!r}: a LoRA adapter with use_dora is not a plain B @ A update; it does not "
+                         f"export.")
     tensors = _load_tensors(directory)
     prefix, layers, heads = "base_model.model.", {}, {}
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -186,7 +218,8 @@ def _read_peft_lora(directory: str) -> LoraWeights:
             heads[name] = value
     if not layers:
         raise ValueError(f"{directory!r} holds no lora_A / lora_B tensors.")
-    return LoraWeights(layers, heads, _head_modules(heads, cfg.get("modules_to_save")), cfg.get("task_type"))
+    return LoraWeights(layers, heads, _head_modules(heads, cfg.get("modules_to_save")), cfg.get("task_type"),
+                       bool(cfg.get("fan_in_fan_out")))
 
 
 # ---------------------------------------------------------------------------------------------- the rank
@@ -228,7 +261,7 @@ def write_peft(weights: LoraWeights, directory: str, base_model_name_or_path: Op
     others = {k: v for k, v in ranks.items() if v != max_r}
     os.makedirs(directory, exist_ok=True)
     cfg = LoraConfig(r=max_r, lora_alpha=max_r, target_modules=sorted(ranks), lora_dropout=0.0,
-                     rank_pattern=others, alpha_pattern=dict(others),
+                     rank_pattern=others, alpha_pattern=dict(others), fan_in_fan_out=weights.fan_in_fan_out,
                      modules_to_save=list(weights.head_modules) or None, task_type=weights.task_type,
                      base_model_name_or_path=base_model_name_or_path)
     cfg.save_pretrained(directory)
@@ -237,8 +270,9 @@ def write_peft(weights: LoraWeights, directory: str, base_model_name_or_path: Op
 
 # HF model_type -> (llama.cpp architecture, whether llama.cpp's converter permutes q_proj / k_proj rows for RoPE:
 # LlamaModel.permute in convert_hf_to_gguf.py, used by its Llama/Mistral class; Qwen2/Qwen3 classes do not)
+# GPT-2: llama.cpp's converter transposes its Conv1D weights to (out, in), so the LoRA tensors keep their layout)
 GGUF_ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-               "qwen3": ("qwen3", False)}
+               "qwen3": ("qwen3", False), "gpt2": ("gpt2", False)}
 PERMUTED_ARCHES = {"llama"}
 
 

@@ -35,6 +35,29 @@ def quantization_kind(layer: nn.Module) -> Optional[str]:
     return None
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    """Whether ``layer`` is transformers' ``Conv1D`` (GPT-2 and the families built on it): a linear layer whose weight
+    is stored ``(in_features, out_features)``, transposed (peft's ``fan_in_fan_out``). A model that holds one has
+    imported transformers, so this never imports it."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(layer, utils.Conv1D)
+
+
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer: an ``nn.Linear`` (bitsandbytes layers included) or a
+    transformers ``Conv1D`` (``nx``, ``nf``)."""
+    if is_conv1d(layer):
+        return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    return layer.in_features, layer.out_features
+
+
+def write_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Copy ``weight`` ``(out_features, in_features)`` into a dense linear layer's weight (transposed for a
+    ``Conv1D``), in the layer's dtype."""
+    target = layer.weight.data
+    target.copy_((weight.t() if is_conv1d(layer) else weight).to(target.dtype))
+
+
 def is_quantized(module: nn.Module) -> bool:
     """Whether ``module`` is, or holds, a bitsandbytes quantized linear layer."""
     return any(quantization_kind(m) is not None for m in module.modules())
@@ -42,7 +65,11 @@ def is_quantized(module: nn.Module) -> bool:
 
 def dequantized_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ``(out_features, in_features)`` weight of a linear layer as a dense ``dtype`` tensor, without a gradient:
-    ``layer.weight`` for a plain ``nn.Linear``, the dequantized matrix for a bitsandbytes 4-bit or 8-bit layer."""
+    ``layer.weight`` for a plain ``nn.Linear`` (transposed for a transformers ``Conv1D``), the dequantized matrix for a
+    bitsandbytes 4-bit or 8-bit layer. For a dense layer in its own dtype this is a view of the weight: clone it before
+    changing it in place."""
+    if is_conv1d(layer):
+        return layer.weight.detach().t().to(dtype)
     kind = quantization_kind(layer)
     if kind is None or layer.weight.is_floating_point():  # an 8-bit layer with has_fp16_weights keeps a float weight
         return layer.weight.detach().to(dtype)

@@ -1,8 +1,9 @@
 """Tuner utilities every adapter method shares (the lowest layer of the package: it imports only `quantization` and
 `wrapper`).
 
-- targets: which ``nn.Linear`` of a transformers model to adapt (`find_target_modules`), whether a layer is wide
-  enough for a rank (`check_rank_fits`), refusing a model that carries adapters already (`refuse_adapted_model`);
+- targets: which linear layers (``nn.Linear``, transformers' ``Conv1D``) of a transformers model to adapt
+  (`find_target_modules`, `default_targets`), whether a layer is wide enough for a rank (`check_rank_fits`), refusing
+  a model that carries adapters already (`refuse_adapted_model`);
 - injection with undo (`Injection`, `replace_module`) and the common part of every loader (`load_onto`);
 - adapter files: safetensors written atomically with the digests of the tensors and of the config beside them
   (`save_safetensors`, `load_safetensors_checked`, `tensors_digest`);
@@ -28,21 +29,52 @@ from torch import nn
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_DEFAULT_TARGETS
 
-from .quantization import dequantized_weight
-from .wrapper import BaseAdapterLayer, BaseAdapterModel
+from .quantization import dequantized_weight, is_conv1d, layer_features
+from .wrapper import BaseAdapterLayer, BaseAdapterModel, modules_to_save_names  # noqa: F401
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 HYPERNET_WEIGHTS_NAME = "hypernetworks.safetensors"
 OUTPUT_LAYER_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out", "output_layer")
 
 
-def _default_targets(model: nn.Module) -> list[str]:
+# model types that peft's mappings do not name, whose attention projections are the usual targets (mixture-of-experts
+# decoders: their experts are fused 3-D parameters, no linear layer; the router is never a default target)
+EXTRA_DEFAULT_TARGETS = {"qwen2_moe": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"],
+                         "olmoe": ["q_proj", "v_proj"], "granitemoe": ["q_proj", "v_proj"]}
+ADAPTABLE = "nn.Linear or Conv1D"
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether the adapters of this package wrap ``module``: an ``nn.Linear`` (bitsandbytes 4-bit / 8-bit layers
+    included) or transformers' ``Conv1D`` (GPT-2's transposed linear layer, peft's ``fan_in_fan_out``)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """peft's default ``target_modules`` of the model's ``model_type``: its AdaLoRA mapping, then its LoRA mapping
+    (then the few mixture-of-experts types neither names, `EXTRA_DEFAULT_TARGETS`); a ValueError listing the layer
+    names that could be targeted for any other model type."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
-    raise ValueError(f"No default target_modules for model_type={model_type!r}: set target_modules (module name "
-                     f"suffixes, a regex, or 'all-linear').")
+    for mapping in (DEFAULT_TARGETS, LORA_DEFAULT_TARGETS, EXTRA_DEFAULT_TARGETS):
+        if model_type in mapping:
+            return list(mapping[model_type])
+    raise ValueError(f"No default target_modules for model_type={model_type!r} (peft's AdaLoRA and LoRA mappings do "
+                     f"not name it): set target_modules to some of the model's layer names (suffix match), e.g. "
+                     f"{candidate_names(model)}, to a regex (full match), or to 'all-linear'.")
+
+
+def candidate_names(model: nn.Module, limit: int = 12) -> list[str]:
+    """The distinct last parts of the names of the layers that could be adapted (output layers left out), in model
+    order: what ``target_modules`` may name."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if is_adaptable(module) and not any(p in OUTPUT_LAYER_NAMES for p in name.split(".")):
+            last = name.rsplit(".", 1)[-1]
+            if last not in names:
+                names.append(last)
+    return names[:limit]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -50,33 +82,76 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def find_target_modules(model: nn.Module, config) -> list[str]:
-    """Names of the nn.Linear modules to adapt, as peft matches them (suffix for a list, full regex for a str);
-    ``config`` has ``target_modules`` and ``modules_to_save``."""
-    targets = config.target_modules if config.target_modules is not None else _default_targets(model)
-    saved = tuple(config.modules_to_save or ())
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+def _moe_router(model: nn.Module, name: str) -> bool:
+    """A linear layer beside an ``experts`` module (a mixture-of-experts block's router or gate: Qwen2-MoE's
+    ``shared_expert_gate``, the ``gate`` of older implementations): never adapted by ``"all-linear"``."""
+    parent, _, child = name.rpartition(".")
+    if child in ("experts", "shared_expert") or not parent:
+        return False
+    return "experts" in dict(model.get_submodule(parent).named_children())
 
-    def excluded(name):
-        parts = name.split(".")
-        return any(p in OUTPUT_LAYER_NAMES or p in saved for p in parts)
+
+def _fused_parameters(model: nn.Module, targets: list[str]) -> list[str]:
+    """The >= 3-D parameters (fused mixture-of-experts weights) that ``targets`` name (or their module's name)."""
+    found = []
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if p.dim() >= 3 and any(name == t or name.endswith("." + t) or module == t or module.endswith("." + t)
+                                for t in targets):
+            found.append(f"{name} is a fused {tuple(p.shape)} parameter")
+    return found
+
+
+def _output_layer(model: nn.Module) -> Optional[str]:
+    """The name of the model's output layer (transformers' ``get_output_embeddings``), if any."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    try:
+        out = get_output() if callable(get_output) else None
+    except (AttributeError, NotImplementedError):
+        out = None
+    return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
+
+
+def find_target_modules(model: nn.Module, config) -> list[str]:
+    """Names of the linear layers (nn.Linear or Conv1D, `is_adaptable`) to adapt, as peft matches them: suffix for a
+    list, full regex for a str, `default_targets` for None; ``"all-linear"``: every linear layer but the output layer,
+    the task heads and the mixture-of-experts routers (as peft defines it). A layer inside a module to save
+    (``modules_to_save``: RoBERTa's ``classifier.dense``) is never adapted: the module is trained, saved and merged
+    whole. ``config`` has ``target_modules`` and ``modules_to_save``."""
+    targets = config.target_modules if config.target_modules is not None else default_targets(model)
+    saved = modules_to_save_names(model, config.modules_to_save)
+    linear = [(n, m) for n, m in model.named_modules() if is_adaptable(m)]
+    output = _output_layer(model)
+
+    def in_saved(name):  # a layer that *is* a module to save and is targeted gets the adapter (as before)
+        return any(name.startswith(s + ".") for s in saved)
 
     if targets == "all-linear":
-        names = [n for n, _ in linear if not excluded(n)]
+        names = [n for n, _ in linear if not (any(p in OUTPUT_LAYER_NAMES for p in n.split(".")) or n == output
+                                              or n in saved or _moe_router(model, n))]
     elif isinstance(targets, str):
         names = [n for n, _ in linear if re.fullmatch(targets, n)]
     else:
         names = [n for n, _ in linear if any(n == t or n.endswith("." + t) for t in targets)]
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in linear)]
         if unmatched:
+            fused = _fused_parameters(model, unmatched)
             others = [n for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in unmatched)]
-            hint = f" ({others[0]} is a {type(model.get_submodule(others[0])).__name__}, not nn.Linear)" if others else ""
-            raise ValueError(f"target_modules {unmatched} match no nn.Linear module of the model{hint}. "
-                             f"Linear modules look like: {[n for n, _ in linear[:8]]}.")
-    names = [n for n in names if not excluded(n) or targets != "all-linear"]
+            if fused:
+                hint = (f" ({fused[0]}: mixture-of-experts weights fused into one 3-D parameter are not adapted "
+                        f"(peft's LoRA reaches them with target_parameters); target the attention projections or "
+                        f"another linear layer instead)")
+            elif others:
+                hint = f" ({others[0]} is a {type(model.get_submodule(others[0])).__name__}, not {ADAPTABLE})"
+            else:
+                hint = ""
+            raise ValueError(f"target_modules {unmatched} match no nn.Linear module (nor Conv1D) of the model{hint}. "
+                             f"The layers that can be targeted are named like: {candidate_names(model)}.")
+    names = [n for n in names if not in_saved(n)]  # trained whole with their module to save
     if not names:
-        raise ValueError(f"target_modules={targets!r} matches no nn.Linear module of the model. "
-                         f"Linear modules look like: {[n for n, _ in linear[:8]]}.")
+        raise ValueError(f"target_modules={targets!r} matches no nn.Linear module (nor Conv1D) of the model"
+                         + (f" outside the modules to save {saved}" if saved else "")
+                         + f". The layers that can be targeted are named like: {candidate_names(model)}.")
     return names
 
 
@@ -120,11 +195,11 @@ def check_rank_fits(model: nn.Module, names: list[str], r: int, rank_field: str,
     ``reason``: why the rank must fit (e.g. the principal initialisation needs ``r`` singular vectors); ``fix``:
     the setting that avoids it, besides a lower rank or leaving the layer out."""
     for name in names:
-        layer = model.get_submodule(name)
-        smaller = min(layer.in_features, layer.out_features)
+        in_features, out_features = layer_features(model.get_submodule(name))
+        smaller = min(in_features, out_features)
         if smaller < r:
             raise ValueError(
-                f"Target layer {name!r} (in_features={layer.in_features}, out_features={layer.out_features}) is "
+                f"Target layer {name!r} (in_features={in_features}, out_features={out_features}) is "
                 f"narrower than {rank_field}={r}: {reason} (here {smaller}). Lower {rank_field} to <= {smaller}, leave "
                 f"{name!r} out of target_modules (train it in full with modules_to_save instead), or {fix}.")
 
@@ -156,15 +231,16 @@ class Injection:
 
 
 def saved_layers_missing(model: nn.Module, names: list[str]) -> list[str]:
-    """Descriptions of the saved target layers ``names`` that have no nn.Linear of that name in ``model``."""
+    """Descriptions of the saved target layers ``names`` that have no linear layer (nn.Linear or Conv1D) of that name
+    in ``model``."""
     modules = dict(model.named_modules())
     missing = []
     for name in names:
         module = modules.get(name)
         if module is None:
             missing.append(name)
-        elif not isinstance(module, nn.Linear):
-            missing.append(f"{name} (a {type(module).__name__}, not nn.Linear)")
+        elif not is_adaptable(module):
+            missing.append(f"{name} (a {type(module).__name__}, not {ADAPTABLE})")
     return missing
 
 
@@ -172,8 +248,7 @@ def saved_heads_missing(model: nn.Module, tensors: dict, modules_to_save, target
     """The saved ``modules_to_save.*`` tensors that no module to save of ``model`` takes (what load_adapter would
     otherwise drop silently)."""
     targets = set(target_names)
-    heads = [n for n, _ in model.named_modules() if n not in targets
-             and any(n == t or n.endswith("." + t) for t in modules_to_save or ())]
+    heads = [n for n in modules_to_save_names(model, modules_to_save) if n not in targets]
     prefixes = tuple(f"modules_to_save.{n}." for n in heads)
     return sorted(k[len("modules_to_save."):] for k in tensors
                   if k.startswith("modules_to_save.") and not k.startswith(prefixes))
@@ -189,7 +264,7 @@ def refuse_missing_modules(model: nn.Module, directory, target_names: list[str],
     parts = []
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
-        parts.append(f"{len(missing)} of its {len(target_names)} adapted layers have no matching nn.Linear in the "
+        parts.append(f"{len(missing)} of its {len(target_names)} adapted layers have no matching {ADAPTABLE} in the "
                      f"model: {shown}")
     if heads:
         shown = ", ".join(heads[:8]) + (f", ... ({len(heads) - 8} more)" if len(heads) > 8 else "")

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from .quantization import enable_gradient_checkpointing
+from .quantization import enable_gradient_checkpointing, quantization_kind
 
 
 class BaseAdapterLayer(nn.Module):
@@ -48,13 +48,22 @@ class BaseAdapterModel(nn.Module):
             return getattr(self.base_model, name)
 
     def _mark_modules_to_save(self) -> list[str]:
-        """Make the ``modules_to_save`` (matched by name or dotted suffix) trainable; returns their names."""
-        names = []
-        for target in self.peft_config.modules_to_save or ():
-            for name, module in self.base_model.named_modules():
-                if (name == target or name.endswith("." + target)) and not isinstance(module, BaseAdapterLayer):
-                    module.requires_grad_(True)
-                    names.append(name)
+        """Make the ``modules_to_save`` (matched as peft matches them, `modules_to_save_names`) trainable, whole:
+        every parameter of the module, sub-layers included (RoBERTa's ``classifier.dense`` / ``out_proj``); returns
+        their names."""
+        names = modules_to_save_names(self.base_model, self.peft_config.modules_to_save)
+        for name in names:  # all checked first: a refused model stays as it was
+            module = self.base_model.get_submodule(name)
+            packed = next((n for n, m in module.named_modules() if quantization_kind(m) is not None), None)
+            if packed is not None:
+                where = f"{name}.{packed}" if packed else name
+                raise ValueError(
+                    f"The module to save {name!r} holds a {quantization_kind(module.get_submodule(packed))} quantized "
+                    f"layer ({where!r}): a module to save is trained in full, and packed 4-bit / 8-bit weights take no "
+                    f"gradient. Load the base with that module left unquantized (BitsAndBytesConfig("
+                    f"llm_int8_skip_modules=[{name.rsplit('.', 1)[-1]!r}, ...])), or leave it out of modules_to_save.")
+        for name in names:
+            self.base_model.get_submodule(name).requires_grad_(True)
         return names
 
     def _modules_to_save_state(self) -> dict:
@@ -89,6 +98,20 @@ class BaseAdapterModel(nn.Module):
         """Text generation with the current adapter (generated once, cached)."""
         self.materialize(training_pass=False)
         return self.base_model.generate(*args, **kwargs)
+
+
+def modules_to_save_names(model: nn.Module, modules_to_save) -> list[str]:
+    """The modules of ``model`` that ``modules_to_save`` names, matched as peft matches them (a module whose name
+    ends with an entry: ``classifier`` also takes DistilBERT's ``pre_classifier``), outermost only (a module inside
+    another one to save is saved with it), never an adapter layer."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, BaseAdapterLayer):
+            continue
+        if any(name.endswith(t) for t in modules_to_save or ()) and \
+                not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ from .extension import run_extension
 from .formulation import VARIANTS as FORMULATION_VARIANTS
 from .formulation import run_formulation
 from .gamma import run_gamma
-from .lr_sweep import run_lr_sweep
+from .lr_sweep import run_lr_sweep, run_lr_sweep_why
 from .nlg import run_nlg
 from .nlu import run_nlu_convergence
 from .. import experiment_args
@@ -28,6 +28,7 @@ EXPERIMENTS = {
     "extension": run_extension,
     "formulation": run_formulation,
     "lr-sweep": run_lr_sweep,
+    "lr-sweep-why": run_lr_sweep_why,
 }
 
 DESCRIPTIONS = {
@@ -51,7 +52,14 @@ DESCRIPTIONS = {
                 "on SST-2 (MiniLM, 400 steps, 3 seeds) and instruction tuning (SmolLM2, 100 steps, 2 seeds); each "
                 "method at its own best lr, with a pre-registered decision rule. Hours of CPU: run it in two "
                 "processes side by side with --reuse --threads 1 (cells are claimed, reused across sessions)",
+    "lr-sweep-why": "issue 32: where HyperAdaLoRA's lr robustness comes from: HyperAdaLoRA with feature_lr_ratio=1, "
+                    "without row codes, and peft AdaLoRA with P and Q at 30x the lr, on the lr sweep's SST-2 grid "
+                    "extended by 1e-1 (3 seeds), beside the sweep's committed cells, with a pre-registered rule. Hours "
+                    "of CPU: run it in two processes side by side with --reuse --threads 1",
 }
+
+
+CELL_EXPERIMENTS = ("lr-sweep", "lr-sweep-why")  # the experiments with an lr grid (--lrs) and cells (--report-only)
 
 
 def run_experiment(name: str, opts=None) -> dict:
@@ -62,9 +70,9 @@ def run_experiment(name: str, opts=None) -> dict:
     if name != "formulation" and (opts.variants or opts.variant):
         raise ValueError(f"--variants / --variant choose formulations of the 'formulation' experiment; {name!r} "
                          f"has none: leave them out, or run 'hyperadalora experiment formulation'.")
-    if name != "lr-sweep" and opts.lrs:
+    if name not in CELL_EXPERIMENTS and opts.lrs:
         raise ValueError(f"--lrs sets the grid of the 'lr-sweep' experiment; {name!r} has none: use --lr.")
-    if name != "lr-sweep" and opts.report_only:
+    if name not in CELL_EXPERIMENTS and opts.report_only:
         raise ValueError(f"--report-only applies to the 'lr-sweep' experiment's cells; {name!r} has none: use --reuse.")
     out = opts.output_dir or os.path.join("runs", "experiments", name)
     if os.path.exists(out) and not os.path.isdir(out):

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-from ..quantization import dense_linear, quantization_kind, refuse_quantized_merge
+from ..quantization import dense_linear, quantization_kind, refuse_quantized_merge, write_dense_weight
 from ..tuner_utils import ADAPTER_WEIGHTS_NAME, replace_module, save_safetensors
 
 
@@ -53,7 +53,7 @@ class AdapterFiles:
             if quantization_kind(base) is not None:
                 replace_module(self.base_model, name, dense_linear(base, weight))
                 continue
-            base.weight.data.copy_(weight.to(base.weight.dtype))
+            write_dense_weight(base, weight)  # transposed back for a Conv1D
             replace_module(self.base_model, name, base)
         return self.base_model
 

@@ -35,6 +35,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from ..export import export, lora_weights
 from ..generator import RoleGenerator, hypernetwork_param_groups
 from ..quantization import keep_trainable_layout
 from ..tuner_utils import (ADAPTER_WEIGHTS_NAME, Injection, check_rank_fits,
@@ -426,9 +427,34 @@ class AdapterModel(AdapterFiles, BaseAdapterModel):
         return {f"{name}.{k}": v for name, layer in zip(self.target_names, self.adapters)
                 for k, v in layer.adapter_state().items()}
 
+    @property
+    def exports_lora(self) -> bool:
+        """Whether `export_lora` can write this adapter as a peft LoRA adapter (every layer a plain ``B @ A``
+        update: hyperlora, HydraLoRA with one head; not DoRA)."""
+        return all(layer.has_lora_form() for layer in self.adapters)
+
+    def lora_factors(self) -> dict:
+        """{module name: (A (r, in), B (out, r))} with ``B @ A`` each layer's update (scale folded into B); ValueError
+        for a method whose update is not of that form (`exports_lora`)."""
+        self._materialized()
+        return {name: layer.lora_factors() for name, layer in zip(self.target_names, self.adapters)}
+
+    def export_lora(self, directory: str, rank=None, allowed_ranks=None) -> None:
+        """Write a vanilla peft LoRA adapter (``lora_alpha = r``: scale 1, the update ``B @ A``; the trained heads as
+        modules to save; ``fan_in_fan_out`` for Conv1D layers): load it with
+        ``peft.PeftModel.from_pretrained(base_model, directory)``. ``rank`` / ``allowed_ranks``: one rank padded
+        with zeros, as HyperAdaLoRA's `export_lora`. ValueError for DoRA and a multi-head HydraLoRA."""
+        uniform = rank is not None or bool(allowed_ranks)
+        export(lora_weights(self), directory, "peft-uniform" if uniform else "peft", rank=rank,
+               allowed_ranks=allowed_ranks)
+
     def _config_extra(self) -> dict:
         """What `save_pretrained` records in the config file besides the config."""
-        return {"target_names": self.target_names}
+        return {"target_names": self.target_names, **self._layout_extra()}
+
+    def _layout_extra(self) -> dict:
+        """``{"fan_in_fan_out": True}`` when the adapted layers are transformers Conv1D (GPT-2), else nothing."""
+        return {"fan_in_fan_out": True} if any(getattr(a, "fan_in_fan_out", False) for a in self.adapters) else {}
 
     # ------------------------------------------------------------------ loading
     @classmethod

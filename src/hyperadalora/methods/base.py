@@ -34,8 +34,8 @@ from torch import nn
 
 from ..config import (ADALORA_ONLY_FIELDS, ADAPTER_FIELDS, DEFAULT_MODULES_TO_SAVE, HYPERNET_FIELDS,  # noqa: F401
                       TASK_TYPES, HyperAdaLoraConfig)
-from ..quantization import dense_dtype, dequantized_weight, quantization_kind
-from ..tuner_utils import flat_base_forward
+from ..quantization import dense_dtype, dequantized_weight, is_conv1d, layer_features, quantization_kind
+from ..tuner_utils import ADAPTABLE, flat_base_forward, is_adaptable
 from ..wrapper import BaseAdapterLayer
 
 METHOD_CONFIG_NAME = "method_config.json"
@@ -100,7 +100,7 @@ class MethodConfig:
         name = data.pop("method", None) or cls.method
         target = get_method(name).config_cls if name else cls
         names = {f.name for f in dataclasses.fields(target)}
-        unknown = sorted(set(data) - names - {"target_names", "peft_type", "hyperadalora_version"})
+        unknown = sorted(set(data) - names - {"target_names", "peft_type", "hyperadalora_version", "fan_in_fan_out"})
         if unknown:
             raise ValueError(f"Unknown {target.__name__} field(s) {unknown}; valid fields: {sorted(names)}.")
         return target(**{k: v for k, v in data.items() if k in names})
@@ -236,7 +236,8 @@ def get_method(name: str) -> Method:
 
 # ---------------------------------------------------------------------------------------------- the layer
 class AdapterLayer(BaseAdapterLayer):
-    """An ``nn.Linear`` with an adapter. Subclasses define `ROLES`, `shapes`, `adapt` and (if defined) `merged_weight`,
+    """A linear layer (``nn.Linear``, or transformers' ``Conv1D`` whose weight is stored transposed: peft's
+    ``fan_in_fan_out``) with an adapter. Subclasses define `ROLES`, `shapes`, `adapt` and (if defined) `merged_weight`,
     and may add trained parameters in `setup` (DoRA's magnitude, HydraLoRA's router).
 
     A role that is *trained* is an ``nn.ParameterList`` ``lora_<role>`` of this layer; a role that is *generated*
@@ -245,16 +246,17 @@ class AdapterLayer(BaseAdapterLayer):
 
     ROLES: ClassVar[dict[str, RoleSpec]] = {}
 
-    def __init__(self, base_layer: nn.Linear, config: MethodConfig, index: int, generated: tuple = ()):
+    def __init__(self, base_layer: nn.Module, config: MethodConfig, index: int, generated: tuple = ()):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{type(self).__name__} wraps nn.Linear layers, got {type(base_layer).__name__}.")
+        if not is_adaptable(base_layer):
+            raise TypeError(f"{type(self).__name__} wraps {ADAPTABLE} layers, got {type(base_layer).__name__}.")
         self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)  # W0 stored (in, out): base_weight() gives it (out, in)
         self.index = index
         self.r = config.r
         self.scaling = config.lora_alpha / config.r
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = layer_features(base_layer)
         self.generated = tuple(generated)
         self.disabled = False
         self._installed: dict[str, Optional[list]] = {role: None for role in self.generated}
@@ -280,6 +282,15 @@ class AdapterLayer(BaseAdapterLayer):
         """The weight that gives the same outputs without the adapter (``ValueError`` where there is none)."""
         raise ValueError(f"{type(self).__name__} cannot be merged into the base weight.")
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (r, in), B (out, r))`` with ``B @ A`` the update, the scale folded into B: the layer as a plain LoRA
+        layer (the peft LoRA export). ``ValueError`` for a method whose update is not ``B @ A`` (`has_lora_form`)."""
+        raise ValueError(f"{type(self).__name__} is not a plain LoRA update B @ A: it does not export as peft LoRA.")
+
+    def has_lora_form(self) -> bool:
+        """Whether `lora_factors` gives this layer's update."""
+        return False
+
     def init_trained(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
         """Initialisation of a trained role's tensor: zeros for ``zero_start`` roles, else nn.Linear's (Kaiming
         uniform, as peft's LoRA initialises A)."""
@@ -293,6 +304,7 @@ class AdapterLayer(BaseAdapterLayer):
         ``dtype`` (default: the weight's own, or the quantized layer's compute dtype)."""
         if quantization_kind(self.base_layer) is None:
             w = self.base_layer.weight.detach()
+            w = w.t() if self.fan_in_fan_out else w
             return w if dtype is None else w.to(dtype)
         return dequantized_weight(self.base_layer, dtype or dense_dtype(self.base_layer))
 

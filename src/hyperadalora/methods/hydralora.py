@@ -48,6 +48,16 @@ class HydraLayer(AdapterLayer):
         z = (w.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)              # (..., N * r): w_k * A x, head-major
         return add_product(out, z * self.scaling, B)                     # sum_k w_k B_k A x
 
+    def has_lora_form(self) -> bool:  # one head: the router's softmax is 1, the update the fixed B_1 A
+        return self.n_heads == 1
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n_heads != 1:
+            raise ValueError(f"HydraLoRA with n_heads={self.n_heads} weighs its heads per token (a router): it is not "
+                             f"a plain LoRA update B @ A and does not export as peft LoRA (n_heads=1 does).")
+        (A,), (B,) = self.tensors("A"), self.tensors("B")
+        return A.detach().clone(), (B * self.scaling).detach().clone()
+
     def merged_weight(self) -> torch.Tensor:
         if self.n_heads != 1:
             raise ValueError(

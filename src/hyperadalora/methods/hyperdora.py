@@ -38,6 +38,13 @@ class DoraLayer(LoraLayer):
         lora = ((self.dropout(x) @ A.t()) @ B.t()) * self.scaling
         return out + (scale - 1) * base + scale * lora
 
+    def has_lora_form(self) -> bool:  # the magnitude rescales every output feature: not B @ A
+        return False
+
+    def lora_factors(self):
+        raise ValueError("DoRA's update rescales each output feature by its trained magnitude: it is not a plain LoRA "
+                         "update B @ A and does not export as peft LoRA; merge it (merge_and_unload) instead.")
+
     def merged_weight(self) -> torch.Tensor:
         weight = self.base_weight()
         direction = weight + self.delta_weight().to(weight.dtype)

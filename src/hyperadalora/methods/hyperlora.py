@@ -36,6 +36,13 @@ class LoraLayer(AdapterLayer):
         weight = self.base_weight()
         return weight + self.delta_weight().to(weight.dtype)
 
+    def has_lora_form(self) -> bool:
+        return True
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (A,), (B,) = self.tensors("A"), self.tensors("B")
+        return A.detach().clone(), (B * self.scaling).detach().clone()
+
 
 @dataclass
 class HyperLoraConfig(HypernetOptions, MethodConfig):

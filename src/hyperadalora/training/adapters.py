@@ -96,7 +96,17 @@ def param_groups(wrapped, args: TrainArgs) -> list[dict]:
     if isinstance(wrapped, AdapterModel):
         return wrapped.optimizer_param_groups(args.lr, args.weight_decay)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    return [{"params": params, "lr": args.lr, "weight_decay": args.weight_decay}]
+    if args.pq_lr_ratio == 1.0:
+        return [{"params": params, "lr": args.lr, "weight_decay": args.weight_decay}]
+    # peft AdaLoRA with P (lora_B) and Q (lora_A) at lr * pq_lr_ratio; lambda (lora_E) and the head at lr
+    pq = {id(p) for n, p in wrapped.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n)}
+    if not pq:
+        raise ValueError(f"pq_lr_ratio={args.pq_lr_ratio}: the model has no AdaLoRA P / Q (lora_A / lora_B) to train "
+                         f"at another lr.")
+    return [{"params": [p for p in params if id(p) in pq], "lr": args.lr * args.pq_lr_ratio,
+             "weight_decay": args.weight_decay, "name": "adalora_pq"},
+            {"params": [p for p in params if id(p) not in pq], "lr": args.lr, "weight_decay": args.weight_decay,
+             "name": "others"}]
 
 
 def total_rank(wrapped) -> int:

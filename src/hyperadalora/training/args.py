@@ -111,6 +111,9 @@ class TrainArgs:
     tfinal: Optional[int] = arg(None, "steps at the final budget (default: 20% of the steps)")
     deltaT: int = arg(10, "re-mask interval (hyperadalora, adalora)")
     orth_reg_weight: float = arg(0.1, "gamma of the orthogonal regulariser (hyperadalora, adalora)")
+    pq_lr_ratio: float = arg(1.0, "adalora (peft): learning rate of P and Q (lora_B, lora_A) relative to --lr; "
+                                  "lambda (lora_E) and the head stay at --lr (issue 32's control for HyperAdaLoRA's "
+                                  "row codes at feature_lr_ratio)")
     save_adapter: bool = arg(True, "save the adapter to OUTPUT_DIR/adapter at the end", negate="--no-save-adapter")
     progress: bool = arg(True, "show a progress bar", negate="--no-progress")
     save_every: int = arg(0, "write a checkpoint every N optimizer steps (0: only at the end)")
@@ -165,6 +168,13 @@ class TrainArgs:
                 raise ValueError(f"{name}={v!r} must be an integer >= {low}.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be a positive number.")
+        if isinstance(self.pq_lr_ratio, bool) or not (isinstance(self.pq_lr_ratio, (int, float))
+                                                      and self.pq_lr_ratio > 0):
+            raise ValueError(f"pq_lr_ratio={self.pq_lr_ratio!r} must be a positive number.")
+        if self.pq_lr_ratio != 1.0 and self.method != "adalora":
+            raise ValueError(f"pq_lr_ratio={self.pq_lr_ratio!r} applies to method 'adalora' (peft's P and Q) only; "
+                             f"{self.method!r}: leave it at 1 (hyperadalora: use feature_lr_ratio / "
+                             f"hypernet_lr_ratio).")
         if self.report_to not in tracking.REPORT_TO:
             raise ValueError(f"report_to={self.report_to!r}: choose one of {tracking.REPORT_TO}.")
         if self.scheduler not in ("linear", "constant"):

@@ -21,11 +21,13 @@ The analysis (`analyse`) is fixed before the runs, together with its decision ru
    curve interpolated in log lr), with its interval, and whether the peaks are equal.
 
 Its modules: `design` (what is fixed before the runs), `cells` (running, claiming and reusing cells), `analysis`,
-`report` and `run` (`run_lr_sweep`, the experiment of the registry).
+`report` and `run` (`run_lr_sweep`, the experiment of the registry); `why` (``lr-sweep-why``, issue 32: where the
+robustness to the lr comes from, with a rule of its own).
 """
 
 from .analysis import analyse
 from .design import DECISION_RULE, TASKS, SweepTask
 from .run import run_lr_sweep
+from .why import WHY_RULE, run_lr_sweep_why
 
-__all__ = ["run_lr_sweep", "analyse", "TASKS", "DECISION_RULE", "SweepTask"]
+__all__ = ["run_lr_sweep", "run_lr_sweep_why", "analyse", "TASKS", "DECISION_RULE", "WHY_RULE", "SweepTask"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -30,11 +31,12 @@ def choose_lr(spec: SweepTask, grid: dict, method: str, step: int, key: str) -> 
     return best
 
 
-def mean_curve(grid: dict, method: str, step: int, key: str = "score") -> dict:
-    """{lr: mean score over seeds} at ``step``."""
+def mean_curve(grid: dict, method: str, step: int, key: str = "score", seeds=None) -> dict:
+    """{lr: mean score over seeds} at ``step`` (``seeds``: only these)."""
     out = {}
     for lr, cells in sorted(grid[method].items()):
-        vals = [v for v in (score_at(c, step, key) for c in cells.values()) if v is not None]
+        vals = [v for v in (score_at(c, step, key) for s, c in cells.items() if seeds is None or s in seeds)
+                if v is not None]
         if vals:
             out[lr] = float(np.mean(vals))
     return out
@@ -62,6 +64,20 @@ def good_window(spec: SweepTask, curve: dict) -> dict:
             ends.append((x[j], True))
     (lo, lo_c), (hi, hi_c) = ends
     return {"decades": float(hi - lo), "censored": bool(lo_c or hi_c), "lo": float(10 ** lo), "hi": float(10 ** hi)}
+
+
+def window_of(spec: SweepTask, grid: dict, method: str, step: int, seeds=None,
+              tolerance: Optional[float] = None) -> dict:
+    """`good_window` of the method's mean curve at ``step`` over ``seeds`` (all: None), at ``tolerance`` (the task's:
+    None)."""
+    if tolerance is not None:
+        spec = dataclasses.replace(spec, tolerance=tolerance)
+    return good_window(spec, mean_curve(grid, method, step, seeds=seeds))
+
+
+def ratio_of(a: dict, b: dict) -> Optional[float]:
+    """Window ``a`` over window ``b`` (decades); None where either is missing or ``b`` is empty."""
+    return a["decades"] / b["decades"] if a["decades"] is not None and b["decades"] else None
 
 
 def steps_to(spec: SweepTask, cell: dict, target: float, key: str = "score_b") -> Optional[float]:
@@ -143,10 +159,14 @@ def analyse(spec: SweepTask, cells: list, lrs: list, seeds: list) -> dict:
         chosen = {m: choose_lr(spec, grid, m, step, choose_key) for m in METHODS}
         per_method = {m: [score_at(grid[m][chosen[m]].get(s, {"evals": []}), step, score_key) if chosen[m] else None
                           for s in seeds] for m in METHODS}
-        diffs = [None if h is None or a is None else spec.utility(h) - spec.utility(a)
-                 for h, a in zip(per_method["hyperadalora"], per_method["adalora"])]
+        def diff(m1: str, m2: str) -> dict:  # paired by seed, positive = m1 better
+            return interval_of([None if x is None or y is None else spec.utility(x) - spec.utility(y)
+                                for x, y in zip(per_method[m1], per_method[m2])])
+
         return {"chosen_lr": chosen, "scores": {m: stats(v) for m, v in per_method.items()},
-                "diff_hyper_minus_ada": interval_of(diffs), "seeds": seeds}
+                "diff_hyper_minus_ada": diff("hyperadalora", "adalora"), "seeds": seeds,
+                # LoRA, the anchor (reported, not part of the rule)
+                "diff_lora_minus_ada": diff("lora", "adalora"), "diff_lora_minus_hyper": diff("lora", "hyperadalora")}
 
     out["best_vs_best"] = {str(step): best_vs_best("score_a", "score_b", step) for step in steps}
     out["best_vs_best_reverse"] = {str(step): best_vs_best("score_b", "score_a", step) for step in steps}
@@ -206,9 +226,48 @@ def analyse(spec: SweepTask, cells: list, lrs: list, seeds: list) -> dict:
             for h, a in zip(peaks["hyperadalora"]["values"], peaks["adalora"]["values"])])
     out["peaks"] = {"per_method": peaks, "diff_hyper_minus_ada": peak_diff}
 
+    out["robustness"] = robustness(spec, grid, seeds, steps, final)
     # the verdict
     out.update(verdict_of(spec, out, missing, bracket))
     return out
+
+
+TOLERANCE_MULTIPLES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # the robustness table's tolerances, x the pre-registered one
+
+
+def robustness(spec: SweepTask, grid: dict, seeds: list, budgets: list, final: int) -> dict:
+    """How firmly rule (b) holds (issue 32; reported beside the verdict, not part of the rule): the window ratio
+    HyperAdaLoRA / AdaLoRA against the tolerance (a table at `TOLERANCE_MULTIPLES` of the pre-registered one, and
+    the ranges of tolerance over which the rule holds, from a fine scan), with each seed left out and each seed
+    alone, at every budget, and which end of the window widens."""
+    def ratio(step=final, use=None, tolerance=None) -> dict:
+        wh = window_of(spec, grid, "hyperadalora", step, use, tolerance)
+        wa = window_of(spec, grid, "adalora", step, use, tolerance)
+        r = ratio_of(wh, wa)
+        return {"ratio": r, "holds": bool(r is not None and r >= ADVANTAGE_WINDOW), "hyperadalora": wh,
+                "adalora": wa}
+
+    table = [{"tolerance": spec.tolerance * k, **ratio(tolerance=spec.tolerance * k)} for k in TOLERANCE_MULTIPLES]
+    scan = np.round(np.linspace(0.25, 3.0, 276) * spec.tolerance, 10)
+    holds = [ratio(tolerance=float(t))["holds"] for t in scan]
+    ranges = []  # the runs of consecutive scanned tolerances at which the rule holds: [first, last]
+    for i, (t, h) in enumerate(zip(scan, holds)):
+        if h and (i == 0 or not holds[i - 1]):
+            ranges.append([float(t), float(t)])
+        elif h:
+            ranges[-1][1] = float(t)
+    wh, wa = ratio()["hyperadalora"], ratio()["adalora"]
+    sides = None
+    if None not in (wh["lo"], wh["hi"], wa["lo"], wa["hi"]):
+        sides = {"low_end_decades": float(math.log10(wa["lo"] / wh["lo"])),
+                 "high_end_decades": float(math.log10(wh["hi"] / wa["hi"])),
+                 "hyperadalora_censored": wh["censored"], "adalora_censored": wa["censored"]}
+    return {"by_tolerance": table, "holds_for_tolerance": ranges,
+            "scan": {"from": float(scan[0]), "to": float(scan[-1]), "points": len(scan)},
+            "leave_one_seed_out": {str(s): ratio(use=[x for x in seeds if x != s]) for s in seeds} if len(seeds) > 1
+            else {},
+            "single_seed": {str(s): ratio(use=[s]) for s in seeds},
+            "by_budget": {str(step): ratio(step=step) for step in budgets}, "sides": sides}
 
 
 def verdict_of(spec: SweepTask, out: dict, missing: list, bracket: dict) -> dict:

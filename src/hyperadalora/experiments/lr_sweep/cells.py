@@ -8,15 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import time
 from typing import Optional
 
 import numpy as np
 
 from ..report import sanitize
-from ..runs import base_args, same_args, train_run
+from ..runs import REPO_ROOT, base_args, same_args, train_run
 from ..task_setup import default_glue_dir, repo_path
-from .design import METHODS, SPLIT_SEED, SweepTask
+from .design import METHODS, SPLIT_SEED, SweepTask, Variant
 
 def cell_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-seed{seed}"
@@ -27,8 +28,9 @@ def cell_path(spec: SweepTask, method: str, lr: float, seed: int, out: str) -> s
     return os.path.join(out, "cells", spec.name, cell_name(method, lr, seed) + ".json")
 
 
-def cell_args(spec: SweepTask, opts, method: str, lr: float, seed: int, out: str):
-    """The TrainArgs of one cell (the options that were set override the task's defaults)."""
+def cell_args(spec: SweepTask, opts, method: str, lr: float, seed: int, out: str, variant: Optional[Variant] = None):
+    """The TrainArgs of one cell (the options that were set override the task's defaults); ``variant``: a method with
+    options of its own (the "why" experiment), named in place of the method."""
     data_path = None
     if spec.data_path and opts.data_path:  # --data-path: another instruction file instead of the Alpaca demo
         data_path = os.path.normpath(os.path.abspath(opts.data_path[0]))
@@ -43,6 +45,8 @@ def cell_args(spec: SweepTask, opts, method: str, lr: float, seed: int, out: str
                   max_length=spec.max_length, eval_every=spec.eval_every, max_eval_examples=spec.max_eval_examples,
                   gen_eval_examples=0, data_path=data_path,
                   output_dir=os.path.join(out, "runs", spec.name, cell_name(method, lr, seed)))
+    if variant is not None:
+        kwargs.update(method=variant.method, **variant.args)
     if spec.model:
         kwargs["model"] = spec.model
     if spec.task != "alpaca":
@@ -68,12 +72,32 @@ def eval_scores(spec: SweepTask, row: dict) -> dict:
             "score_b": float(np.nanmean(values[b])), "n": int(len(values))}
 
 
-def cell_record(spec: SweepTask, run: dict, lr: float, seed: int) -> dict:
+def code_version() -> dict:
+    """The library version and the git commit (with a ``+dirty`` mark when tracked files differ from it) of the code
+    that runs: every cell records them (issue 32)."""
+    from ... import __version__
+    commit = None
+    try:
+        root = str(REPO_ROOT)
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        if commit and dirty:
+            commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"library_version": __version__, "git_commit": commit}
+
+
+def cell_record(spec: SweepTask, run: dict, lr: float, seed: int, variant: Optional[str] = None) -> dict:
     """The small record of one finished run: its scores at every evaluation, its training loss per 10 steps and its
-    timings, with the arguments that identify it (for ``--reuse``)."""
+    timings, with the arguments that identify it (for ``--reuse``) and the code that ran it (`code_version`);
+    ``variant``: the name of the cell's variant (the "why" experiment), recorded beside its method."""
     s = run["summary"]
     losses = np.asarray([r["task_loss"] for r in run["rows"]], float)
-    return {"task": spec.name, "method": s["method"], "lr": lr, "seed": seed,
+    return {"task": spec.name, "method": s["method"], **({"variant": variant} if variant else {}), "lr": lr,
+            "seed": seed, **code_version(),
             "evals": [{"step": int(e["step"]), **eval_scores(spec, e), "eval_loss": e.get("eval_loss")}
                       for e in run["evals"]],
             "loss_per_10": [round(float(v), 5) for v in
@@ -141,10 +165,11 @@ def write_json_atomic(path: str, data) -> None:
     os.replace(tmp, path)
 
 
-def run_cell(spec: SweepTask, opts, method: str, lr: float, seed: int, out: str) -> Optional[dict]:
+def run_cell(spec: SweepTask, opts, method: str, lr: float, seed: int, out: str,
+             variant: Optional[Variant] = None) -> Optional[dict]:
     """The cell's record: reused when its file holds a run with the same arguments (``--reuse``), skipped (None) while
-    another process runs it, else trained now."""
-    args = cell_args(spec, opts, method, lr, seed, out)
+    another process runs it, else trained now. ``method``: the cell's name (a variant's name with ``variant``)."""
+    args = cell_args(spec, opts, method, lr, seed, out, variant)
     path = cell_path(spec, method, lr, seed, out)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     cell = read_cell(path)
@@ -159,13 +184,13 @@ def run_cell(spec: SweepTask, opts, method: str, lr: float, seed: int, out: str)
         cell = read_cell(path)  # finished by another process between the first look and the claim
         if cell is not None and opts.reuse and same_args(cell, args):
             return cell
-        print(f"[{spec.name} {cell_name(method, lr, seed)}] {method} at lr {lr:g}, seed {seed}: {spec.steps} steps "
-              f"-> {args.output_dir}", flush=True)
+        print(f"[{spec.name} {cell_name(method, lr, seed)}] {args.method} at lr {lr:g}, seed {seed}: "
+              f"{spec.steps} steps -> {args.output_dir}", flush=True)
         run = train_run(args, reuse=opts.reuse, eval_details=True)
         if run["reused"] and not all(("correct" in e or "example_losses" in e) for e in run["evals"]):
             run = train_run(args, reuse=False, eval_details=True)  # reused run made without the details
         run["args"] = args
-        cell = cell_record(spec, run, lr, seed)
+        cell = cell_record(spec, run, lr, seed, method if variant is not None else None)
         write_json_atomic(path, cell)
         return cell
     finally:

@@ -43,6 +43,15 @@ class SweepTask:
         return value if self.higher_is_better else -value
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A method with options of its own, run in the cells of the "why" experiment (`why`) under its own name."""
+
+    method: str                     # train's method
+    args: dict                      # TrainArgs fields set for it (hypernetwork options under "hyper")
+    what: str                       # one line for the report
+
+
 TASKS = {
     # SST-2 on MiniLM: accuracy on the whole dev set (872 sentences)
     "sst2": SweepTask("sst2", "sst2", steps=400, batch_size=16, max_length=64, eval_every=50, seeds=3,

@@ -115,6 +115,11 @@ def task_section(spec: SweepTask, a: dict, lrs: list, seeds: list, plots: list) 
                      fmt_interval(scaled(r["diff_hyper_minus_ada"], scale), df)])
     lines += [markdown_table(["step", "chosen lr (AdaLoRA / HyperAdaLoRA / LoRA)", "AdaLoRA on B", "HyperAdaLoRA on B",
                               "LoRA on B", "difference (a)", "reverse split (chosen on B, scored on A)"], rows), ""]
+    last = a["best_vs_best"][final]
+    if last.get("diff_lora_minus_ada"):
+        lines += [f"LoRA, the anchor, at its own chosen lr (step {spec.steps}, half B, paired by seed, positive = LoRA "
+                  f"better): LoRA - AdaLoRA {fmt_interval(scaled(last['diff_lora_minus_ada'], scale), df)}, LoRA - "
+                  f"HyperAdaLoRA {fmt_interval(scaled(last['diff_lora_minus_hyper'], scale), df)} ({unit}).", ""]
     lines += [f"### 3. The good-lr window (decades of lr within {spec.tolerance:g} of the method's own best, "
               f"whole dev set, step {spec.steps})", "",
               markdown_table(["method", "decades", "from", "to"],
@@ -148,7 +153,44 @@ def task_section(spec: SweepTask, a: dict, lrs: list, seeds: list, plots: list) 
               f"whole dev set, in-sample): HyperAdaLoRA - AdaLoRA "
               f"{fmt_interval(scaled(pk['diff_hyper_minus_ada'], scale), df)}"
               f" {unit}.", ""]
+    if a.get("robustness"):
+        lines += robustness_section(spec, a["robustness"])
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots if p] + [""]
+    return lines
+
+
+def robustness_section(spec: SweepTask, rb: dict) -> list[str]:
+    """How firmly rule (b) holds (`analysis.robustness`): against the tolerance, the seeds and the budget, and which
+    end of the window widens. Reported beside the verdict; the verdict is the rule's, at the pre-registered
+    tolerance."""
+    def row(label, r):
+        wh, wa = r["hyperadalora"], r["adalora"]
+        return [label, fmt(wh["decades"], "{:.2f}") + ("+" if wh["censored"] else ""),
+                fmt(wa["decades"], "{:.2f}") + ("+" if wa["censored"] else ""), fmt(r["ratio"], "{:.2f}"),
+                "holds" if r["holds"] else "fails"]
+
+    head = ["", "HyperAdaLoRA window (decades)", "AdaLoRA window", "ratio", f"rule (b) (>= {ADVANTAGE_WINDOW})"]
+    held = ", ".join(f"{lo:.4g} to {hi:.4g}" for lo, hi in rb["holds_for_tolerance"]) or "nowhere"
+    lines = ["### 6. How firmly rule (b) holds (beside the verdict, not part of the rule)", "",
+             "A + marks a window that reaches an end of the grid (a lower bound).", "",
+             f"**Against the tolerance** (pre-registered: {spec.tolerance:g}):", "",
+             markdown_table(["tolerance"] + head[1:], [row(f"{r['tolerance']:.4g}", r) for r in rb["by_tolerance"]]),
+             "", f"Scanned from {rb['scan']['from']:.4g} to {rb['scan']['to']:.4g} ({rb['scan']['points']} "
+             f"tolerances): the rule holds for tolerances {held}.", ""]
+    if rb["leave_one_seed_out"]:
+        lines += ["**Each seed left out, and each seed alone** (at the pre-registered tolerance):", "",
+                  markdown_table(["seeds"] + head[1:],
+                                 [row(f"without seed {s}", r) for s, r in rb["leave_one_seed_out"].items()]
+                                 + [row(f"seed {s} alone", r) for s, r in rb["single_seed"].items()
+                                    if len(rb["single_seed"]) > 2]), ""]  # with 2 seeds: the rows above
+    lines += ["**At every budget** (the rule reads the last):", "",
+              markdown_table(["step"] + head[1:], [row(step, r) for step, r in rb["by_budget"].items()]), ""]
+    sd = rb.get("sides")
+    if sd:
+        censored = "; HyperAdaLoRA's window reaches an end of the grid" if sd["hyperadalora_censored"] else ""
+        lines += [f"**Which end widens**: HyperAdaLoRA's window reaches {sd['low_end_decades']:+.2f} decades beyond "
+                  f"AdaLoRA's at the small-lr end and {sd['high_end_decades']:+.2f} at the large-lr end (positive = "
+                  f"wider on that side{censored}).", ""]
     return lines
 
 

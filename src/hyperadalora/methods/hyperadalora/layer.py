@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...tuner_utils import add_product, flat_base_forward
+from ...quantization import is_conv1d, layer_features
+from ...tuner_utils import ADAPTABLE, add_product, flat_base_forward, is_adaptable
 from ...wrapper import BaseAdapterLayer
 from ..base import RoleSpec
 
@@ -24,15 +25,16 @@ class SVDLinear(BaseAdapterLayer):
     # row, lambda one token per rank, Q (r, in) one token per column
     ROLES = {"P": RoleSpec(rank_axis=1), "lambda": RoleSpec(rank_axis=1), "Q": RoleSpec(rank_axis=0)}
 
-    def __init__(self, base_layer: nn.Linear, index: int, scaling: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, index: int, scaling: float, dropout: float = 0.0):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"SVDLinear wraps nn.Linear layers, got {type(base_layer).__name__}.")
+        if not is_adaptable(base_layer):
+            raise TypeError(f"SVDLinear wraps {ADAPTABLE} layers, got {type(base_layer).__name__}.")
         self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)  # a transformers Conv1D: W0 stored (in, out)
         self.index = index
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = layer_features(base_layer)
         self.P: Optional[torch.Tensor] = None        # (out_features, r)
         self.lam: Optional[torch.Tensor] = None      # (r,), already masked
         self.Q: Optional[torch.Tensor] = None        # (r, in_features)

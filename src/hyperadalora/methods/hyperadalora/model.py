@@ -338,7 +338,7 @@ class HyperAdaLoraModel(AdapterModel):
         return tensors
 
     def _config_extra(self) -> dict:
-        return {"rank_pattern": self.rank_pattern, "target_names": self.target_names}
+        return {"rank_pattern": self.rank_pattern, "target_names": self.target_names, **self._layout_extra()}
 
     def save_pretrained(self, directory: str, save_hypernetworks: bool = False) -> None:
         """Write ``adapter_model.safetensors`` (P, lambda, Q per layer sliced to its rank, and the trained heads)
@@ -349,6 +349,10 @@ class HyperAdaLoraModel(AdapterModel):
             state = {f"generators.{k}": v for k, v in self.generators.state_dict().items()}
             state["allocator.mask"] = self.allocator.mask.to(torch.uint8)
             save_safetensors(state, os.path.join(directory, HYPERNET_WEIGHTS_NAME), {"format": "pt"})
+
+    @property
+    def exports_lora(self) -> bool:
+        return True
 
     def export_lora(self, directory: str, rank=None, allowed_ranks=None) -> None:
         """Write a vanilla peft LoRA adapter: ``B = (alpha / r) P diag(lambda)``, ``A = Q``, LoRA scaling 1.
@@ -367,7 +371,8 @@ class HyperAdaLoraModel(AdapterModel):
         weights = []
         for layer, (P, lam, Q) in zip(self.adapters, self.final_tensors()):
             base = layer.base_layer
-            weight = dequantized_weight(base) if quantization_kind(base) is not None else base.weight.detach().clone()
+            weight = (dequantized_weight(base) if quantization_kind(base) is not None
+                      else dequantized_weight(base, base.weight.dtype).clone())  # (out, in), also for a Conv1D
             if lam.numel():
                 weight += ((P * (lam * layer.scaling)) @ Q).to(weight.dtype)
             weights.append(weight)
