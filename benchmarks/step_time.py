@@ -96,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "llama-WIDTH: a random-weight Llama-style stack)")
     p.add_argument("--llama-width", type=int, default=None, help="random-weight Llama-style stack of this width")
     p.add_argument("--llama-layers", type=int, default=2)
+    p.add_argument("--smollm2-layers", type=int, default=30,
+                   help="smollm2-arch: keep this many of SmolLM2-135M's 30 decoder layers (a busy CPU's budget)")
     p.add_argument("--llama-vocab", type=int, default=4096)
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement (faster on big models)")
 
@@ -201,8 +203,9 @@ def build_and_measure_memory(method: str, opts, device, batches) -> tuple[Runner
     """A fresh base model wrapped with ``method``: (runner, base-weight bytes, peak bytes above them, info)."""
     T.set_seed(opts.seed)
     if opts.model == "smollm2-arch":
-        base = smollm2_architecture()
-        path = "SmolLM2-135M's architecture (its config), random weights: the same FLOPs as the real weights"
+        base = smollm2_architecture(opts.smollm2_layers)
+        path = (f"SmolLM2-135M's architecture (its config; {opts.smollm2_layers} of its 30 decoder layers), random "
+                f"weights: a step costs what it costs with the real weights")
     elif opts.llama_width:
         base = random_llama(opts.llama_width, opts.llama_layers, opts.llama_vocab)
         path = f"random Llama-style stack: width {opts.llama_width}, {opts.llama_layers} layers"
@@ -293,10 +296,10 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
-def smollm2_architecture():
+def smollm2_architecture(layers: int = 30):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers})).eval()
 
 
 def random_llama(width: int, layers: int, vocab: int):
@@ -445,7 +448,8 @@ def main(argv=None) -> dict:
            + f": base weights + peak above them over adapter creation and {opts.mem_steps} training steps"}
     if opts.seq_lens:  # the cells table (LLM token counts)
         env.update(seq_len=opts.seq_lens, batch_sizes=opts.batch_sizes, models=opts.models or [opts.model],
-                   llama_layers=opts.llama_layers, llama_vocab=opts.llama_vocab, no_memory=opts.no_memory)
+                   llama_layers=opts.llama_layers, llama_vocab=opts.llama_vocab, no_memory=opts.no_memory,
+                   smollm2_layers=opts.smollm2_layers)
         out = {"env": env, "goal": GOAL, "cells": run_cells(opts, device)}
         text = cell_table(out["cells"])
         header = "\n".join(f"- {k}: {v}" for k, v in env.items())
