@@ -197,3 +197,37 @@ def test_sigterm_and_resume_under_fsdp_are_bit_exact(runs, method):
     name = "adapter_model.safetensors"
     x, y = load_file(runs / "two" / method / "adapter" / name), load_file(runs / "int" / method / "adapter" / name)
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_accelerate_launch_with_the_fsdp_config_shards_the_base(tmp_path):
+    """`accelerate launch --config_file benchmarks/accelerate_fsdp2.yaml -m hyperadalora train ...`: no --fsdp
+    flag; accelerate's ACCELERATE_USE_FSDP turns it on, on 2 CPU processes."""
+    import shutil
+
+    from fsdp_worker import base_model, records, tokenizer
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    tok = tokenizer()
+    base_model(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "data.json").write_text(json.dumps(records()))
+    config = os.path.join(os.path.dirname(HERE), "benchmarks", "accelerate_fsdp2.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
+        env.pop(name, None)
+    out = tmp_path / "run"
+    cmd = [accelerate, "launch", "--config_file", config, "--main_process_port", str(free_port()),
+           "-m", "hyperadalora", "train", "--method", "hyperadalora", "--model", str(tmp_path / "model"),
+           "--task", "alpaca", "--data-path", str(tmp_path / "data.json"), "--max-steps", "3", "--batch-size", "2",
+           "--max-length", "24", "--tinit", "1", "--tfinal", "1", "--gen-eval-examples", "1", "--max-new-tokens", "2",
+           "--max-eval-examples", "2", "--no-progress", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["args"]["fsdp"] is False      # not given: accelerate's config
+    assert summary["fsdp"]["base_fraction"] == pytest.approx(0.5, abs=0.01)
