@@ -316,8 +316,9 @@ def random_llama(width: int, layers: int, vocab: int):
 GOAL = {"paired_vs_adalora": 1.00, "paired_vs_lora": 1.05}  # issue 33: per cell, on the paired median ratio
 
 
-def run_cells(opts, device) -> list[dict]:
-    """Every (model, sequence length, batch size) cell: one `run_batch_size` each, the methods interleaved."""
+def run_cells(opts, device, partial=None) -> list[dict]:
+    """Every (model, sequence length, batch size) cell: one `run_batch_size` each, the methods interleaved.
+    ``partial(cells)`` is called after each cell (the JSON so far: a long run that is stopped keeps its cells)."""
     import copy
 
     cells = []
@@ -337,6 +338,8 @@ def run_cells(opts, device) -> list[dict]:
                         "wall_s": time.perf_counter() - t0}
                 cells.append(cell)
                 print(cell_table([cell], header=False), flush=True)
+                if partial is not None:
+                    partial(cells)
     return cells
 
 
@@ -450,7 +453,14 @@ def main(argv=None) -> dict:
         env.update(seq_len=opts.seq_lens, batch_sizes=opts.batch_sizes, models=opts.models or [opts.model],
                    llama_layers=opts.llama_layers, llama_vocab=opts.llama_vocab, no_memory=opts.no_memory,
                    smollm2_layers=opts.smollm2_layers)
-        out = {"env": env, "goal": GOAL, "cells": run_cells(opts, device)}
+        out = {"env": env, "goal": GOAL, "cells": []}
+
+        def partial(cells):
+            if opts.json:
+                with open(opts.json, "w") as f:
+                    json.dump({**out, "cells": cells, "partial": True}, f, indent=2, default=str)
+
+        out["cells"] = run_cells(opts, device, partial)
         text = cell_table(out["cells"])
         header = "\n".join(f"- {k}: {v}" for k, v in env.items())
         print("\n" + text + "\n\n" + header)
