@@ -103,15 +103,18 @@ for dtype in float32 bfloat16; do
     echo $? > "$OUT/step_time_llm_$dtype.rc"
 done
 
-step "6/6 DeepSpeed ZeRO-2 / ZeRO-3 through accelerate (not run anywhere yet; needs pip install deepspeed)"
+step "6/6 DeepSpeed ZeRO-2 / ZeRO-3 through accelerate (benchmarks/deepspeed_check.py; needs pip install deepspeed)"
 if "$PY" -c "import deepspeed" > /dev/null 2>&1; then
     for stage in 2 3; do
-        "$PY" -m accelerate.commands.launch --config_file benchmarks/accelerate_deepspeed.yaml --zero_stage "$stage" \
-            --num_processes 1 benchmarks/trainer_path.py --method lora --steps 10 > "$OUT/deepspeed_zero$stage.log" 2>&1
-        echo $? > "$OUT/deepspeed_zero$stage.rc"
+        for method in hyperadalora adalora lora; do
+            ZERO_STAGE=$stage "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/deepspeed_check.py \
+                --method "$method" --zero-stage "$stage" --steps 6 --json "$OUT/deepspeed_zero${stage}_$method.json" \
+                > "$OUT/deepspeed_zero${stage}_$method.log" 2>&1
+            echo $? > "$OUT/deepspeed_zero${stage}_$method.rc"
+        done
     done
 else
-    echo "deepspeed is not installed: pip install deepspeed, then rerun this step" > "$OUT/deepspeed_zero2.log"
+    echo "deepspeed is not installed: pip install deepspeed, then rerun this step" > "$OUT/deepspeed.log"
 fi
 
 "$PY" benchmarks/gpu_check_report.py table "$OUT" | tee "$OUT/table.md"
