@@ -356,7 +356,8 @@ def cell_table(cells: list, header: bool = True) -> str:
                         if h.get(k) else "-")
         verdict = goal_verdict(h)
         rows.append(f"| {c['model']} | {c['seq_len']} | {c['batch']} | {c['dtype']} | {ms('hyperadalora')} | "
-                    f"{ms('adalora')} | {ms('lora')} | {pr('paired_vs_adalora')} | {pr('paired_vs_lora')} | {verdict} |")
+                    f"{ms('adalora')} | {ms('lora')} | {pr('paired_vs_adalora')} | {pr('paired_vs_lora')} | "
+                    f"{verdict} |")
     return "\n".join(rows)
 
 
