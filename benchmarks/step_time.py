@@ -26,6 +26,16 @@ bootstrap interval: when that interval contains 1.00 the run cannot tell the two
     python benchmarks/step_time.py --batch-sizes 1,2,4,8,16,32 --steps 20 --json step_time.json
     python benchmarks/step_time.py --device cuda --dtype bfloat16 --hyper attention=full --markdown out.md
     python benchmarks/step_time.py --quick          # batch 1 and 8, 16 tokens, 2 steps: checks that it runs
+
+LLM token counts (issue 33): ``--seq-lens 512,1024`` runs every (sequence length, batch size) cell in one run and
+writes one table (``cells`` in the JSON) with the paired ratios against AdaLoRA and LoRA and the goal (HyperAdaLoRA
+<= AdaLoRA, <= 1.05 x LoRA); ``--llama-width 2048`` builds a random-weight Llama-style stack (``--llama-layers``
+decoder layers, intermediate 8/3 x width rounded to 256, head dim 128, vocabulary ``--llama-vocab``) instead of
+``--model``; ``--no-memory`` skips the profiled memory window (its steps still warm up). ``--models`` runs several
+models (aliases, or ``llama-2048`` / ``llama-4096`` for the random stacks) into the same table:
+
+    python benchmarks/step_time.py --kind instruction --models smollm2,llama-2048,llama-4096 --seq-lens 512,1024 \
+        --batch-sizes 1,4 --steps 4 --warmup 1 --no-memory --json llm.json --markdown llm.md
 """
 
 from __future__ import annotations
@@ -81,12 +91,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-init", action="store_true",
                    help="build the model from its config with random weights (same timing; no weights file needed)")
     p.add_argument("--quick", action="store_true", help="batch sizes 1,8, --seq-len 16, 2 steps, 1 warm-up")
+    p.add_argument("--seq-lens", default=None, help="comma list: every (sequence length, batch size) cell, one table")
+    p.add_argument("--models", default=None, help="comma list of models for the cells table (aliases, directories, or "
+                                                   "llama-WIDTH: a random-weight Llama-style stack)")
+    p.add_argument("--llama-width", type=int, default=None, help="random-weight Llama-style stack of this width")
+    p.add_argument("--llama-layers", type=int, default=2)
+    p.add_argument("--smollm2-layers", type=int, default=30,
+                   help="smollm2-arch: keep this many of SmolLM2-135M's 30 decoder layers (a busy CPU's budget)")
+    p.add_argument("--llama-vocab", type=int, default=4096)
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement (faster on big models)")
+
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.add_argument("--markdown", default=None, metavar="OUT.md")
     a = p.parse_args(argv)
     if a.quick:
         a.batch_sizes, a.seq_len, a.steps, a.warmup = "1,8", 16, 2, 1
     a.batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    a.seq_lens = [int(x) for x in a.seq_lens.split(",") if x.strip()] if a.seq_lens else None
+    a.models = [x.strip() for x in a.models.split(",") if x.strip()] if a.models else None
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in a.methods if m not in T.METHODS]
     if bad or not a.methods:
@@ -180,7 +202,14 @@ def cpu_peak_bytes(prof) -> int:
 def build_and_measure_memory(method: str, opts, device, batches) -> tuple[Runner, int, int, dict]:
     """A fresh base model wrapped with ``method``: (runner, base-weight bytes, peak bytes above them, info)."""
     T.set_seed(opts.seed)
-    if opts.random_init:
+    if opts.model == "smollm2-arch":
+        base = smollm2_architecture(opts.smollm2_layers)
+        path = (f"SmolLM2-135M's architecture (its config; {opts.smollm2_layers} of its 30 decoder layers), random "
+                f"weights: a step costs what it costs with the real weights")
+    elif opts.llama_width:
+        base = random_llama(opts.llama_width, opts.llama_layers, opts.llama_vocab)
+        path = f"random Llama-style stack: width {opts.llama_width}, {opts.llama_layers} layers"
+    elif opts.random_init:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         path = resolve_model_path(opts.model, opts.kind)
@@ -205,6 +234,11 @@ def build_and_measure_memory(method: str, opts, device, batches) -> tuple[Runner
             runner.step(batches[i % len(batches)])
         torch.cuda.synchronize()
         added = torch.cuda.max_memory_allocated() - start
+    elif opts.no_memory:
+        runner = Runner(method, opts, base, device)
+        for i in range(opts.mem_steps):
+            runner.step(batches[i % len(batches)])
+        added = float("nan")
     else:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             runner = Runner(method, opts, base, device)
@@ -216,7 +250,8 @@ def build_and_measure_memory(method: str, opts, device, batches) -> tuple[Runner
 
 def run_batch_size(opts, batch_size: int, device) -> tuple[dict, dict]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    vocab = AutoConfig.from_pretrained(resolve_model_path(opts.model, opts.kind)).vocab_size
+    vocab = (opts.llama_vocab if opts.llama_width else SMOLLM2_135M["vocab_size"] if opts.model == "smollm2-arch" else
+             AutoConfig.from_pretrained(resolve_model_path(opts.model, opts.kind)).vocab_size)
     batches = make_batches(opts, vocab, batch_size, device)
     runners, results, info = {}, {}, {}
     for method in opts.methods:
@@ -252,6 +287,95 @@ def run_batch_size(opts, batch_size: int, device) -> tuple[dict, dict]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results, info
+
+
+# SmolLM2-135M(-Instruct)'s config (the `smollm2` alias's model): for a machine where its weights are not installed,
+# ``--models smollm2-arch`` builds the same architecture with random weights (a step costs the same)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def smollm2_architecture(layers: int = 30):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers})).eval()
+
+
+def random_llama(width: int, layers: int, vocab: int):
+    """A random-weight Llama-style decoder stack: ``layers`` layers of width ``width`` (Llama-2-7B's shapes at 4096:
+    intermediate 11008, 32 heads of 128), a ``vocab``-token embedding and head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    inter = {4096: 11008, 8192: 28672}.get(width, int(round(width * 8 / 3 / 256)) * 256)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=width // 128, num_key_value_heads=width // 128, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval()
+
+
+GOAL = {"paired_vs_adalora": 1.00, "paired_vs_lora": 1.05}  # issue 33: per cell, on the paired median ratio
+
+
+def run_cells(opts, device, partial=None) -> list[dict]:
+    """Every (model, sequence length, batch size) cell: one `run_batch_size` each, the methods interleaved.
+    ``partial(cells)`` is called after each cell (the JSON so far: a long run that is stopped keeps its cells)."""
+    import copy
+
+    cells = []
+    for model in opts.models or [opts.model]:
+        for seq in opts.seq_lens:
+            for batch in opts.batch_sizes:
+                o = copy.copy(opts)
+                o.seq_len = seq
+                if model and model.startswith("llama-"):
+                    o.llama_width, o.model = int(model.split("-", 1)[1]), None
+                elif model:
+                    o.model = model
+                t0 = time.perf_counter()
+                results, info = run_batch_size(o, batch, device)
+                cell = {"model": model or "default", "model_info": info, "seq_len": seq, "batch": batch,
+                        "tokens": seq * batch, "dtype": opts.dtype, "results": results,
+                        "wall_s": time.perf_counter() - t0}
+                cells.append(cell)
+                print(cell_table([cell], header=False), flush=True)
+                if partial is not None:
+                    partial(cells)
+    return cells
+
+
+def cell_table(cells: list, header: bool = True) -> str:
+    """One row per cell: the three medians, the paired ratios with their 95% intervals, and the goal."""
+    rows = ["| model | seq | batch | dtype | hyperadalora (ms) | adalora (ms) | lora (ms) | hyper / adalora, paired "
+            "[95% CI] | hyper / lora, paired [95% CI] | goal (<= 1.00 x adalora, <= 1.05 x lora) |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"] if header else []
+    for c in cells:
+        r = c["results"]
+        h = r.get("hyperadalora", {})
+        ms = lambda m: format(r[m]["median_ms"], ".0f") if m in r else "-"  # noqa: E731
+        pr = lambda k: (f"{h[k]['median']:.3f} [{h[k]['ci95'][0]:.3f}, {h[k]['ci95'][1]:.3f}]"  # noqa: E731
+                        if h.get(k) else "-")
+        verdict = goal_verdict(h)
+        rows.append(f"| {c['model']} | {c['seq_len']} | {c['batch']} | {c['dtype']} | {ms('hyperadalora')} | "
+                    f"{ms('adalora')} | {ms('lora')} | {pr('paired_vs_adalora')} | {pr('paired_vs_lora')} | "
+                    f"{verdict} |")
+    return "\n".join(rows)
+
+
+def goal_verdict(h: dict) -> str:
+    """met / not met per goal, on the paired median (and whether its interval says the run cannot tell)."""
+    parts = []
+    for key, limit in GOAL.items():
+        p = h.get(key)
+        if not p:
+            continue
+        name = key.split("_")[-1]
+        if p["median"] <= limit:
+            parts.append(f"{name}: met")
+        elif p["ci95"][0] <= limit:
+            parts.append(f"{name}: not met, within noise ({p['median']:.3f}; interval reaches {limit:.2f})")
+        else:
+            parts.append(f"{name}: not met ({p['median']:.3f})")
+    return "; ".join(parts) or "-"
 
 
 def paired_ratio(times: list, reference: list, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -326,6 +450,28 @@ def main(argv=None) -> dict:
            "memory_method": ("torch.cuda.max_memory_allocated" if cuda else
                              "torch.profiler profile_memory (live CPU tensor bytes allocated in the window)")
            + f": base weights + peak above them over adapter creation and {opts.mem_steps} training steps"}
+    if opts.seq_lens:  # the cells table (LLM token counts)
+        env.update(seq_len=opts.seq_lens, batch_sizes=opts.batch_sizes, models=opts.models or [opts.model],
+                   llama_layers=opts.llama_layers, llama_vocab=opts.llama_vocab, no_memory=opts.no_memory,
+                   smollm2_layers=opts.smollm2_layers)
+        out = {"env": env, "goal": GOAL, "cells": []}
+
+        def partial(cells):
+            if opts.json:
+                with open(opts.json, "w") as f:
+                    json.dump({**out, "cells": cells, "partial": True}, f, indent=2, default=str)
+
+        out["cells"] = run_cells(opts, device, partial)
+        text = cell_table(out["cells"])
+        header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+        print("\n" + text + "\n\n" + header)
+        if opts.json:
+            with open(opts.json, "w") as f:
+                json.dump(out, f, indent=2, default=str)
+        if opts.markdown:
+            with open(opts.markdown, "w") as f:
+                f.write("# Training step time at LLM token counts\n\n" + header + "\n\n" + text + "\n")
+        return out
     out, lines = {"env": env, "results": {}}, []
     for batch_size in opts.batch_sizes:
         results, info = run_batch_size(opts, batch_size, device)

@@ -249,6 +249,20 @@ class ScalarPrinterCallback(PrinterCallback):
         return super().on_log(args, state, control, logs=_scalars(logs), **kwargs)
 
 
+# Trainer under accelerate's FSDP plugin: refused for this package's models (and peft's AdaLoRA) rather than trained
+# untested. accelerate's fsdp2_prepare_model shards every parameter, the hypernetworks and the adapters included, and
+# the rank allocation, the recurrent commit and the saving here read them whole; the library's own loop shards only
+# the frozen base model (training.distributed.wrap_fsdp).
+FSDP_TRAINER_MESSAGE = (
+    "HyperAdaLoraTrainer / HyperAdaLoraSFTTrainer with FSDP (fsdp=... in TrainingArguments, or accelerate launch "
+    "with an FSDP config) is not supported for this package's adapter models and peft's AdaLoRA: accelerate's FSDP "
+    "shards the hypernetworks and the adapters too, which the rank allocation and the saving read whole. Shard the "
+    "base model with the library's own training loop instead: `torchrun --nproc_per_node N -m "
+    "hyperadalora train --fsdp ...` or `accelerate launch --config_file benchmarks/accelerate_fsdp2.yaml -m "
+    "hyperadalora train ...` (hyperadalora.training.train(TrainArgs(..., fsdp=True))), which keeps them whole on every "
+    "process and shards the frozen base; or train with DDP (no fsdp).")
+
+
 class HyperAdaLoraTrainer(Trainer):
     """A `transformers.Trainer` for this package's models (HyperAdaLoRA, the generated-adapter methods) and peft's
     AdaLoRA: the optimizer is built from ``model.optimizer_param_groups(learning_rate, weight_decay)`` (the
@@ -261,6 +275,9 @@ class HyperAdaLoraTrainer(Trainer):
 
     def __init__(self, *args, callbacks=None, **kwargs):
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        if self.is_fsdp_enabled and (
+                _adapter_model(self.model) is not None or _allocating_model(self.model) is not None):
+            raise NotImplementedError(FSDP_TRAINER_MESSAGE)
         for cb in list(self.callback_handler.callbacks):  # the console: scalars only (the ranks go to report_to)
             for printer, scalars_only in ((ProgressCallback, ScalarProgressCallback),
                                           (PrinterCallback, ScalarPrinterCallback)):

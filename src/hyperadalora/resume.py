@@ -44,6 +44,8 @@ OVERRIDABLE = {
     "report_to": "experiment tracking only",
     "logging_steps": "console logging only",
     "gradient_checkpointing": "activations recomputed in backward; the losses are the same bit for bit",
+    "fsdp": "how the base model is laid out over the processes (FSDP shards, DDP copies); the same losses to "
+            "float rounding",
 }
 # Paths that may point elsewhere only when the recorded one is gone (the files moved); they must hold the same files.
 PATH_ARGS = ("model", "data_dir", "data_path")

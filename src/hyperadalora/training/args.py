@@ -139,6 +139,9 @@ class TrainArgs:
     quant_type: Optional[str] = arg(None, "with --load-in-4bit: nf4 | fp4 (default nf4)")
     gradient_checkpointing: bool = arg(False, "recompute each layer's activations in backward (non-reentrant; less "
                                               "memory, same losses)", switch=True)
+    fsdp: bool = arg(False, "multi-process runs (torchrun): shard the frozen base model over the processes with FSDP2 "
+                            "(each holds 1/N of it) instead of DDP (each holds all of it); on by itself under "
+                            "accelerate launch with an FSDP config", switch=True)
 
     @classmethod
     def resumed(cls, path: str, **overrides) -> "TrainArgs":
@@ -210,12 +213,14 @@ class TrainArgs:
                              f"(it fails otherwise): raise --max-steps to {self.tfinal + 2} or lower --tfinal.")
 
     def _check_quantization(self) -> None:
-        for name in ("load_in_4bit", "load_in_8bit", "gradient_checkpointing"):
+        for name in ("load_in_4bit", "load_in_8bit", "gradient_checkpointing", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false.")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set: choose one (--load-in-4bit or "
                              "--load-in-8bit).")
+        if self.fsdp and (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError(FSDP_QUANTIZED)
         if self.quant_type is not None and not self.load_in_4bit:
             raise ValueError(f"quant_type={self.quant_type!r} applies to a 4-bit base only: add --load-in-4bit, or "
                              f"leave --quant-type out.")
@@ -223,6 +228,16 @@ class TrainArgs:
             self.quant_type = self.quant_type or "nf4"
             if self.quant_type not in QUANT_TYPES:
                 raise ValueError(f"quant_type={self.quant_type!r}: choose one of {QUANT_TYPES}.")
+
+
+# fsdp with a bitsandbytes base: refused (FSDP2's fully_shard makes every parameter a DTensor shard; bitsandbytes'
+# Params4bit / Int8Params carry their quantization state beside the packed bytes, which a shard cannot hold)
+FSDP_QUANTIZED = ("fsdp with load_in_4bit / load_in_8bit: FSDP2 (torch's fully_shard) shards every base parameter "
+                  "into a DTensor, and bitsandbytes' 4-bit / 8-bit parameters keep their quantization state "
+                  "(absmax, code) beside the packed bytes, which a DTensor shard does not carry; this library does "
+                  "not shard a quantized base. Train the 4-bit / 8-bit base with DDP (leave out --fsdp: each "
+                  "process holds the whole quantized model, 1/4 of its bf16 size), or shard a bf16 base with --fsdp "
+                  "--precision bf16.")
 
 
 TRAIN_ARG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainArgs))
@@ -241,7 +256,7 @@ NULLABLE_HYPER_FIELDS = tuple(name for name in nullable_fields(HyperAdaLoraConfi
 # resumed run may change: resume.OVERRIDABLE).
 RESUME_FREE_ARGS = ("resume", "output_dir", "overwrite", "progress", "save_every", "keep_checkpoints", "max_nonfinite",
                     "device", "save_adapter", "eval_every", "gen_eval_examples", "max_new_tokens", "max_eval_examples",
-                    "data_dir", "data_path", "model", "gradient_checkpointing", "report_to", "logging_steps")
+                    "data_dir", "data_path", "model", "gradient_checkpointing", "report_to", "logging_steps", "fsdp")
 
 
 def hypernetwork_options(args: TrainArgs) -> dict:

@@ -7,6 +7,7 @@ every world size sees the batches of a single process with ``world * batch_size`
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -109,3 +110,94 @@ def all_mean(values: list, dist_info: Distributed, device) -> list:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist_info.world).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- FSDP (FSDP2)
+def fsdp_from_env() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (it sets ACCELERATE_USE_FSDP=true)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+
+
+def transformer_blocks(model: torch.nn.Module) -> list:
+    """The modules FSDP shards one unit each: the base model's transformer blocks, as accelerate's
+    TRANSFORMER_BASED_WRAP picks them (the classes named by FSDP_TRANSFORMER_CLS_TO_WRAP, which `accelerate launch`
+    sets from ``fsdp_transformer_layer_cls_to_wrap``, else the model's ``_no_split_modules``: LlamaDecoderLayer...);
+    a model that names none (BERT): the members of its longest ModuleList of identical blocks (``encoder.layer``)."""
+    names = [n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
+    if not names:
+        names = list(getattr(model, "_no_split_modules", None) or [])
+    # transformers names the embeddings too (BERT: BertEmbeddings); they stay in the root unit, as in accelerate
+    blocks = [m for m in model.modules() if type(m).__name__ in names and "Embedding" not in type(m).__name__]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+             and len({type(x) for x in m}) == 1 and any(True for _ in m[0].parameters())]
+    return list(max(lists, key=len)) if lists else []
+
+
+def base_param_counts(model: torch.nn.Module, base_ids: set) -> dict:
+    """This process's share of the base model's parameters: elements held here (a DTensor's local shard) and in
+    the whole model, and the bytes of the distinct storages that hold them here."""
+    local = total = 0
+    storages = {}
+    for p in model.parameters():
+        if id(p) not in base_ids and not hasattr(p, "to_local"):  # sharded parameters are new objects (DTensors)
+            continue
+        t = p.to_local() if hasattr(p, "to_local") else p.data
+        local += t.numel()
+        total += p.numel()
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return {"base_params_local": local, "base_params_total": total, "base_fraction": local / max(total, 1),
+            "base_storage_bytes": sum(storages.values())}
+
+
+def wrap_fsdp(model: torch.nn.Module, device: torch.device, dist_info: "Distributed", base_ids: set) -> dict:
+    """Shard the frozen base model over the processes with FSDP2 (``fully_shard``): one unit per transformer block
+    (`transformer_blocks`), the rest of the base model (embeddings, final norm, head) in the root unit, the
+    adapter model itself. Every parameter the adapter adds or trains (adapter layers, hypernetworks and their row
+    codes, trained heads) is left out of the sharding (``ignored_params``): it stays whole on every process, in the
+    root adapter model where every layer's forward reaches it (HyperAdaLoRA generates each step's tensors once, at the
+    root, before the blocks run), and its gradients are averaged over processes by `all_reduce_grads` as DDP
+    would. So the rank allocation, checkpoints and the saved adapter see whole tensors, as in one process; only the
+    frozen base weights (nearly all of the memory) are 1/N per process. ``model`` is changed in place; returns
+    `base_param_counts` after sharding."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    replicated = [p for p in model.parameters() if p.requires_grad or id(p) not in base_ids]
+    for p in replicated:  # every process starts from process 0's adapter (as DDP does)
+        dist.broadcast(p.data, src=0)
+    ignored = set(replicated)
+    mesh = init_device_mesh(device.type, (dist_info.world,))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    model._get_fsdp_state()._lazy_init()  # the root is the adapter model, also for a call that bypasses it (generate)
+    return base_param_counts(model, base_ids - {id(p) for p in ignored})
+
+
+@contextlib.contextmanager
+def fsdp_gathered(model: torch.nn.Module):
+    """The root unit's parameters gathered (embeddings, head) for code that calls the base model past the root's
+    forward (``generate``); the blocks gather their own as they run."""
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def all_reduce_grads(params: list, dist_info: "Distributed") -> None:
+    """Average the gradients of ``params`` (whole on every process) over the processes: one all_reduce of one
+    flat buffer, then each gradient divided by the world size, as DDP does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if dist_info.world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist_info.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

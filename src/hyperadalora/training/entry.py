@@ -44,8 +44,11 @@ def train(args: TrainArgs, *, model=None, tokenizer=None, train_examples=None, e
     Multi-process (``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N``): the model is
     wrapped in DistributedDataParallel, ``batch_size`` is per process, and each optimizer step's global batch
     of ``N * batch_size`` examples is the one a single process with ``N * batch_size`` would draw, split
-    between the processes. The logged losses are the means over processes; only process 0 writes metrics,
-    checkpoints, the summary and the adapter, and evaluates.
+    between the processes. The logged losses are the means over processes (a causal LM's are normalised by the global
+    batch's labelled tokens, so they are the single process's); only process 0 writes metrics, checkpoints, the
+    summary and the adapter, and evaluates. ``args.fsdp`` (or ``accelerate launch`` with an FSDP config): FSDP2
+    shards the frozen base model over the processes instead of DDP copying it (`distributed.wrap_fsdp`; every
+    process then evaluates).
     """
     progress.STAGES.reset(enabled=args.progress and os.environ.get("RANK", "0") == "0")
     spec = data_lib.get_task(args.task)

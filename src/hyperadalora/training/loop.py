@@ -33,8 +33,9 @@ from ..methods import AdapterModel
 from . import evaluation
 from .adapters import (TaskLossProbe, param_groups, quantization_config, rank_pattern, task_type_of,
                        total_rank)
-from .args import TrainArgs, hypernetwork_options
-from .distributed import Distributed, all_mean, shard_batch, wrap_ddp
+from .args import FSDP_QUANTIZED, TrainArgs, hypernetwork_options
+from .distributed import (Distributed, all_mean, all_reduce_grads, fsdp_from_env, fsdp_gathered, shard_batch,
+                          wrap_ddp, wrap_fsdp)
 from .run_files import latest_checkpoint, median_step, truncate_metrics, write_summary
 from .stopping import NonFiniteLossError, StopRequest, TrainingInterrupted
 
@@ -87,6 +88,12 @@ class TrainingLoop:
         with progress.stage("load_model", f"loading the model ({args.model or 'the default for ' + args.task})"):
             model, tokenizer = self._base_model(model, tokenizer)
         self.tokenizer = tokenizer
+        # FSDP (--fsdp, or accelerate launch with an FSDP config) in a multi-process run: the base model's own
+        # parameters are sharded, everything the adapter adds stays whole (`distributed.wrap_fsdp`)
+        self.fsdp = dist.world > 1 and (args.fsdp or fsdp_from_env())
+        if self.fsdp and quant_lib.is_quantized(model):
+            raise ValueError(FSDP_QUANTIZED)
+        base_ids = {id(p) for p in model.parameters()} if self.fsdp else set()
         with progress.stage("adapter", f"adding the {args.method} adapters"):
             self.model, self.allocate = build_adapter(args, model, task_type_of(spec.kind))  # the adapter model
             if args.gradient_checkpointing:
@@ -110,9 +117,14 @@ class TrainingLoop:
         self.state = LoopState()
         if ckpt is not None:
             self._restore(ckpt)
-        # what the training forward runs: DDP around the model in a multi-process run (after the checkpoint is
-        # loaded: DDP makes every process start from process 0's state)
-        self.wrapped = wrap_ddp(self.model, device) if dist.world > 1 else self.model
+        # what the training forward runs: DDP around the model in a multi-process run, or the model sharded in
+        # place by FSDP (after the checkpoint is loaded: both make every process start from process 0's state)
+        self.fsdp_info = None
+        if self.fsdp:
+            self.fsdp_info = wrap_fsdp(self.model, device, dist, base_ids)
+            self.wrapped = self.model
+        else:
+            self.wrapped = wrap_ddp(self.model, device) if dist.world > 1 else self.model
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         if ckpt is not None and dist.main:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt["path"])))
@@ -182,6 +194,18 @@ class TrainingLoop:
         return self.probe.value if self.probe is not None and self.probe.value is not None else out.loss
 
     # ------------------------------------------------------------------------------------------ one step
+    def loss_normaliser(self, whole: dict) -> dict:
+        """Multi-process causal-LM training: ``num_items_in_batch`` for transformers' loss, so that each process's
+        loss is its labelled tokens' summed loss over the global batch's labelled tokens, times the world size (the
+        mean over processes, which DDP's and `distributed.all_reduce_grads`'s averaging take, is then the global
+        batch's token mean, as one process computes it; a mean of each process's own token mean would weigh the
+        processes' tokens unequally). Nothing in a single-process run or for classification (a mean over
+        examples, equal shares)."""
+        if self.dist.world == 1 or self.spec.kind == "classification" or "labels" not in whole:
+            return {}
+        tokens = int((whole["labels"][:, 1:] != -100).sum())
+        return {"num_items_in_batch": torch.tensor(max(tokens, 1) / self.dist.world, device=self.device)}
+
     def next_batch(self) -> dict:
         """The next global batch; a new epoch (its own order) when this one is used up."""
         try:
@@ -206,9 +230,12 @@ class TrainingLoop:
             g["lr"] = base_lr * schedule * group_lr_factor(g, self.adapter_cfg, step - 1, args.max_steps)
         loss_sum, task_sum = 0.0, 0.0
         for micro in range(args.grad_accum):
-            batch = {k: v.to(self.device) for k, v in shard_batch(self.next_batch(), self.dist).items()}
-            # DDP: gradients are averaged over processes once per optimizer step (last micro-batch)
-            sync = (self.wrapped.no_sync() if self.dist.world > 1 and micro < args.grad_accum - 1
+            whole = self.next_batch()
+            batch = {k: v.to(self.device) for k, v in shard_batch(whole, self.dist).items()}
+            batch.update(self.loss_normaliser(whole))
+            # DDP: gradients are averaged over processes once per optimizer step (last micro-batch); FSDP: the
+            # adapter's gradients are averaged after the last micro-batch (below), the base model has none
+            sync = (self.wrapped.no_sync() if self.dist.world > 1 and not self.fsdp and micro < args.grad_accum - 1
                     else contextlib.nullcontext())
             with sync:
                 with self.autocast():
@@ -219,6 +246,8 @@ class TrainingLoop:
             task_sum += float(self.task_loss(out).detach())
         loss_sum, task_sum = all_mean([loss_sum, task_sum], self.dist, self.device)  # the global mean
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        if self.fsdp:
+            all_reduce_grads(params, self.dist)
         finite = math.isfinite(loss_sum) and grads_finite(params)
         if finite:
             if args.max_grad_norm > 0:
@@ -276,8 +305,15 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, gen_examples=None) -> Optional[dict]:
-        """Dev metrics (`evaluation.evaluate`): process 0 only, on the model without DDP (no collectives)."""
+        """Dev metrics (`evaluation.evaluate`): process 0 only, on the model without DDP (no collectives). Under FSDP
+        every process evaluates (each forward gathers the shards of every process) and process 0's result is kept."""
         result = None
+        if self.fsdp:
+            with fsdp_gathered(self.model):
+                result = evaluation.evaluate(self.model, self.spec, self.eval_loader, self.device, self.tokenizer,
+                                             gen_examples, self.args.max_new_tokens, self.autocast, self.task_loss,
+                                             details=self.eval_details)
+            return result if self.dist.main else None
         if self.dist.main:
             with progress.stage("eval", f"evaluating on {len(self.eval_loader.dataset)} dev examples"
                                 + (f" and generating {len(gen_examples)} answers" if gen_examples else ""),
@@ -407,6 +443,8 @@ class TrainingLoop:
                    "processes": self.dist.world,
                    # seconds: since the process started (set-up included), and in each stage (`progress`)
                    **progress.STAGES.summary()}
+        if self.fsdp_info is not None:  # this process's share of the base model's parameters (process 0's)
+            summary["fsdp"] = self.fsdp_info
         if main:
             write_summary(os.path.join(args.output_dir, "summary.json"), summary)
         summary["model"] = self.model
