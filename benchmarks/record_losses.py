@@ -16,6 +16,7 @@ as such (``--check`` still runs, but a difference there says nothing about the c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -36,14 +37,19 @@ RUNS = {**{m: ["--method", m] for m in METHODS},
 def machine() -> dict:
     import torch
 
-    cpu = ""
+    cpu, flags = "", ""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            lines = f.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags")), "")
     except OSError:
         pass
-    return {"cpu": cpu or platform.processor() or platform.machine(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": 1}
+    # "AMD EPYC" names several CPUs whose kernels round differently (1 ulp at step 1, seen on 2026-12-07): the
+    # instruction-set flags tell them apart
+    return {"cpu": cpu or platform.processor() or platform.machine(),
+            "cpu_flags_sha1": hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:12],
+            "torch": torch.__version__, "python": platform.python_version(), "threads": 1}
 
 
 def run_one(label: str, workdir: str) -> dict:
