@@ -231,7 +231,7 @@ def test_command_line_round_trips_through_the_parser():
     with pytest.raises(ValueError, match="Unknown experiment"):
         run_experiment("nope")
     assert set(EXPERIMENTS) == {"nlu-convergence", "nlg", "ablation-hypernet", "gamma", "efficiency",
-                                "rank-allocation", "extension", "formulation", "lr-sweep"}
+                                "rank-allocation", "extension", "formulation", "lr-sweep", "lr-sweep-why"}
     cmd = command_line("lr-sweep", ExperimentOptions(lrs=[1e-4, 3e-3, 0.03], report_only=True))
     back = as_options(vars(parser.parse_args(shlex.split(cmd)[1:])))
     assert back.lrs == [1e-4, 3e-3, 0.03] and back.report_only, cmd
