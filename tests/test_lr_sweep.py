@@ -380,3 +380,35 @@ def test_why_tiny_end_to_end_reuses_sweep_cells(tmp_path, tiny_bert_dir, glue_di
     capsys.readouterr()
     run_experiment("lr-sweep-why", ExperimentOptions(output_dir=str(tmp_path / "why"), report_only=True, **common))
     assert "steps ->" not in capsys.readouterr().out
+
+
+WHY_COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "lr-sweep-why"
+
+
+@pytest.mark.skipif(not (WHY_COMMITTED / "cells").is_dir(), reason="no committed lr-sweep-why cells")
+def test_the_committed_lr_sweep_why_report_is_rebuilt_from_its_cells(tmp_path, monkeypatch):
+    """report.md of docs/results/lr-sweep-why, rebuilt by its own command (--report-only) from the committed cells
+    (its own and the sweep's), is the committed one, but for the machine line and the report's seconds."""
+    if not glue_task_available("sst2", default_glue_dir(ExperimentOptions()))[0]:
+        pytest.skip("no SST-2 data (the experiment checks that its task's files exist)")
+    committed = (WHY_COMMITTED / "report.md").read_text()
+    argv = shlex.split(committed.split("```\n", 2)[1].strip())
+    assert argv[:3] == ["hyperadalora", "experiment", "lr-sweep-why"] and "--report-only" in argv
+    out = tmp_path / argv[argv.index("--output-dir") + 1]
+    shutil.copytree(WHY_COMMITTED / "cells", out / "cells", ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser(prog="hyperadalora")
+    add_experiment_parser(parser.add_subparsers(dest="command"))
+    threads = torch.get_num_threads()
+    try:
+        result = run_experiment("lr-sweep-why", as_options(vars(parser.parse_args(argv[1:]))))
+    finally:
+        torch.set_num_threads(threads)
+
+    def stable(text):
+        return [line for line in text.splitlines()
+                if not line.startswith(("- machine: ", "Compute: "))]
+
+    assert stable(open(result["report"]).read()) == stable(committed)
+    cells = json.load(open(result["results_json"]))["runs"]
+    assert cells and all(c["git_commit"] and c["library_version"] for c in cells)  # issue 32: the code recorded

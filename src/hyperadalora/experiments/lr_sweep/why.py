@@ -164,6 +164,7 @@ def analyse_why(spec, cells: list, lrs, seeds) -> dict:
         shift_iv = interval_of(shifts)
         per[n] = {
             "best_lr": best, "bracketed": best is not None and len(tried) >= 3 and tried[0] < best < tried[-1],
+            "whole_grid": set(lrs) <= set(tried),
             "window": window, "ratio": ratio_of(window, ada_window),
             "widens": bool(ratio_of(window, ada_window) is not None and ratio_of(window, ada_window)
                            >= ADVANTAGE_WINDOW),
@@ -184,7 +185,7 @@ def analyse_why(spec, cells: list, lrs, seeds) -> dict:
 
 def why_verdict(per: dict, missing: list) -> dict:
     """`WHY_RULE` applied."""
-    edge = [n for n in ALL if per[n]["best_lr"] is not None and not per[n]["bracketed"]]
+    edge = [n for n in ALL if per[n]["whole_grid"] and not per[n]["bracketed"]]  # (a part-run grid: cells missing)
     if missing or edge:
         why = ([f"{len(missing)} cell(s) still to run"] if missing else []) + [
             f"{WHY_LABELS[n]}'s best lr is at an end of the grid: extend it" for n in edge]
