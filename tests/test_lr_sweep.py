@@ -212,25 +212,30 @@ def test_the_committed_lr_sweep_report_is_rebuilt_from_its_cells(tmp_path, monke
     if not glue_task_available("sst2", default_glue_dir(ExperimentOptions()))[0]:
         pytest.skip("no SST-2 data (the sweep checks that its task's files exist)")
     committed = (COMMITTED / "report.md").read_text()
-    command = committed.split("```\n", 2)[1].strip()
-    argv = shlex.split(command)
-    assert argv[:3] == ["hyperadalora", "experiment", "lr-sweep"] and "--report-only" in argv, command
+    result = rebuild_committed_report("lr-sweep", COMMITTED, committed, tmp_path, monkeypatch)
+    assert stable_lines(open(result["report"]).read()) == stable_lines(committed)
+
+
+def stable_lines(text: str) -> list[str]:
+    """A report's lines but for those that change from one rebuild to the next (the machine, the seconds taken)."""
+    return [line for line in text.splitlines()
+            if not line.startswith(("- machine: ", "This report was written in "))]
+
+
+def rebuild_committed_report(name: str, committed_dir: Path, committed: str, tmp_path, monkeypatch) -> dict:
+    """Run the command written at the top of a committed cell report (--report-only) on a copy of its cells."""
+    argv = shlex.split(committed.split("```\n", 2)[1].strip())
+    assert argv[:3] == ["hyperadalora", "experiment", name] and "--report-only" in argv, argv
     out = tmp_path / argv[argv.index("--output-dir") + 1]
-    shutil.copytree(COMMITTED / "cells", out / "cells", ignore=shutil.ignore_patterns("*.lock"))
+    shutil.copytree(committed_dir / "cells", out / "cells", ignore=shutil.ignore_patterns("*.lock"))
     monkeypatch.chdir(tmp_path)
     parser = argparse.ArgumentParser(prog="hyperadalora")
     add_experiment_parser(parser.add_subparsers(dest="command"))
     threads = torch.get_num_threads()
     try:
-        result = run_experiment("lr-sweep", as_options(vars(parser.parse_args(argv[1:]))))
+        return run_experiment(name, as_options(vars(parser.parse_args(argv[1:]))))
     finally:
         torch.set_num_threads(threads)
-
-    def stable(text):
-        return [line for line in text.splitlines()
-                if not line.startswith(("- machine: ", "This report was written in "))]
-
-    assert stable(open(result["report"]).read()) == stable(committed)
 
 
 def test_a_run_recorded_from_a_checkout_elsewhere_is_reused_for_the_same_shared_data(monkeypatch, tmp_path):
@@ -392,23 +397,7 @@ def test_the_committed_lr_sweep_why_report_is_rebuilt_from_its_cells(tmp_path, m
     if not glue_task_available("sst2", default_glue_dir(ExperimentOptions()))[0]:
         pytest.skip("no SST-2 data (the experiment checks that its task's files exist)")
     committed = (WHY_COMMITTED / "report.md").read_text()
-    argv = shlex.split(committed.split("```\n", 2)[1].strip())
-    assert argv[:3] == ["hyperadalora", "experiment", "lr-sweep-why"] and "--report-only" in argv
-    out = tmp_path / argv[argv.index("--output-dir") + 1]
-    shutil.copytree(WHY_COMMITTED / "cells", out / "cells", ignore=shutil.ignore_patterns("*.lock"))
-    monkeypatch.chdir(tmp_path)
-    parser = argparse.ArgumentParser(prog="hyperadalora")
-    add_experiment_parser(parser.add_subparsers(dest="command"))
-    threads = torch.get_num_threads()
-    try:
-        result = run_experiment("lr-sweep-why", as_options(vars(parser.parse_args(argv[1:]))))
-    finally:
-        torch.set_num_threads(threads)
-
-    def stable(text):
-        return [line for line in text.splitlines()
-                if not line.startswith(("- machine: ", "Compute: "))]
-
-    assert stable(open(result["report"]).read()) == stable(committed)
+    result = rebuild_committed_report("lr-sweep-why", WHY_COMMITTED, committed, tmp_path, monkeypatch)
+    assert stable_lines(open(result["report"]).read()) == stable_lines(committed)
     cells = json.load(open(result["results_json"]))["runs"]
     assert cells and all(c["git_commit"] and c["library_version"] for c in cells)  # issue 32: the code recorded
