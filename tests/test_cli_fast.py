@@ -165,3 +165,22 @@ def test_the_kernel_warning_is_held_back(capsys):
         "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
     assert "gemm_4bit_forward" not in capsys.readouterr().err
     assert "not installed" in progress.quantized_base_note() and hyperadalora.__version__
+
+
+def test_a_stage_that_does_not_finish_is_not_reported_done(capsys):
+    """An interrupted or failed stage says so (a SIGTERM'd run printed 'training ...: done in 67.3 s')."""
+    from hyperadalora.progress import Stages
+
+    stages = Stages()
+    stages.enabled = True
+    with pytest.raises(KeyboardInterrupt):
+        with stages.stage("train", "training"):
+            raise KeyboardInterrupt
+    with pytest.raises(ValueError):
+        with stages.stage("eval", "evaluating", quiet_below=100.0):
+            raise ValueError("bad")
+    with stages.stage("save", "saving"):
+        pass
+    err = capsys.readouterr().err
+    assert "training: interrupted after" in err and "evaluating: failed after" in err
+    assert "saving: done in" in err and "training: done" not in err and set(stages.times) == {"train", "eval", "save"}

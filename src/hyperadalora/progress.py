@@ -56,13 +56,17 @@ class Stages:
         end line only when it took ``quiet_below`` seconds or more)."""
         self.say(f"{what} ...")
         t0 = time.perf_counter()
+        ended = "done"
         try:
             yield
+        except BaseException as e:  # an error or an interruption: the stage did not finish
+            ended = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            raise
         finally:
             took = time.perf_counter() - t0
             self.times[name] = self.times.get(name, 0.0) + took
-            if took >= quiet_below:
-                self.say(f"{what}: done in {took:.1f} s")
+            if took >= quiet_below or ended != "done":
+                self.say(f"{what}: {ended} after {took:.1f} s" if ended != "done" else f"{what}: done in {took:.1f} s")
 
     def summary(self) -> dict:
         """``{"stages_s": {...}, "process_time_s": ...}`` for summary.json."""
