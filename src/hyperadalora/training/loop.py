@@ -36,7 +36,7 @@ from .adapters import (TaskLossProbe, param_groups, quantization_config, rank_pa
 from .args import FSDP_QUANTIZED, TrainArgs, hypernetwork_options
 from .distributed import (Distributed, all_mean, all_reduce_grads, fsdp_from_env, fsdp_gathered, shard_batch,
                           wrap_ddp, wrap_fsdp)
-from .run_files import latest_checkpoint, median_step, truncate_metrics, write_summary
+from .run_files import last_logged_ranks, latest_checkpoint, median_step, truncate_metrics, write_summary
 from .stopping import NonFiniteLossError, StopRequest, TrainingInterrupted
 
 # (args, model, task_type) -> (adapter model, allocate(step) or None): `adapters.build_adapter_model` by default
@@ -137,7 +137,9 @@ class TrainingLoop:
             ckpt_lib.restore_rng(ckpt["rng"])
         self.probe = None if args.method == "hyperadalora" else TaskLossProbe(self.model)
         self.log = self.tracker = self.bar = None
-        self.last_ranks = None
+        # the per-layer ranks are logged when they change: a resumed run compares with the last ones its metrics hold,
+        # as the uninterrupted run would
+        self.last_ranks = last_logged_ranks(self.metrics_path) if ckpt is not None and dist.main else None
         self.stop = StopRequest()
 
     # ------------------------------------------------------------------------------------------ set-up

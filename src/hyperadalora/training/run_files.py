@@ -144,3 +144,20 @@ def disk_full_message(args: TrainArgs, error: OSError) -> str:
     then = f"continue with --resume {args.output_dir}" if latest else "start it again (--overwrite)"
     return (f"No space left on the device while writing the run's files{where}: {error.strerror or error}. The run "
             f"stopped; {kept}. Free some space (or choose another --output-dir), then {then}.")
+
+
+def last_logged_ranks(path: str) -> Optional[dict]:
+    """The per-layer ranks of the last metrics row that has them (rows log them when they change); None if none."""
+    ranks = None
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "ranks" in row:
+                    ranks = row["ranks"]
+    except FileNotFoundError:
+        pass
+    return ranks
