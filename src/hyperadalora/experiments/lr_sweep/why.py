@@ -136,6 +136,9 @@ def analyse_why(spec, cells: list, lrs, seeds) -> dict:
     out["score_vs_lr"] = {n: {f"{lr:g}": stats([score_at(c, final) for c in grid[n][lr].values()])
                               for lr in sorted(grid[n])} for n in ALL}
     ada_window = window_of(spec, grid, "adalora", final)
+    ada_best = choose_lr(spec, grid, "adalora", final, "score") if grid["adalora"] else None
+    ada_peak = [score_at(grid["adalora"][ada_best][s], final) if ada_best is not None
+                and s in grid["adalora"][ada_best] else None for s in seeds]
     per = {}
     for n in ALL:
         best = choose_lr(spec, grid, n, final, "score") if grid[n] else None
@@ -152,9 +155,6 @@ def analyse_why(spec, cells: list, lrs, seeds) -> dict:
                            {k: u(v) for k, v in mean_curve(grid, "adalora", final).items()})
         peak = [score_at(grid[n][best][s], final) if best is not None and s in grid[n][best] else None
                 for s in seeds]
-        ada_best = choose_lr(spec, grid, "adalora", final, "score") if grid["adalora"] else None
-        ada_peak = [score_at(grid["adalora"][ada_best][s], final) if ada_best is not None
-                    and s in grid["adalora"][ada_best] else None for s in seeds]
         large = {}
         for lr in TOO_LARGE:
             mine = [score_at(grid[n].get(lr, {}).get(s, {"evals": []}), final) for s in seeds]
