@@ -319,6 +319,28 @@ def check_values(options: dict) -> None:
     if method == "adalora" and steps - tfinal < 2:
         raise ValueError(f"max_steps - tfinal = {steps} - {tfinal} < 2: peft's AdaLoRA needs at least one step "
                          f"before the final budget: raise --max-steps to {tfinal + 2} or lower --tfinal.")
+    check_method_config(options, method, steps, tinit, tfinal)
+
+
+def check_method_config(options: dict, method: str, steps: int, tinit: int, tfinal: int) -> None:
+    """The values of HyperAdaLoRA's options and of the hypernetwork options (``--hypernet rnn``, ``--beta1 2``,
+    ``--target-r 0``...), checked by `config.HyperAdaLoraConfig` itself (a module without torch) as the run would
+    build it: for --method hyperadalora the whole config (`training.adapters.adapter_config`), for the other
+    generated methods their hypernetwork options (`methods.base.HypernetOptions` validates them the same way)."""
+    if method != "hyperadalora" and method not in SPEC["hypernet_methods"]:
+        return  # peft's methods and hydralora: their own configs check them, after the imports
+    from .config import HyperAdaLoraConfig  # no torch: the dataclass and its checks only
+
+    hyper = {k: v for k, v in {**(options.get("hyper") or {}), **{k: options[k] for k in HYPER_FIELDS if k in options}}
+             .items() if v is not None or k in SPEC["nullable_hyper_fields"]}  # as training.args_from_dict reads them
+    if method == "hyperadalora":
+        given = {**SPEC["train_defaults"], **{k: v for k, v in options.items() if v is not None}}
+        HyperAdaLoraConfig(init_r=given["init_r"], target_r=given["target_r"], tinit=tinit, tfinal=tfinal,
+                           deltaT=given["deltaT"], total_step=steps, orth_reg_weight=given["orth_reg_weight"],
+                           lora_alpha=given["lora_alpha"], lora_dropout=given["lora_dropout"], seed=given["seed"],
+                           **hyper)
+    else:
+        HyperAdaLoraConfig(**{k: v for k, v in hyper.items() if k in SPEC["hypernet_fields"]})
 
 
 def collect_options(ns: argparse.Namespace) -> dict:
