@@ -32,26 +32,6 @@ from hyperadalora import export as ex
 from hyperadalora.base_models import load_model_and_tokenizer, smollm2_gguf_path
 
 
-def f32_copy(src: str, dst: str) -> str:
-    """The GGUF model ``src`` with every tensor dequantized to F32 (the weights transformers computes with)."""
-    import gguf
-
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for key, f in reader.fields.items():
-        if not key.startswith("GGUF.") and key not in ("general.architecture", "general.file_type"):
-            writer.add_key_value(key, f.contents(), f.types[0],
-                                 sub_type=f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
-
-
 def llama_cpp_logits(base: str, ids, lora=None):
     llm = Llama(model_path=base, lora_path=lora, n_ctx=256, logits_all=True, verbose=False, seed=0)
     llm.eval(ids)
@@ -63,7 +43,8 @@ def llama_cpp_logits(base: str, ids, lora=None):
 tmp = tempfile.mkdtemp()
 gguf_base = smollm2_gguf_path() if cli.base == "smollm2" else cli.base
 adapter_gguf = ex.export(ex.read_adapter(cli.adapter), os.path.join(tmp, "adapter.gguf"), "gguf", base=cli.base)
-checked_base = gguf_base if cli.quantized else f32_copy(gguf_base, os.path.join(tmp, "base-f32.gguf"))
+checked_base = (gguf_base if cli.quantized
+                else ex.dequantized_gguf(gguf_base, os.path.join(tmp, "base-f32.gguf")))
 
 model, tokenizer, _ = load_model_and_tokenizer(cli.base, "instruction")
 ids = tokenizer(cli.prompt)["input_ids"]

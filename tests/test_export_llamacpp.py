@@ -29,28 +29,6 @@ def _known_adapter(model, seed=0, size=2.0):
     return wrapped.eval(), ranks
 
 
-def _dequantized_gguf(src, dst):
-    """A copy of the GGUF model ``src`` with every tensor dequantized to F32 (the weights the HF model was converted
-    to): llama.cpp then computes in F32 and its logits can be compared with the HF model's closely."""
-    import gguf
-
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(dst, arch)
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def _cpp_logits(gguf_base, ids, lora=None):
     from llama_cpp import Llama
 
@@ -87,7 +65,7 @@ def test_gguf_adapter_changes_llama_cpp_logits_as_the_merged_model(tmp_path, mon
 
     d_hf = adapted_hf - base_hf
     f32_base = str(tmp_path / "base-f32.gguf")
-    _dequantized_gguf(gguf_base, f32_base)
+    ex.dequantized_gguf(gguf_base, f32_base)
     results = {}
     for kind, path in (("f32", f32_base), ("q4_1", gguf_base)):
         base_cpp = _cpp_logits(path, ids)

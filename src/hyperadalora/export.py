@@ -401,6 +401,30 @@ def write_gguf(weights: LoraWeights, path: str, base: GgufBase, dtype: str = "f3
     writer.close()
 
 
+def dequantized_gguf(src: str, dst: str) -> str:
+    """A copy of the GGUF model ``src`` at ``dst`` with every tensor dequantized to F32: the weights the transformers
+    model converted from ``src`` computes with. To check a GGUF adapter export in llama.cpp against the transformers
+    model, use this copy as llama.cpp's base: on a quantized base (SmolLM2's shipped Q4_1) llama.cpp's own logits
+    differ from the transformers model's by more than a small adapter changes them. Returns ``dst``."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
+        if not key.startswith("GGUF.") and key not in ("general.architecture", "general.file_type"):
+            writer.add_key_value(key, f.contents(), f.types[0],
+                                 sub_type=f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
 def export(weights: LoraWeights, output: str, format: str = "peft", rank: Union[int, str, None] = None,
            allowed_ranks: Optional[Sequence[int]] = None, base: Optional[str] = None,
            dtype: Optional[str] = None) -> str:
