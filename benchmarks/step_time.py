@@ -138,7 +138,7 @@ class Runner:
         task_type = "SEQ_CLS" if opts.kind == "classification" else "CAUSAL_LM"
         self.model, self.allocate = T.build_adapter_model(self.args, base, task_type)
         self.model.to(device).train()
-        self.opt = torch.optim.AdamW(T.param_groups(self.model, self.args), lr=self.args.lr)
+        self.opt = T.make_optimizer(self.model, self.args)
         self.trainable = sum(p.numel() for g in self.opt.param_groups for p in g["params"])
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if opts.dtype == "bfloat16" \
             else contextlib.nullcontext

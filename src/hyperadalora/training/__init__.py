@@ -30,7 +30,7 @@ processes, batch sharding), `run_files` (the output directory, metrics.jsonl, re
 
 from ..resume import OPTIONS_ADDED_LATER, recorded_options
 from .adapters import (TaskLossProbe, adapter_config, build_adapter_model, default_target_modules,
-                       param_groups, quantization_config, rank_pattern, task_type_of, total_rank)
+                       make_optimizer, param_groups, quantization_config, rank_pattern, task_type_of, total_rank)
 from .args import (DEFAULT_OUTPUT_DIR, DEFAULT_TASK, DTYPES, FROM_THE_RUN, HYPER_FIELDS, METHODS, NULLABLE_HYPER_FIELDS,
                    PRECISIONS, RESUME_FREE_ARGS, SCHEDULED_METHODS, TRAIN_ARG_FIELDS, TrainArgs, args_from_dict,
                    config_class, has_hypernetworks, hypernetwork_options, run_dir_of)
@@ -49,7 +49,7 @@ __all__ = [
     "OPTIONS_ADDED_LATER", "recorded_options", "config_class", "has_hypernetworks", "hypernetwork_options",
     "run_dir_of", "prepare_output_dir", "check_resume_args", "truncate_metrics", "median_step", "latest_checkpoint",
     "default_target_modules", "quantization_config", "task_type_of", "adapter_config", "param_groups", "total_rank",
-    "rank_pattern", "TaskLossProbe", "evaluate", "per_example_lm_loss", "generate_and_score",
+    "make_optimizer", "rank_pattern", "TaskLossProbe", "evaluate", "per_example_lm_loss", "generate_and_score",
     "Distributed", "setup_distributed", "wrap_ddp", "shard_batch", "all_mean", "check_device", "set_seed",
     "grads_finite", "StopRequest", "TrainingInterrupted", "NonFiniteLossError", "DiskFullError", "DISK_FULL_ERRNOS",
 ]

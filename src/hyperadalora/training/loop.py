@@ -31,7 +31,7 @@ from ..generator import FEATURE_GROUP, group_lr_factor
 from ..base_models import load_model_and_tokenizer
 from ..methods import AdapterModel
 from . import evaluation
-from .adapters import (TaskLossProbe, param_groups, quantization_config, rank_pattern, task_type_of,
+from .adapters import (TaskLossProbe, make_optimizer, param_groups, quantization_config, rank_pattern, task_type_of,
                        total_rank)
 from .args import FSDP_QUANTIZED, TrainArgs, hypernetwork_options
 from .distributed import (Distributed, all_mean, all_reduce_grads, fsdp_from_env, fsdp_gathered, shard_batch,
@@ -111,7 +111,7 @@ class TrainingLoop:
         self.eval_loader = data_lib.make_dataloader(eval_ds, args.batch_size, shuffle=False, seed=args.seed,
                                                     collate_fn=self.collate)
         self.gen_examples = eval_examples[:args.gen_eval_examples] if spec.kind == "instruction" else None
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, args), lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = make_optimizer(self.model, args)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.adapter_cfg = getattr(self.model, "peft_config", None)  # the row embeddings' schedule reads it
         self.state = LoopState()
