@@ -191,3 +191,28 @@ def test_a_stage_that_does_not_finish_is_not_reported_done(capsys):
     err = capsys.readouterr().err
     assert "training: interrupted after" in err and "evaluating: failed after" in err
     assert "saving: done in" in err and "training: done" not in err and set(stages.times) == {"train", "eval", "save"}
+
+
+@pytest.mark.parametrize("missing, argv, extra", [
+    ("bitsandbytes", ["train", "--load-in-8bit"], "pip install 'hyperadalora[quant]'"),
+    ("tensorboard", ["train", "--report-to", "tensorboard"], "pip install 'hyperadalora[tracking]'"),
+    ("wandb", ["train", "--report-to", "wandb"], "pip install wandb"),
+])
+def test_a_missing_extra_is_named_before_torch(missing, argv, extra, monkeypatch, capsys):
+    """A flag whose optional dependency is not installed: refused by the argument checks (looked up, not imported),
+    with the command that installs it. (tests/test_wheel.py checks the same in a venv without the extras.)"""
+    from hyperadalora import cli
+
+    monkeypatch.setitem(sys.modules, missing, None)  # importlib.util.find_spec then finds nothing
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"needs {missing}, which is not installed: {extra}." in err, err
+
+
+def test_a_missing_trl_names_its_extra(monkeypatch):
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "trl", None)
+    monkeypatch.delitem(sys.modules, "hyperadalora.sft", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'hyperadalora\[trl\]'"):
+        importlib.import_module("hyperadalora.sft")

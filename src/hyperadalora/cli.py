@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 
-from . import __version__, cli_spec, experiment_args
+from . import __version__, cli_spec, experiment_args, extras
 
 # Nothing above imports torch or transformers: every argument error is reported before they load (seconds). The
 # options' metadata comes from `cli_spec` (a snapshot of `training.TrainArgs` and the methods' configs).
@@ -304,6 +304,10 @@ def check_values(options: dict) -> None:
         raise ValueError(f"{flag_of('quant_type')} {options['quant_type']!r} applies to a 4-bit base only: add "
                          f"--load-in-4bit, or leave it out.")
     _choice(options, "quant_type", SPEC["quant_types"])
+    if options.get("load_in_4bit") or options.get("load_in_8bit"):  # an optional extra: looked up, not imported
+        extras.require("bitsandbytes", "--load-in-4bit" if options.get("load_in_4bit") else "--load-in-8bit")
+    if options.get("report_to") not in (None, "none"):
+        extras.require(options["report_to"], f"--report-to {options['report_to']}")
     if resume:
         return  # the rest come from the checkpoint's record
     check_options_apply(options)
@@ -509,7 +513,7 @@ def main(argv=None) -> int:
         ns.output_dir = "runs/demo"
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError, extras.MissingExtraError) as e:
         if os.environ.get("HYPERADALORA_DEBUG"):
             raise
         print(f"hyperadalora {ns.command}: error: {e}", file=sys.stderr)

@@ -175,8 +175,9 @@ def bnb_config(load_in_4bit: bool = False, load_in_8bit: bool = False, quant_typ
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise RuntimeError("A 4-bit / 8-bit base needs bitsandbytes (pip install bitsandbytes; this package pins "
-                           "bitsandbytes==0.50.2, which runs on CPUs and GPUs).") from e
+        from .extras import missing
+
+        raise missing("bitsandbytes", "A 4-bit / 8-bit base (bitsandbytes 0.50.2 runs on CPUs and GPUs)") from e
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:

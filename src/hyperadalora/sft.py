@@ -15,8 +15,8 @@ bypass HyperAdaLoRA, and are set right here:
   orthogonal regulariser (``orth_reg_weight``), which its forward adds to ``loss``, would be dropped: it is added to
   the loss here (divided by the gradient-accumulation steps, as TRL does with its own auxiliary loss).
 
-trl is an optional dependency (``pip install trl``); importing this module without it raises an ImportError that
-says so. A plain ``trl.SFTTrainer`` with ``callbacks=[ha.RankAllocationCallback()]`` and ``optimizers=(AdamW(
+trl is an optional dependency (``pip install 'hyperadalora[trl]'``); importing this module without it raises an
+ImportError that says so. A plain ``trl.SFTTrainer`` with ``callbacks=[ha.RankAllocationCallback()]`` and ``optimizers=(AdamW(
 model.optimizer_param_groups(lr)), None)`` is *not* enough for HyperAdaLoRA, for the two reasons above.
 """
 
@@ -26,7 +26,9 @@ try:
     from trl import SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
 except ImportError as e:  # pragma: no cover - exercised only without trl
-    raise ImportError("hyperadalora's TRL integration needs trl: pip install trl (tested with trl==1.16.0).") from e
+    from .extras import missing
+
+    raise missing("trl", "hyperadalora's TRL integration (HyperAdaLoraSFTTrainer; tested with trl==1.16.0)") from e
 
 from .callbacks import HyperAdaLoraTrainer
 from .methods import AdapterModel

@@ -70,8 +70,9 @@ def _import(report_to: str):
     try:
         return importlib.import_module(report_to)
     except ImportError as e:
-        raise ImportError(f"--report-to {report_to} needs the {PIP_NAME[report_to]!r} package: pip install "
-                          f"{PIP_NAME[report_to]} (or choose another --report-to).") from e
+        from .extras import missing
+
+        raise missing(PIP_NAME[report_to], f"--report-to {report_to} (or choose another --report-to)") from e
 
 
 class Tracker:
