@@ -22,8 +22,9 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 
 
 def run(cmd, cwd, timeout=900, env=None):
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **OFFLINE, **(env or {})})
+                         env={**clean, **OFFLINE, **(env or {})})  # nothing of this checkout's environment
     return out.returncode, out.stdout + out.stderr
 
 
