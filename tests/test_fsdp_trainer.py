@@ -94,6 +94,20 @@ def test_fsdp_settings_the_trainer_cannot_apply_are_refused_with_the_reason():
         assert message is not None and re.search(words, message), (change, message)
 
 
+def test_fsdp_asked_for_and_not_enabled_by_accelerate_is_said(monkeypatch):
+    from hyperadalora.callbacks import _fsdp_not_enabled
+
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    ddp, alone = SimpleNamespace(fsdp=True, world_size=2), SimpleNamespace(fsdp=None, world_size=1)
+    assert _fsdp_not_enabled(ddp, False) is None    # one process: Trainer refuses fsdp itself
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _fsdp_not_enabled(ddp, True) is None and _fsdp_not_enabled(alone, False) is None
+    assert "This run is DDP" in _fsdp_not_enabled(ddp, False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")   # accelerate launch on the CPU without use_cpu
+    assert "not joined" in _fsdp_not_enabled(alone, False)
+
+
 def test_only_the_base_models_frozen_parameters_are_sharded():
     import peft
 

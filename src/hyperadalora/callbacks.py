@@ -324,10 +324,18 @@ def _base_parameter_ids(model) -> set:
     return {id(p) for p in inner.parameters() if not p.requires_grad and id(p) not in adapter}
 
 
-def _fsdp_requested(args) -> bool:
-    """Whether the run asked for FSDP: ``fsdp`` in TrainingArguments, or `accelerate launch` with an FSDP config."""
-    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true",
-                                                                                                     "yes")
+def _fsdp_not_enabled(args, fsdp_enabled: bool) -> "str | None":
+    """The warning for a multi-process run that asked for FSDP (``fsdp`` in TrainingArguments, or `accelerate launch`
+    with an FSDP config) which accelerate did not enable (on the CPU it never does), or None."""
+    asked = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true",
+                                                                                                      "yes")
+    if fsdp_enabled or not asked or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return ("FSDP was asked for (fsdp in TrainingArguments, or accelerate launch with an FSDP config) but accelerate "
+            "did not enable it: it enables FSDP on GPUs and other accelerators only, not on the CPU. "
+            + ("This run is DDP (every process holds the whole model)." if args.world_size > 1 else
+               "The processes are not joined (each trains on its own); on the CPU pass use_cpu=True to "
+               "TrainingArguments to train them with DDP."))
 
 
 class HyperAdaLoraTrainer(Trainer):
@@ -356,13 +364,8 @@ class HyperAdaLoraTrainer(Trainer):
         if self.is_fsdp_enabled and (
                 _adapter_model(self.model) is not None or _allocating_model(self.model) is not None):
             self._shard_base_model()
-        elif not self.is_fsdp_enabled and _fsdp_requested(self.args) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            warnings.warn(
-                "FSDP was asked for (fsdp in TrainingArguments, or accelerate launch with an FSDP config) but "
-                "accelerate did not enable it: it enables FSDP on GPUs and other accelerators only, not on the CPU. "
-                + ("This run is DDP (every process holds the whole model)." if self.args.world_size > 1 else
-                   "The processes are not joined (each trains on its own); on the CPU pass use_cpu=True to "
-                   "TrainingArguments to train them with DDP."), stacklevel=2)
+        elif _fsdp_not_enabled(self.args, self.is_fsdp_enabled) is not None:
+            warnings.warn(_fsdp_not_enabled(self.args, self.is_fsdp_enabled), stacklevel=2)
         for cb in list(self.callback_handler.callbacks):  # the console: scalars only (the ranks go to report_to)
             for printer, scalars_only in ((ProgressCallback, ScalarProgressCallback),
                                           (PrinterCallback, ScalarPrinterCallback)):
