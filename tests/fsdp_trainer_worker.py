@@ -47,11 +47,9 @@ VOCAB = 128
 # micro-batch's generated tensors, so one process with one micro-batch is another run): the Trainer's HyperAdaLoRA
 # case runs FSDP's no_sync micro-batch, then the all_reduce
 ACCUMULATION = {"trainer-hyperadalora": 2}
-# the orthogonal regulariser's weight: 0 under the plain Trainer, whose loss scaling multiplies a regulariser that the
-# model's forward adds to its loss by the processes and the micro-batches (Trainer's num_items_in_batch scaling; DDP
-# does the same: not FSDP's), so that one process and two train the same objective; HyperAdaLoraSFTTrainer adds it
-# after that scaling (the default weight)
-ORTH_REG_WEIGHT = {"trainer-hyperadalora": 0.0, "trainer-adalora": 0.0}
+# the orthogonal regulariser's weight: its default in every case (HyperAdaLoraTrainer counts it once per optimizer step
+# whatever the processes and micro-batches, callbacks._penalty_factor; HyperAdaLoraSFTTrainer adds it itself)
+ORTH_REG_WEIGHT = 0.1
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
@@ -103,7 +101,7 @@ def wrapped_model(case: str, tok=None):
     import hyperadalora as ha
 
     method = case.split("-", 1)[1]
-    model, config = base_model(case, tok), adapter_config(method, ORTH_REG_WEIGHT.get(case, 0.1))
+    model, config = base_model(case, tok), adapter_config(method, ORTH_REG_WEIGHT)
     return ha.get_peft_model(model, config) if method == "hyperadalora" else peft.get_peft_model(model, config)
 
 

@@ -258,6 +258,69 @@ class ScalarPrinterCallback(PrinterCallback):
         return super().on_log(args, state, control, logs=_scalars(logs), **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------- the regulariser
+# The orthogonal regulariser (orth_reg_weight) is part of the loss the model's forward returns (this package's models
+# and peft's AdaLoRA add it there), and Trainer scales that loss as a whole. transformers 5's Trainer, when the loss
+# was normalised by the tokens of the whole optimizer step (the model takes num_items_in_batch; or a compute_loss_func),
+# multiplies it by the number of processes (average_tokens_across_devices: DDP / FSDP then average the gradients) and
+# does not divide it by the gradient-accumulation steps: right for the task loss, but the regulariser, the same on every
+# process and in every micro-batch, would be counted (processes x micro-batches) times per optimizer step.
+# HyperAdaLoraTrainer.compute_loss has the forward add it with a weight that this scaling turns into the weight once.
+def _penalty_factor(trainer, num_items_in_batch, training: bool = True) -> float:
+    """What the regulariser's weight must be multiplied by in the loss of one micro-batch so that Trainer's scaling of
+    that loss leaves it weighted ``1 / current_gradient_accumulation_steps`` in every training micro-batch (once per
+    optimizer step; the processes' gradients are averaged) and weighted 1 in an evaluation batch (peft's AdaLoRA adds
+    it to the evaluation loss too; the processes' losses are averaged). The scaling as transformers 5.23 does it:
+    ``Trainer.compute_loss`` multiplies the loss by the processes (``average_tokens_across_devices``, the loss
+    normalised by ``num_items_in_batch``; in evaluation too), ``Trainer.training_step`` divides it by the accumulation
+    steps unless it is scaled for them already (``loss_is_scaled_for_ga``, by default: normalised by
+    ``num_items_in_batch``)."""
+    counted = num_items_in_batch is not None and (trainer.model_accepts_loss_kwargs
+                                                  or trainer.compute_loss_func is not None)
+    processes = 1
+    if trainer.args.average_tokens_across_devices and counted:
+        tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+        processes = trainer.accelerator.num_processes // tp if trainer.args.n_gpu <= 1 else trainer.args.n_gpu
+    if not training:
+        return 1.0 / processes if processes != 1 else 1.0
+    scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled_for_ga is None:
+        scaled_for_ga = ((trainer.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                         or trainer.compute_loss_func is not None)
+    steps = getattr(trainer, "current_gradient_accumulation_steps", 1) if scaled_for_ga else 1
+    return 1.0 / (processes * steps) if processes * steps != 1 else 1.0
+
+
+@contextlib.contextmanager
+def penalty_scaled(model, factor: float):
+    """While inside: the regulariser that ``model``'s training forward adds to its loss weighted ``factor`` times its
+    weight (this package's models: `AdapterModel.penalty_loss_factor`; peft's AdaLoRA: its config's
+    ``orth_reg_weight``). Nothing for other models or ``factor == 1``."""
+    target = _unwrap(model)
+    if factor == 1.0:
+        yield
+        return
+    if isinstance(target, AdapterModel):
+        target.penalty_loss_factor = factor
+        try:
+            yield
+        finally:
+            del target.penalty_loss_factor  # back to the class's 1
+        return
+    allocating = _allocating_model(target)
+    config = None if allocating is None or isinstance(allocating, AdapterModel) else \
+        allocating.peft_config.get(getattr(allocating, "trainable_adapter_name", None))
+    if config is None or not getattr(config, "orth_reg_weight", 0):
+        yield
+        return
+    weight = config.orth_reg_weight
+    config.orth_reg_weight = weight * factor
+    try:
+        yield
+    finally:
+        config.orth_reg_weight = weight
+
+
 # ---------------------------------------------------------------------------------------------- FSDP
 # Under accelerate's FSDP plugin, HyperAdaLoraTrainer shards the model itself, before accelerate prepares it, the way
 # the library's own loop does (training.distributed.wrap_fsdp): only the frozen base model is sharded (FSDP2's
@@ -414,6 +477,19 @@ class HyperAdaLoraTrainer(Trainer):
         blocks = transformer_blocks(model, sorted(c.__name__ for c in classes) if classes else None)
         self.fsdp_info = wrap_fsdp(model, device, self._fsdp_dist, base_ids, blocks=blocks)
         self._fsdp_replicated = [p for p in model.parameters() if not hasattr(p, "to_local")]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's ``compute_loss``; in training, the regulariser that the model's forward adds to its loss
+        (``orth_reg_weight``: this package's models and peft's AdaLoRA) is weighted so that, after Trainer's scaling
+        of the loss (the processes, the gradient-accumulation steps) and the averaging of the
+        gradients over the processes, it counts once per optimizer step with its weight, as in one process without
+        accumulation (`_penalty_factor`); in evaluation (peft's AdaLoRA adds it there too) once per batch."""
+        factor = 1.0
+        if _adapter_model(model) is not None or _allocating_model(model) is not None:
+            factor = _penalty_factor(self, num_items_in_batch, model.training)
+        with penalty_scaled(model, factor):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
