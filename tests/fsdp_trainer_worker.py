@@ -43,9 +43,8 @@ SAVE_STEPS = 3
 RESUME_AT = {"trainer-hyperadalora": SAVE_STEPS, "trainer-adalora": 1}
 SEQ = 12
 VOCAB = 128
-# micro-batches per optimizer step (the same in one process and in two: HyperAdaLoRA's sensitivity is that of the last
-# micro-batch's generated tensors, so one process with one micro-batch is another run): the Trainer's HyperAdaLoRA
-# case runs FSDP's no_sync micro-batch, then the all_reduce
+# micro-batches per optimizer step (the same in one process and in two): the Trainer's HyperAdaLoRA case runs FSDP's
+# no_sync micro-batch, then the all_reduce (its sensitivity is the whole step's either way)
 ACCUMULATION = {"trainer-hyperadalora": 2}
 # the orthogonal regulariser's weight: its default in every case (HyperAdaLoraTrainer counts it once per optimizer step
 # whatever the processes and micro-batches, callbacks._penalty_factor; HyperAdaLoraSFTTrainer adds it itself)

@@ -243,3 +243,26 @@ def test_accelerate_launch_with_the_fsdp2_config_trains_the_trainer_sharded(runs
     for step in one["losses"]:
         assert launched["losses"][step] == pytest.approx(one["losses"][step], rel=LOSS_RTOL, abs=0), step
     assert launched["losses"] == load(runs, "two", case)["losses"]   # the same run as through TrainingArguments
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_after_an_evaluation_before_training_follows_one_process(runs, tmp_path):
+    """The Trainer's ordinary DDP (no fsdp; 2 CPU processes) with ``trainer.evaluate()`` before ``train()``: Trainer's
+    evaluation prepares the bare model (accelerate marks it prepared, without DDP) and train's prepare would leave it
+    unwrapped, each process training on its own gradients (HyperAdaLoRA drifted 3.2e-3 from one process at step 2, and
+    process 1's masks differed); `HyperAdaLoraTrainer` lets accelerate wrap it (`_unprepare_evaluation_model`)."""
+    cases = ["trainer-hyperadalora", "trainer-adalora"]
+    finish(torchrun(tmp_path, "--cases", ",".join(cases)))
+    for case in cases:
+        r0, r1 = (torch.load(tmp_path / case / f"process-{r}.pt", weights_only=False) for r in (0, 1))
+        one = load(runs, "one", case)
+        assert not r0["fsdp"] and r0["world"] == 2 and r0["dtensors"] == 0
+        for step in one["losses"]:
+            assert r0["losses"][step] == pytest.approx(one["losses"][step], rel=LOSS_RTOL, abs=0), (case, step)
+        for when in one["eval"]:
+            assert r0["eval"][when] == pytest.approx(one["eval"][when], rel=LOSS_RTOL, abs=0), (case, when)
+        for step in one["steps"]:
+            assert same_allocation(r0["steps"][step], r1["steps"][step]), (case, step)
+            assert same_allocation(r0["steps"][step], one["steps"][step]), (case, step)
+        assert r0["digest"] == r1["digest"], case

@@ -401,6 +401,33 @@ def _fsdp_not_enabled(args, fsdp_enabled: bool) -> "str | None":
                "TrainingArguments to train them with DDP."))
 
 
+def _unprepare_evaluation_model(trainer, model) -> bool:
+    """Let accelerate wrap ``model`` in DDP for training after ``Trainer.evaluate`` ran before ``train``.
+
+    transformers 5.23's evaluation loop, when no model was prepared yet, prepares the bare model with
+    ``accelerator.prepare_model(model, evaluation_mode=True)`` (no DDP), which marks it ``_is_accelerate_prepared``;
+    the ``accelerator.prepare(model, optimizer)`` of ``train`` then returns it as it is: every process trains on its
+    own gradients, nothing averages them (the processes drift apart, and from one process). Here, for a multi-process
+    run that accelerate wraps in DDP (not FSDP, DeepSpeed or a model sharded at loading), the mark and the autocast
+    wrapper of its forward are taken off the bare model, so that ``train``'s prepare wraps it as it would have
+    without the evaluation. Returns True if it did."""
+    if (getattr(trainer.args, "world_size", 1) <= 1 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+            or getattr(trainer, "is_distributed_loading_by_transformers", False) or model is not trainer.model
+            or not model.__dict__.get("_is_accelerate_prepared", False)
+            or trainer.accelerator.unwrap_model(model, keep_torch_compile=False) is not model):
+        return False
+    original = model.__dict__.pop("_original_forward", None)   # accelerate's autocast wrapper (mixed precision)
+    if original is not None:
+        if getattr(original, "__self__", None) is model and \
+                getattr(original, "__func__", None) is getattr(type(model), "forward", None):
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = original
+    del model._is_accelerate_prepared
+    trainer.accelerator._models[:] = [m for m in trainer.accelerator._models if m is not model]
+    return True
+
+
 class HyperAdaLoraTrainer(Trainer):
     """A `transformers.Trainer` for this package's models (HyperAdaLoRA, the generated-adapter methods) and peft's
     AdaLoRA: the optimizer is built from ``model.optimizer_param_groups(learning_rate, weight_decay)`` (the
@@ -509,6 +536,8 @@ class HyperAdaLoraTrainer(Trainer):
         return super().autocast_smart_context_manager(cache_enabled)
 
     def _wrap_model(self, model, training=True, dataloader=None):
+        if training:
+            _unprepare_evaluation_model(self, model)
         model = super()._wrap_model(model, training, dataloader)
         if (self._fsdp_replicated is not None and not training and model is self.model
                 and not getattr(model, "_is_accelerate_prepared", False)):
