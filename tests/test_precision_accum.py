@@ -90,3 +90,17 @@ def test_grad_accumulation_counts_optimizer_steps_in_the_budget_schedule(tmp_pat
     for a, b in zip(accum, plain):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["total_rank"] == b["total_rank"]
+
+
+def test_grad_accumulation_sensitivity_is_that_of_the_whole_step(tmp_path, tokenizer):
+    """importance='sensitivity' reads the gradients of the generated tensors, which every micro-batch generates anew:
+    the importance of a step is computed from their sum over its micro-batches (the whole step's gradient, as peft's
+    AdaLoRA reads the accumulated p.grad), so 4 micro-batches of 2 rank the same as one batch of 8."""
+    accum_summary, accum = run(tmp_path, tokenizer, "accum", batch_size=2, grad_accum=4, hyper={"importance": "sensitivity"})
+    plain_summary, plain = run(tmp_path, tokenizer, "plain", batch_size=8, grad_accum=1, hyper={"importance": "sensitivity"})
+    a, b = accum_summary["model"].allocator, plain_summary["model"].allocator
+    assert a.ipt is not None and torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.ipt, b.ipt, rtol=1e-4, atol=1e-9), (a.ipt - b.ipt).abs().max()
+    assert torch.allclose(a.unc, b.unc, rtol=1e-4, atol=1e-9), (a.unc - b.unc).abs().max()
+    for x, y in zip(accum, plain):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)

@@ -15,6 +15,10 @@ bypass HyperAdaLoRA, and are set right here:
   orthogonal regulariser (``orth_reg_weight``), which its forward adds to ``loss``, would be dropped: it is added to
   the loss here (divided by the gradient-accumulation steps, as TRL does with its own auxiliary loss).
 
+Under FSDP2 (``accelerate launch`` with an FSDP2 config, or ``fsdp`` / ``fsdp_config`` in ``SFTConfig``) it shards only
+the frozen base model and keeps the adapter and the hypernetworks whole on every process, as `HyperAdaLoraTrainer`
+does (the fused head runs inside the root FSDP unit, whose parameters are gathered during its forward).
+
 trl is an optional dependency (``pip install 'hyperadalora[trl]'``); importing this module without it raises an
 ImportError that says so. A plain ``trl.SFTTrainer`` with ``callbacks=[ha.RankAllocationCallback()]`` and ``optimizers=(AdamW(
 model.optimizer_param_groups(lr)), None)`` is *not* enough for HyperAdaLoRA, for the two reasons above.

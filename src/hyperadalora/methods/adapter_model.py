@@ -205,6 +205,10 @@ class AdapterModel(AdapterFiles, BaseAdapterModel):
         return None
 
     penalty_weight: float = 0.0
+    # what `penalty_weight` is multiplied by in the loss the training forward returns: 1, except while a transformers
+    # Trainer that scales the whole loss computes it (`callbacks.HyperAdaLoraTrainer.compute_loss` sets it so that
+    # the penalty is counted once per optimizer step)
+    penalty_loss_factor: float = 1.0
 
     def penalty_logs(self) -> dict:
         """Numbers of the last training forward's regulariser for the training log (none by default)."""
@@ -376,7 +380,7 @@ class AdapterModel(AdapterFiles, BaseAdapterModel):
             self.last_task_loss = loss.detach()
             if penalty is not None:
                 self.last_penalty = penalty.detach()
-                output.loss = loss + self.penalty_weight * penalty.to(loss.dtype)
+                output.loss = loss + self.penalty_weight * self.penalty_loss_factor * penalty.to(loss.dtype)
         return output
 
     # ------------------------------------------------------------------ training state (checkpoints)

@@ -118,12 +118,14 @@ def fsdp_from_env() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
 
 
-def transformer_blocks(model: torch.nn.Module) -> list:
+def transformer_blocks(model: torch.nn.Module, names: Optional[list] = None) -> list:
     """The modules FSDP shards one unit each: the base model's transformer blocks, as accelerate's
-    TRANSFORMER_BASED_WRAP picks them (the classes named by FSDP_TRANSFORMER_CLS_TO_WRAP, which `accelerate launch`
-    sets from ``fsdp_transformer_layer_cls_to_wrap``, else the model's ``_no_split_modules``: LlamaDecoderLayer...);
-    a model that names none (BERT): the members of its longest ModuleList of identical blocks (``encoder.layer``)."""
-    names = [n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
+    TRANSFORMER_BASED_WRAP picks them (the classes ``names``, else those named by FSDP_TRANSFORMER_CLS_TO_WRAP, which
+    `accelerate launch` sets from ``fsdp_transformer_layer_cls_to_wrap``, else the model's ``_no_split_modules``:
+    LlamaDecoderLayer...); a model that names none (BERT): the members of its longest ModuleList of identical blocks
+    (``encoder.layer``)."""
+    if not names:
+        names = [n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
     if not names:
         names = list(getattr(model, "_no_split_modules", None) or [])
     # transformers names the embeddings too (BERT: BertEmbeddings); they stay in the root unit, as in accelerate
@@ -152,13 +154,14 @@ def base_param_counts(model: torch.nn.Module, base_ids: set) -> dict:
             "base_storage_bytes": sum(storages.values())}
 
 
-def wrap_fsdp(model: torch.nn.Module, device: torch.device, dist_info: "Distributed", base_ids: set) -> dict:
+def wrap_fsdp(model: torch.nn.Module, device: torch.device, dist_info: "Distributed", base_ids: set,
+              blocks: Optional[list] = None) -> dict:
     """Shard the frozen base model over the processes with FSDP2 (``fully_shard``): one unit per transformer block
-    (`transformer_blocks`), the rest of the base model (embeddings, final norm, head) in the root unit, the
-    adapter model itself. Every parameter the adapter adds or trains (adapter layers, hypernetworks and their row
-    codes, trained heads) is left out of the sharding (``ignored_params``): it stays whole on every process, in the
-    root adapter model where every layer's forward reaches it (HyperAdaLoRA generates each step's tensors once, at the
-    root, before the blocks run), and its gradients are averaged over processes by `all_reduce_grads` as DDP
+    (``blocks``, default `transformer_blocks`), the rest of the base model (embeddings, final norm, head) in the root
+    unit, the adapter model itself. Every parameter the adapter adds or trains (adapter layers, hypernetworks and
+    their row codes, trained heads) is left out of the sharding (``ignored_params``): it stays whole on every process,
+    in the root adapter model where every layer's forward reaches it (HyperAdaLoRA generates each step's tensors once,
+    at the root, before the blocks run), and its gradients are averaged over processes by `all_reduce_grads` as DDP
     would. So the rank allocation, checkpoints and the saved adapter see whole tensors, as in one process; only the
     frozen base weights (nearly all of the memory) are 1/N per process. ``model`` is changed in place; returns
     `base_param_counts` after sharding."""
@@ -170,7 +173,7 @@ def wrap_fsdp(model: torch.nn.Module, device: torch.device, dist_info: "Distribu
         dist.broadcast(p.data, src=0)
     ignored = set(replicated)
     mesh = init_device_mesh(device.type, (dist_info.world,))
-    for block in transformer_blocks(model):
+    for block in (transformer_blocks(model) if blocks is None else blocks):
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
     model._get_fsdp_state()._lazy_init()  # the root is the adapter model, also for a call that bypasses it (generate)

@@ -84,6 +84,9 @@ class HyperAdaLoraModel(AdapterModel):
         self._warned_no_allocate = False
         self._allocate_called = False
         self.mask_divergences = 0                  # multi-process: masks replaced by process 0's (should stay 0)
+        # importance='sensitivity' under gradient accumulation: the gradients of the generated tensors of this
+        # optimizer step's earlier micro-batches (role order of ROLES), summed (`_carry_step_grads`)
+        self._step_grads: Optional[list] = None
 
     def _build_generators(self, generated: tuple) -> tuple[nn.ModuleDict, dict]:
         config, n, r = self.peft_config, self.n_layers, self.peft_config.init_r
@@ -133,10 +136,30 @@ class HyperAdaLoraModel(AdapterModel):
 
     def _after_training_generation(self, outs: dict) -> None:
         if self.peft_config.importance == "sensitivity":
+            self._carry_step_grads()
             for tensors in outs.values():
                 for t in tensors:
                     if t.requires_grad:
                         t.retain_grad()
+
+    def _carry_step_grads(self) -> None:
+        """Before a training generation replaces the last one: if that one belongs to this optimizer step (not
+        committed: the hypernetworks were not updated since; and their parameters hold gradients: no zero_grad since),
+        add its tensors' gradients to the step's sum. Every micro-batch of a step generates its own tensors, whose
+        ``.grad`` is that micro-batch's only; with the sum `_sensitivity` reads the gradient of the whole step, as
+        peft's AdaLoRA reads ``p.grad``, which accumulates over the micro-batches."""
+        prev = self._pending
+        if (prev is None or self._pending_committed
+                or not any(p.grad is not None for p in self.generators.parameters())):
+            self._step_grads = None   # a new step
+            return
+        grads = [[t.grad for t in prev[role]] for role in self.ROLES]
+        if any(g is None for gs in grads for g in gs):
+            return   # a training forward without backward: nothing to add
+        if self._step_grads is None:
+            self._step_grads = grads
+        else:
+            self._step_grads = [[a + g for a, g in zip(acc, gs)] for acc, gs in zip(self._step_grads, grads)]
 
     # ------------------------------------------------------------------ loss
     @property
@@ -185,11 +208,15 @@ class HyperAdaLoraModel(AdapterModel):
     # ------------------------------------------------------------------ rank allocation
     def _sensitivity(self) -> Optional[torch.Tensor]:
         """(3, n_layers, init_r) instant sensitivities |x * grad| of the generated P, lambda, Q: per group of
-        stacked layers (no loop over layers), mean over a rank's P column / Q row."""
+        stacked layers (no loop over layers), mean over a rank's P column / Q row; ``grad`` that of the whole
+        optimizer step (the micro-batches' sum, `_carry_step_grads`)."""
         outs = self._pending
         if outs is None or any(t.grad is None for ts in outs.values() for t in ts):
             return None
         grads = {role: [t.grad for t in outs[role]] for role in self.ROLES}
+        if self._step_grads is not None:  # the step's earlier micro-batches (gradient accumulation)
+            grads = {role: [acc + g for acc, g in zip(self._step_grads[i], grads[role])]
+                     for i, role in enumerate(self.ROLES)}
         world = world_size()
         if world > 1:  # the gradients a single process would see for the global batch (as DDP does for phi)
             flat = torch.cat([g.flatten() for role in self.ROLES for g in grads[role]])
@@ -249,6 +276,7 @@ class HyperAdaLoraModel(AdapterModel):
                             "the first): the rank budget follows it.")
         self._allocate_called = True
         sensitivity = self._sensitivity() if self.peft_config.importance == "sensitivity" else None
+        self._step_grads = None
         magnitude = None if self._pending is None else self._pending["lambda"][0][..., 0].detach()
         if magnitude is None:
             magnitude = self.generators["lambda"].generate()[0][..., 0]
