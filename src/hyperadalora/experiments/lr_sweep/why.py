@@ -291,7 +291,7 @@ def run_lr_sweep_why(opts=None) -> dict:
     lines += [f"![score_vs_lr_why.png]({os.path.basename(plot)})", ""] if plot else []
     cpu_s = sum(c.get("wall_time_s") or 0.0 for c in cells)
     lines += [f"Compute: {len(cells)} cells, {cpu_s / 3600:.2f} h of run time in all (the sweep's reused cells "
-              f"included; two processes side by side, {env['torch_threads']} thread(s) each).", "",
+              f"included; the cells do not record their threads: they were run as two processes side by side).", "",
               f"This report was written in {time.time() - started:.0f} s.", ""]
     results = {"experiment": NAME, "command": command, "env": env, "rule": WHY_RULE, "lrs": lrs, "seeds": seeds,
                "variants": {n: {"method": v.method, "args": v.args, "what": v.what} for n, v in VARIANTS.items()},
