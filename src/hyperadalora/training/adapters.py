@@ -95,7 +95,7 @@ def _build_adapter_model(args: TrainArgs, model, task_type: str):
 def make_optimizer(wrapped, args: TrainArgs) -> torch.optim.AdamW:
     """The run's AdamW over `param_groups`, with torch's multi-tensor implementation (``foreach=True``): a handful of
     operators per step for all the parameters instead of about 9 per parameter. torch picks it by itself only for
-    CUDA tensors; on the CPU it cut HyperAdaLoRA's fixed per-step operators by about a third (its hypernetworks are
+    CUDA tensors; on the CPU it cut HyperAdaLoRA's fixed per-step operators by about a quarter (its hypernetworks are
     many small tensors, `benchmarks/op_count.py`). The updates are the same to the bit as the one-tensor-at-a-time
     loop's (`benchmarks/recorded_losses.json` still matches)."""
     return torch.optim.AdamW(param_groups(wrapped, args), lr=args.lr, weight_decay=args.weight_decay, foreach=True)
